@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test` (see README.md). Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch with CUDA so the CUDA part of the extension can be compiled where nvcc exists
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+export MAX_JOBS
+# where nvcc exists, a CPU-only build must fail loudly rather than pass silently
+ifneq ($(shell command -v nvcc 2>/dev/null),)
+ifneq ($(RLHF_KERNELS_CUDA),0)
+export FORCE_CUDA ?= 1
+endif
+endif
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+
+.PHONY: demo test bench build clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel ninja
+	touch $@
+
+$(VENV)/.built: $(VENV)/.base $(SOURCES)
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m bench --quick
+
+bench: build
+	$(PY) -m bench
+
+clean:
+	rm -rf build rlhf_kernels/_C*.so *.egg-info $(VENV)/.built

@@ -1,0 +1,23 @@
+"""python -m bench [--quick] [--only NAME ...] [--csv DIR]: run the benchmarks, print one table per op."""
+import argparse
+import importlib
+
+from bench.common import copy_bandwidth, machine
+
+ALL = ["token_kl"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument("--only", nargs="*", default=None, choices=ALL)
+    p.add_argument("--csv", default=None, help="write one CSV per table into this folder")
+    a = p.parse_args(argv)
+    print(f"machine: {machine()}\n", flush=True)
+    bw = copy_bandwidth()
+    for name in a.only or ALL:
+        importlib.import_module(f"bench.bench_{name}").run(quick=a.quick, csv_dir=a.csv, bandwidth=bw)
+
+
+if __name__ == "__main__":
+    main()

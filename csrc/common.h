@@ -1,0 +1,201 @@
+// Arithmetic shared by the CPU (C++) and CUDA kernels, so both backends compute the same
+// numbers the same way. Everything here is header-only and __host__ __device__.
+// T is the accumulation type: float for fp32/bf16/fp16 inputs, double for fp64 inputs.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RK_HD __host__ __device__ __forceinline__
+#else
+#define RK_HD inline
+#endif
+
+namespace rk {
+
+// ---- codes shared with the Python layer (rlhf_kernels/_codes.py) ----
+enum KlEstimator : int64_t { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2 };
+enum Aggregation : int64_t { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_TOKEN_SUM = 3 };
+enum DpoLoss : int64_t { DPO_SIGMOID = 0, DPO_IPO = 1, DPO_HINGE = 2, DPO_ROBUST = 3 };
+
+// ---- precision-generic math (float and double overloads, host and device) ----
+RK_HD float r_exp(float x) { return expf(x); }
+RK_HD double r_exp(double x) { return exp(x); }
+RK_HD float r_log(float x) { return logf(x); }
+RK_HD double r_log(double x) { return log(x); }
+RK_HD float r_log1p(float x) { return log1pf(x); }
+RK_HD double r_log1p(double x) { return log1p(x); }
+RK_HD float r_sqrt(float x) { return sqrtf(x); }
+RK_HD double r_sqrt(double x) { return sqrt(x); }
+template <typename T> RK_HD T r_max(T a, T b) { return a > b ? a : b; }
+template <typename T> RK_HD T r_min(T a, T b) { return a < b ? a : b; }
+template <typename T> RK_HD T r_nan() { return std::numeric_limits<T>::quiet_NaN(); }
+template <typename T> RK_HD T r_inf() { return std::numeric_limits<T>::infinity(); }
+
+// log σ(x) without overflow for either sign of x.
+template <typename T> RK_HD T log_sigmoid(T x) {
+  return x < T(0) ? x - r_log1p(r_exp(x)) : -r_log1p(r_exp(-x));
+}
+template <typename T> RK_HD T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + r_exp(-x));
+  T e = r_exp(x);
+  return e / (T(1) + e);
+}
+
+// ---- online log-sum-exp with the accumulator entropy needs ----
+// Over z_1..z_n: m = max z, s = Σ exp(z − m), w = Σ exp(z − m)·(z − m).
+// Then lse = m + log s and entropy = lse − Σ p z = log s − w / s.
+template <typename T> struct LseState {
+  T m, s, w;
+};
+template <typename T> RK_HD LseState<T> lse_init() { return {-r_inf<T>(), T(0), T(0)}; }
+template <typename T> RK_HD void lse_push(LseState<T>& st, T z) {
+  if (z == -r_inf<T>()) return;  // a −inf logit has p = 0 and adds nothing (0·log 0 = 0)
+  if (z > st.m) {
+    // rescale the running sums to the new max: s' = s·e^{m−z}, w' = (w + s(m − z))·e^{m−z}
+    T c = st.m == -r_inf<T>() ? T(0) : r_exp(st.m - z);
+    T d = st.m == -r_inf<T>() ? T(0) : st.m - z;
+    st.w = (st.w + st.s * d) * c;
+    st.s = st.s * c;
+    st.m = z;
+  }
+  T e = r_exp(z - st.m);
+  st.s += e;
+  st.w += e * (z - st.m);
+}
+template <typename T> RK_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
+  if (a.m == -r_inf<T>()) return b;
+  if (b.m == -r_inf<T>()) return a;
+  if (b.m > a.m) { LseState<T> t = a; a = b; b = t; }
+  T d = b.m - a.m, c = r_exp(d);
+  return {a.m, a.s + b.s * c, a.w + (b.w + b.s * d) * c};
+}
+template <typename T> RK_HD T lse_value(const LseState<T>& st) { return st.m + r_log(st.s); }
+template <typename T> RK_HD T lse_entropy(const LseState<T>& st) { return r_log(st.s) - st.w / st.s; }
+
+// d/dz_j of (g_lp·logp_tok + g_H·H) with z = x / temperature, p = softmax(z):
+//   g_lp·(1[j = tok] − p_j) − g_H·p_j·(z_j − lse + H);  the caller divides by temperature.
+template <typename T> RK_HD T logprob_entropy_grad(T z, T lse, T H, bool is_tok, T g_lp, T g_H) {
+  T logp = z - lse;
+  T p = r_exp(logp);
+  T ent = p > T(0) ? p * (logp + H) : T(0);  // p·log p → 0 for −inf logits
+  return g_lp * ((is_tok ? T(1) : T(0)) - p) - g_H * ent;
+}
+
+// ---- token KL estimators (log r = ref − logp) ----
+template <typename T> RK_HD T kl_value(T logp, T ref, int64_t est) {
+  T d = logp - ref;
+  if (est == KL_K1) return d;
+  if (est == KL_K2) return T(0.5) * d * d;
+  T lr = -d;
+  return r_exp(lr) - T(1) - lr;  // k3
+}
+// ∂kl/∂logp; ∂kl/∂ref is its negation for all three estimators.
+template <typename T> RK_HD T kl_dlogp(T logp, T ref, int64_t est) {
+  T d = logp - ref;
+  if (est == KL_K1) return T(1);
+  if (est == KL_K2) return d;
+  return T(1) - r_exp(-d);  // k3: d/dlogp [e^{−d} − 1 + d]
+}
+// clamp ≤ 0 means no clamp; the gradient is zero where the clamp is active (as torch.clamp).
+template <typename T> RK_HD T clamp_sym(T x, T c) { return c > T(0) ? r_min(r_max(x, -c), c) : x; }
+template <typename T> RK_HD bool clamp_passes(T x, T c) { return c <= T(0) || (x >= -c && x <= c); }
+
+// ---- PPO clipped policy loss, one token ----
+template <typename T> struct PolicyToken {
+  T loss;     // ℓ
+  T dloss;    // ∂ℓ/∂logp
+  bool clipped;  // clipped branch strictly larger (N+ "pg_clipfrac")
+};
+// dual_clip ≤ 0 disables dual clipping.
+template <typename T>
+RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
+  T ratio = r_exp(logp - old);
+  T lo = T(1) - clip_low, hi = T(1) + clip_high;
+  T cr = r_min(r_max(ratio, lo), hi);
+  T l1 = -adv * ratio, l2 = -adv * cr;
+  PolicyToken<T> out;
+  out.clipped = l2 > l1;
+  if (out.clipped) {
+    out.loss = l2;
+    out.dloss = (ratio >= lo && ratio <= hi) ? -adv * ratio : T(0);
+  } else {
+    out.loss = l1;
+    out.dloss = -adv * ratio;
+  }
+  if (dual_clip > T(0) && adv < T(0) && out.loss > -dual_clip * adv) {
+    out.loss = -dual_clip * adv;
+    out.dloss = T(0);
+  }
+  return out;
+}
+
+// ---- PPO clipped value loss, one token: ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) ----
+template <typename T> struct ValueToken {
+  T loss, dloss;  // ℓ and ∂ℓ/∂V
+  bool clipped;
+};
+// clip ≤ 0 means unclipped.
+template <typename T> RK_HD ValueToken<T> ppo_value_token(T v, T v_old, T ret, T clip) {
+  T e1 = v - ret;
+  ValueToken<T> out{T(0.5) * e1 * e1, e1, false};
+  if (clip > T(0)) {
+    T dv = v - v_old;
+    T vc = v_old + r_min(r_max(dv, -clip), clip);
+    T e2 = vc - ret;
+    if (e2 * e2 > e1 * e1) {
+      out.clipped = true;
+      out.loss = T(0.5) * e2 * e2;
+      out.dloss = (dv >= -clip && dv <= clip) ? e2 : T(0);
+    }
+  }
+  return out;
+}
+
+// ---- loss aggregation: the weight of each valid token of a row ----
+// row_n: valid tokens in the row; total_n: in the batch; rows_n: rows with ≥ 1 valid token.
+// A row (or batch) with no valid token has weight 0, so an all-masked input gives 0, not NaN.
+template <typename T> RK_HD T aggregation_weight(int64_t agg, T row_n, T total_n, T rows_n) {
+  if (row_n <= T(0)) return T(0);
+  switch (agg) {
+    case AGG_TOKEN_MEAN: return T(1) / total_n;
+    case AGG_SEQ_MEAN_TOKEN_MEAN: return T(1) / (row_n * rows_n);
+    case AGG_SEQ_MEAN_TOKEN_SUM: return T(1) / rows_n;
+    default: return T(1);
+  }
+}
+
+// ---- DPO losses on h = (c − c_ref) − (r − r_ref) ----
+template <typename T> RK_HD T dpo_loss_value(T h, T beta, int64_t type, T eps) {
+  T bh = beta * h;
+  switch (type) {
+    case DPO_SIGMOID: return -(T(1) - eps) * log_sigmoid(bh) - eps * log_sigmoid(-bh);
+    case DPO_IPO: { T d = h - T(1) / (T(2) * beta); return d * d; }
+    case DPO_HINGE: return r_max(T(1) - bh, T(0));
+    default: return ((T(1) - eps) * -log_sigmoid(bh) + eps * log_sigmoid(-bh)) / (T(1) - T(2) * eps);
+  }
+}
+// ∂loss/∂h
+template <typename T> RK_HD T dpo_loss_dh(T h, T beta, int64_t type, T eps) {
+  T bh = beta * h;
+  // d/dx[−log σ(x)] = −σ(−x);  d/dx[log σ(−x)] = −σ(x)
+  switch (type) {
+    case DPO_SIGMOID: return beta * (-(T(1) - eps) * sigmoid(-bh) + eps * sigmoid(bh));
+    case DPO_IPO: return T(2) * (h - T(1) / (T(2) * beta));
+    case DPO_HINGE: return bh < T(1) ? -beta : T(0);
+    default: return beta * (-(T(1) - eps) * sigmoid(-bh) - eps * sigmoid(bh)) / (T(1) - T(2) * eps);
+  }
+}
+
+// ---- GAE: one step of the reverse recursion over valid positions ----
+// next_v / next_a hold V and A of the next valid position (0 past the row's end).
+template <typename T> RK_HD T gae_step(T r, T v, T gamma, T lam, T& next_v, T& next_a) {
+  T delta = r + gamma * next_v - v;
+  T a = delta + gamma * lam * next_a;
+  next_v = v;
+  next_a = a;
+  return a;
+}
+
+}  // namespace rk

@@ -1,0 +1,58 @@
+// The op schemas of rlhf_kernels (one namespace, one name per op) and the Python module init.
+// Backends register implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(rlhf_kernels, m) {
+  // logits[N, V], tokens[N] -> logp[N], entropy[N], lse[N] (entropy is empty unless asked for)
+  m.def("logprobs_from_logits_fwd(Tensor logits, Tensor tokens, float temperature, int ignore_index, "
+        "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def("logprobs_from_logits_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
+        "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  m.def("token_kl_fwd(Tensor logp, Tensor ref_logp, int estimator, float clamp) -> Tensor");
+  m.def("token_kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, float clamp) -> (Tensor, Tensor)");
+  // score[R], mask[R, T] (uint8); logp/ref_logp/dense[R, T] or empty
+  m.def("token_rewards(Tensor score, Tensor mask, Tensor? logp, Tensor? ref_logp, float kl_coef, int kl_estimator, "
+        "Tensor? dense, float dense_coef, float dense_clip, bool score_after_eos) -> Tensor");
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+  // [R, T] inputs -> loss[], clipfrac[], approx_kl[], token weight per row [R] (saved for backward)
+  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "
+        "float clip_high, float dual_clip, int aggregation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+        "Tensor row_weight, float clip_low, float clip_high, float dual_clip) -> Tensor");
+  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
+        "int aggregation) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
+        "Tensor row_weight, float clip) -> Tensor");
+  // -> losses[B], chosen_rewards[B], rejected_rewards[B]; backward gives ∂loss/∂h
+  m.def("dpo_loss_fwd(Tensor chosen_logp, Tensor rejected_logp, Tensor ref_chosen_logp, Tensor ref_rejected_logp, "
+        "float beta, int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def("dpo_loss_bwd(Tensor grad_losses, Tensor chosen_logp, Tensor rejected_logp, Tensor ref_chosen_logp, "
+        "Tensor ref_rejected_logp, float beta, int loss_type, float label_smoothing) -> Tensor");
+}
+
+#ifndef RLHF_CUDA_ARCHS
+#define RLHF_CUDA_ARCHS ""
+#endif
+
+static struct PyModuleDef rk_module = {PyModuleDef_HEAD_INIT, "_C",
+                                       "rlhf_kernels native kernels (ops live in torch.ops.rlhf_kernels)", -1,
+                                       nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&rk_module);
+  if (m == nullptr) return nullptr;
+#ifdef RLHF_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "cuda_archs", RLHF_CUDA_ARCHS);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(m, "with_openmp", 1);
+#else
+  PyModule_AddIntConstant(m, "with_openmp", 0);
+#endif
+  return m;
+}

@@ -1,0 +1,103 @@
+"""Argument validation and the small helpers every public op shares."""
+import torch
+
+from .. import _backend
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2}  # csrc/common.h: KlEstimator
+AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "token-sum": 3}  # Aggregation
+DPO_CODES = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}  # DpoLoss
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:  # not installed, or unusable on this platform
+    HAVE_TRITON = False
+
+HAVE_C = _backend._C is not None
+
+
+def float_tensor(name, x, ndim_min=0):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or float16), got {x.dtype}")
+    if x.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def int_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
+    return x
+
+
+def mask_tensor(name, mask, shape):
+    """A bool or 0/1 mask of exactly `shape`, returned as bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool or 0/1), got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool or 0/1 tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def same_shape(ref_name, ref, **others):
+    for name, x in others.items():
+        if x is not None and tuple(x.shape) != tuple(ref.shape):
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+
+
+def same_device(**tensors):
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; put all inputs on one device")
+    return t0.device
+
+
+def choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def number(name, value, *, positive=False, nonneg=False, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonneg and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def rows(x, dtype=None):
+    """[..., T] -> contiguous [R, T] (a view when possible), cast to `dtype`."""
+    x = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+    return (x if dtype is None else x.to(dtype)).contiguous()
+
+
+def backend_for(backend, device, op, implemented):
+    """The backend to run: as `_backend.choose`, restricted to the backends `op` implements."""
+    name = _backend.choose(backend, device, op)
+    if name in implemented:
+        return name
+    if backend is not None:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (it has {implemented})")
+    # an automatic choice falls back along the order of preference
+    for alt in (("triton", "cuda") if device.type == "cuda" else ("cpu",)) + ("reference",):
+        if alt in implemented and _backend._usable(alt, device.type):
+            return alt
+    return "reference"

@@ -1,0 +1,199 @@
+"""Plain-torch reference of every op: the specification the fast backends are tested against.
+
+These functions take already-validated arguments (the public functions in `rlhf_kernels.ops`
+validate) and are written for clarity, not speed. Autograd flows through plain torch.
+Results are float32, or float64 when the inputs are float64.
+"""
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+SCORE_POSITIONS = ("last", "eos+1")
+
+
+def compute_dtype(*tensors):
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are computed in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False):
+    z = logits.to(compute_dtype(logits)) / temperature
+    V = z.shape[-1]
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = tokens != ignore_index
+    in_range = (tokens >= 0) & (tokens < V)
+    safe = torch.where(valid & in_range, tokens, torch.zeros_like(tokens)).long()
+    lp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    nan = torch.full_like(lp, float("nan"))
+    lp = torch.where(valid, torch.where(in_range, lp, nan), torch.zeros_like(lp))
+    if not return_entropy:
+        return lp
+    p = logp_all.exp()
+    # p·log p with p = 0 (−inf logits) contributes 0
+    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    ent = torch.where(valid, ent, torch.zeros_like(ent))
+    return lp, ent
+
+
+def linear_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False):
+    dt = compute_dtype(hidden, weight, bias)
+    logits = hidden.to(dt) @ weight.to(dt).T
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy)
+
+
+def token_kl(logp, ref_logp, estimator="k1", clamp=None):
+    dt = compute_dtype(logp, ref_logp)
+    d = logp.to(dt) - ref_logp.to(dt)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    else:  # k3 with log r = ref − logp = −d
+        kl = torch.exp(-d) - 1 + d
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl
+
+
+def _last_valid_index(mask):
+    """Index of each row's last valid position (−1 for a row with none)."""
+    T = mask.shape[-1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, torch.full_like(idx, -1)).amax(-1)
+
+
+def token_rewards(score, mask, logp=None, ref_logp=None, kl_coef=0.0, kl_estimator="k1", dense=None,
+                  dense_coef=1.0, dense_clip=None, score_position="last"):
+    mask = mask.bool()
+    dt = compute_dtype(score, logp, ref_logp, dense)
+    r = torch.zeros(mask.shape, dtype=dt, device=mask.device)
+    if kl_coef != 0.0:
+        r = r - kl_coef * token_kl(logp, ref_logp, kl_estimator).to(dt)
+    if dense is not None:
+        d = dense_coef * dense.to(dt)
+        if dense_clip is not None:
+            d = d.clamp(-dense_clip, dense_clip)
+        r = r + d
+    r = torch.where(mask, r, torch.zeros_like(r))
+    last = _last_valid_index(mask)
+    T = mask.shape[-1]
+    pos = last if score_position == "last" else torch.clamp(last + 1, max=T - 1)
+    has = last >= 0
+    onehot = torch.nn.functional.one_hot(pos.clamp(min=0), T).bool() & has.unsqueeze(-1)
+    return r + torch.where(onehot, score.to(dt).unsqueeze(-1), torch.zeros_like(r))
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    mask = mask.bool()
+    dt = compute_dtype(rewards, values)
+    r, v = rewards.to(dt), values.to(dt)
+    adv = torch.zeros_like(r)
+    next_v = torch.zeros_like(r[..., 0])
+    next_a = torch.zeros_like(r[..., 0])
+    for t in reversed(range(r.shape[-1])):
+        m = mask[..., t]
+        delta = r[..., t] + gamma * next_v - v[..., t]
+        a = delta + gamma * lam * next_a
+        adv[..., t] = torch.where(m, a, torch.zeros_like(a))
+        next_v = torch.where(m, v[..., t], next_v)
+        next_a = torch.where(m, a, next_a)
+    ret = torch.where(mask, adv + v, torch.zeros_like(adv))
+    return adv, ret
+
+
+def masked_whiten(x, mask, shift_mean=True, unbiased=False, eps=1e-8):
+    mask = mask.bool()
+    x = x.to(compute_dtype(x))
+    zero = torch.zeros_like(x)
+    n = mask.sum()
+    if n == 0:
+        return zero
+    mean = torch.where(mask, x, zero).sum() / n
+    sq = torch.where(mask, (x - mean) ** 2, zero).sum()
+    var = sq / (n - 1).clamp(min=1) if unbiased else sq / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, zero)
+
+
+def aggregate(loss, mask, aggregation):
+    """Aggregate per-token `loss[..., T]` over valid positions; all-masked gives 0."""
+    mask = mask.bool()
+    lm = torch.where(mask, loss, torch.zeros_like(loss))
+    if aggregation == "token-sum":
+        return lm.sum()
+    if aggregation == "token-mean":
+        return lm.sum() / mask.sum().clamp(min=1)
+    row_n = mask.sum(-1)
+    has = row_n > 0
+    rows = has.sum().clamp(min=1)
+    row_sum = lm.sum(-1)
+    if aggregation == "seq-mean-token-sum":
+        return row_sum.sum() / rows
+    return (row_sum / row_n.clamp(min=1)).sum() / rows  # rows with no valid token add 0
+
+
+def _masked_mean(x, mask):
+    mask = mask.bool()
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    aggregation="token-mean"):
+    clip_high = clip_low if clip_high is None else clip_high
+    dt = compute_dtype(logp, old_logp, advantages)
+    logp, old, adv = logp.to(dt), old_logp.to(dt), advantages.to(dt)
+    ratio = torch.exp(logp - old)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = l2 > l1
+    loss = torch.where(clipped, l2, l1)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        loss = torch.where((adv < 0) & (loss > cap), cap, loss)
+    out = aggregate(loss, mask, aggregation)
+    with torch.no_grad():
+        stats = {"clipfrac": _masked_mean(clipped.to(dt), mask).float(),
+                 "approx_kl": _masked_mean(0.5 * (logp - old) ** 2, mask).float()}
+    return out, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2, aggregation="token-mean"):
+    dt = compute_dtype(values, old_values, returns)
+    v, vo, ret = values.to(dt), old_values.to(dt), returns.to(dt)
+    e1 = (v - ret) ** 2
+    if clip is None:
+        loss, clipped = 0.5 * e1, torch.zeros_like(e1, dtype=torch.bool)
+    else:
+        vc = vo + (v - vo).clamp(-clip, clip)
+        e2 = (vc - ret) ** 2
+        clipped = e2 > e1
+        loss = 0.5 * torch.where(clipped, e2, e1)
+    out = aggregate(loss, mask, aggregation)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": _masked_mean(clipped.to(dt), mask).float()}
+    return out, stats
+
+
+def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta=0.1, loss_type="sigmoid",
+             label_smoothing=0.0):
+    dt = compute_dtype(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    c, r = chosen_logp.to(dt), rejected_logp.to(dt)
+    cr, rr = ref_chosen_logp.to(dt), ref_rejected_logp.to(dt)
+    h = (c - cr) - (r - rr)
+    eps = label_smoothing
+    ls = torch.nn.functional.logsigmoid
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * ls(beta * h) - eps * ls(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # robust
+        losses = ((1 - eps) * -ls(beta * h) + eps * ls(-beta * h)) / (1 - 2 * eps)
+    return losses, (beta * (c - cr)).detach(), (beta * (r - rr)).detach()

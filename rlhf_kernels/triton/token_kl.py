@@ -1,0 +1,71 @@
+"""Triton kernels of rk.token_kl: one elementwise pass forward, one backward."""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+BLOCK = 1024
+
+
+@triton.jit
+def _kl(d, estimator: tl.constexpr):
+    # d = logp − ref; the same formulas as csrc/common.h kl_value
+    if estimator == 0:
+        return d
+    elif estimator == 1:
+        return 0.5 * d * d
+    else:
+        return tl.exp(-d) - 1.0 + d
+
+
+@triton.jit
+def _token_kl_fwd_kernel(logp_ptr, ref_ptr, out_ptr, n, clamp, estimator: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    d = tl.load(logp_ptr + offs, mask=ok, other=0.0) - tl.load(ref_ptr + offs, mask=ok, other=0.0)
+    kl = _kl(d, estimator)
+    if clamp > 0:
+        kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
+    tl.store(out_ptr + offs, kl, mask=ok)
+
+
+@triton.jit
+def _token_kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, glogp_ptr, gref_ptr, n, clamp, estimator: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    d = tl.load(logp_ptr + offs, mask=ok, other=0.0) - tl.load(ref_ptr + offs, mask=ok, other=0.0)
+    g = tl.load(grad_ptr + offs, mask=ok, other=0.0)
+    if estimator == 0:
+        dk = tl.full(d.shape, 1.0, d.dtype)
+    elif estimator == 1:
+        dk = d
+    else:
+        dk = 1.0 - tl.exp(-d)
+    if clamp > 0:
+        kl = _kl(d, estimator)
+        dk = tl.where((kl >= -clamp) & (kl <= clamp), dk, 0.0)
+    gl = g * dk
+    tl.store(glogp_ptr + offs, gl, mask=ok)
+    tl.store(gref_ptr + offs, -gl, mask=ok)
+
+
+def _grid(n):
+    return (triton.cdiv(max(n, 1), BLOCK),)
+
+
+def token_kl_fwd(logp, ref_logp, estimator, clamp):
+    out = torch.empty_like(logp)
+    n = logp.numel()
+    if n:
+        wrap_triton(_token_kl_fwd_kernel)[_grid(n)](logp, ref_logp, out, n, clamp, estimator=estimator, BLOCK=BLOCK)
+    return out
+
+
+def token_kl_bwd(grad, logp, ref_logp, estimator, clamp):
+    g_logp, g_ref = torch.empty_like(logp), torch.empty_like(ref_logp)
+    n = logp.numel()
+    if n:
+        wrap_triton(_token_kl_bwd_kernel)[_grid(n)](grad, logp, ref_logp, g_logp, g_ref, n, clamp,
+                                                     estimator=estimator, BLOCK=BLOCK)
+    return g_logp, g_ref

@@ -1,0 +1,136 @@
+"""Build rlhf_kernels._C: CPU kernels always, CUDA kernels when a toolkit and a CUDA torch exist.
+
+Environment:
+  FORCE_CUDA=1            build the CUDA part or fail (never fall back silently)
+  RLHF_KERNELS_CUDA=0     skip the CUDA part (quick local iteration)
+  TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_root_of(nvcc):
+    """The toolkit root that `nvcc` really runs from: ask nvcc itself, since /usr/local/bin/nvcc
+    may be a symlink or a wrapper script whose parent is not the toolkit."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-v", "-c", "x.cu"], capture_output=True, text=True,
+                             timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    m = re.search(r"TOP=(\S+)", out)
+    candidates = [m.group(1)] if m else []
+    candidates.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."))
+    return candidates
+
+
+def _is_toolkit(root):
+    return (os.path.isfile(os.path.join(root, "bin", "nvcc"))
+            and bool(glob.glob(os.path.join(root, "lib64", "libcudart.so*"))
+                     + glob.glob(os.path.join(root, "targets", "*", "lib", "libcudart.so*"))))
+
+
+def find_cuda_home():
+    candidates = [os.environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += _toolkit_root_of(nvcc)
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if c and _is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def wheel_cuda_includes():
+    """Headers of the CUDA libraries torch depends on (cusparse.h, cublas_v2.h, ...) ship inside
+    the nvidia-* wheels, not always in the toolkit: add them so no hand-set CPATH is needed."""
+    dirs = []
+    for sp in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]} | set(sys.path):
+        if sp and os.path.isdir(os.path.join(sp, "nvidia")):
+            dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu*", "include")))
+            dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def want_cuda(cuda_home):
+    import torch
+
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    if os.environ.get("RLHF_KERNELS_CUDA", "1") == "0":
+        if force:
+            sys.exit("error: FORCE_CUDA=1 and RLHF_KERNELS_CUDA=0 contradict each other")
+        return False
+    if torch.version.cuda and cuda_home:
+        return True
+    if force:
+        why = "no CUDA toolkit found (set CUDA_HOME)" if not cuda_home else \
+            f"torch {torch.__version__} is not a CUDA build"
+        sys.exit(f"error: FORCE_CUDA=1 but {why}")
+    return False
+
+
+def has_openmp():
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        r = subprocess.run([cxx, "-fopenmp", "-x", "c++", "-E", "-"], input="#include <omp.h>\n",
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def has_cxx():
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def extensions():
+    if not has_cxx():
+        warnings.warn("rlhf_kernels: no C++ compiler found; installing without the native "
+                      "extension (only the 'reference' and 'triton' backends will be available)")
+        return [], {}
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import time
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    from torch.utils import cpp_extension as ce
+
+    with_cuda = want_cuda(cuda_home)
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"]
+    ldflags = []
+    if has_openmp():
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    macros = []
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        macros.append(("RLHF_WITH_CUDA", "1"))
+        macros.append(("RLHF_CUDA_ARCHS", '"' + archs.replace(" ", "") + '"'))
+        ext = ce.CUDAExtension(
+            "rlhf_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")] + wheel_cuda_includes(),
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=ldflags)
+    else:
+        ext = ce.CppExtension(
+            "rlhf_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    print(f"rlhf_kernels: building the {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
+          + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

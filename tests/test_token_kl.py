@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import reference
+
+from conftest import cpu_backends, needs_gpu
+
+BACKENDS = cpu_backends("token_kl")
+SHAPES = [(1,), (257,), (3, 1), (4, 257), (2, 3, 5)]
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 5
+    ref = logp + torch.randn(shape, generator=g, dtype=torch.float64) * 0.7
+    return logp.to(dtype), ref.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", [None, 0.3])
+def test_matches_reference_fp64(backend, shape, estimator, clamp):
+    logp, ref = _inputs(shape, torch.float64, seed=hash((shape, estimator)) % 1000)
+    out = rk.token_kl(logp, ref, estimator=estimator, clamp=clamp, backend=backend)
+    exp = reference.token_kl(logp, ref, estimator, clamp)
+    assert out.dtype == torch.float64 and out.shape == logp.shape
+    # Triton passes float scalars (clamp) as fp32, so its fp64 results agree to fp32 precision of those scalars
+    tol = 1e-7 if backend == "triton" else 1e-12
+    torch.testing.assert_close(out, exp, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_compute_in_fp32(backend, dtype):
+    logp, ref = _inputs((3, 129), dtype)
+    out = rk.token_kl(logp, ref, estimator="k3", backend=backend)
+    assert out.dtype == torch.float32
+    exp = reference.token_kl(logp.double(), ref.double(), "k3").float()
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_gradcheck(backend, estimator):
+    logp, ref = _inputs((3, 7), torch.float64, seed=3)
+    logp.requires_grad_(True)
+    ref.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: rk.token_kl(a, b, estimator=estimator, clamp=0.8, backend=backend),
+                                    (logp, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    logp, ref = _inputs((6, 10), torch.float32)
+    a, b = logp.T, ref.T
+    torch.testing.assert_close(rk.token_kl(a, b, estimator="k2", backend=backend), reference.token_kl(a, b, "k2"))
+
+
+def test_deterministic_cpu():
+    logp, ref = _inputs((64, 999), torch.float32)
+    a = rk.token_kl(logp, ref, estimator="k3")
+    b = rk.token_kl(logp, ref, estimator="k3")
+    assert torch.equal(a, b)
+
+
+def test_bad_input():
+    logp, ref = _inputs((2, 3), torch.float32)
+    with pytest.raises(ValueError, match="estimator"):
+        rk.token_kl(logp, ref, estimator="k4")
+    with pytest.raises(ValueError, match="ref_logp"):
+        rk.token_kl(logp, ref[:, :2])
+    with pytest.raises(TypeError, match="logp"):
+        rk.token_kl(logp.long(), ref)
+    with pytest.raises(ValueError, match="clamp"):
+        rk.token_kl(logp, ref, clamp=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        rk.token_kl(logp, ref, backend="tpu")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
+def test_opcheck_and_compile():
+    logp, ref = _inputs((4, 9), torch.float32)
+    logp.requires_grad_(True)
+    torch.library.opcheck(torch.ops.rlhf_kernels.token_kl_fwd.default, (logp, ref, 2, 0.5))
+    f = torch.compile(lambda a, b: rk.token_kl(a, b, estimator="k3", backend="cpu").sum(), fullgraph=True)
+    out = f(logp, ref)
+    out.backward()
+    torch.testing.assert_close(out, reference.token_kl(logp, ref, "k3").sum())
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_matches_reference(backend):
+    logp, ref = (t.cuda() for t in _inputs((4, 257), torch.float32))
+    for est in ("k1", "k2", "k3"):
+        torch.testing.assert_close(rk.token_kl(logp, ref, estimator=est, backend=backend).cpu(),
+                                   reference.token_kl(logp.cpu().double(), ref.cpu().double(), est).float())
