@@ -45,10 +45,13 @@ inline float r_exp(float x) {
   p = RK_FMA(p, r, 1.6666665459e-1f);
   p = RK_FMA(p, r, 5.0000001201e-1f);
   float y = RK_FMA(p * r, r, r) + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  y *= scale;
+  // 2^n as two factors so that n = 128 (x near the top of the range) and n = −126 both stay normal
+  int32_t ni = static_cast<int32_t>(n), n1 = ni >> 1, n2 = ni - n1;
+  int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, sizeof s1);
+  std::memcpy(&s2, &b2, sizeof s2);
+  y = y * s1 * s2;
   y = x > 88.7228f ? std::numeric_limits<float>::infinity() : y;
   y = x < -87.3f ? 0.0f : y;
   return x != x ? x : y;

@@ -97,3 +97,14 @@ def test_gpu_matches_reference(backend):
     for est in ("k1", "k2", "k3"):
         torch.testing.assert_close(rk.token_kl(logp, ref, estimator=est, backend=backend).cpu(),
                                    reference.token_kl(logp.cpu().double(), ref.cpu().double(), est).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_accurate_over_the_whole_exp_range(backend):
+    # k3 = e^{−d} − 1 + d exercises the kernels' exp from underflow to overflow (the CPU kernel uses
+    # its own vectorised exp, see csrc/common.h)
+    d = torch.cat([torch.linspace(-88.5, 87.0, 20001), torch.tensor([-89.0, -100.0, 100.0, float("nan")])])
+    logp, ref = d.clone(), torch.zeros_like(d)
+    out = rk.token_kl(logp, ref, estimator="k3", backend=backend)
+    exp = reference.token_kl(logp.double(), ref.double(), "k3").float()
+    torch.testing.assert_close(out, exp, rtol=3e-7, atol=1e-6, equal_nan=True)
