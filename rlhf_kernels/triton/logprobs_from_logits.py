@@ -19,6 +19,19 @@ def _row_base(x_ptr, row, inner, s_outer, s_inner):
 
 
 @triton.jit
+def _narrow(g, out_ty: tl.constexpr):
+    """fp32/fp64 gradient -> the logits dtype, rounding to nearest even. bf16 is rounded by hand: the Triton
+    interpreter truncates fp32 -> bf16, and this gives the same bits as the CPU kernel everywhere."""
+    if out_ty == tl.bfloat16:
+        b = g.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(g != g, 0x7FC0, r)  # NaN stays NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return g.to(out_ty)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s_outer, s_inner, inv_t, ignore_index,
                          ENT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -40,12 +53,13 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s
         m_ref = tl.where(live, m_new, 0.0)
         alpha = tl.where(m != neg_inf, tl.exp(m - m_ref), 0.0)
         dm = tl.where(m != neg_inf, m - m_ref, 0.0)
-        d = z - m_ref
+        d = tl.where(z != neg_inf, z - m_ref, 0.0)  # 0·log 0 = 0 for −inf logits
         e = tl.where(z != neg_inf, tl.exp(d), 0.0)
-        ed = tl.where(z != neg_inf, e * d, 0.0)  # 0·log 0 = 0 for −inf logits
+        ed = e * d
         w = tl.where(live, (w + s * dm) * alpha + tl.sum(ed, 0), w)
         s = tl.where(live, s * alpha + tl.sum(e, 0), s)
         m = m_new
+    s = tl.where(ignored, 1.0, s)  # an ignored row has no sums; keep its (discarded) values finite
     lse = m + tl.log(s)
     in_range = (tok >= 0) & (tok < V)
     x_tok = tl.load(base + tl.where(in_range, tok, 0), mask=in_range & ~ignored, other=0.0).to(acc) * inv_t
@@ -83,10 +97,10 @@ def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, gr
         z = tl.load(base + idx, mask=ok & ~ignored, other=float("-inf")).to(acc) * inv_t
         lp = z - lse
         p = tl.exp(lp)
-        ent = tl.where(p > 0, p * (lp + H), 0.0)
+        ent = p * (tl.where(p > 0, lp, 0.0) + H)  # p·log p → 0 for −inf logits
         g = (g_lp * (tl.where(idx == tok, 1.0, 0.0) - p) - g_h * ent) * inv_t
         g = tl.where(ignored, 0.0, g)
-        tl.store(gbase + idx, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        tl.store(gbase + idx, _narrow(g, grad_ptr.dtype.element_ty), mask=ok)
 
 
 def _row_layout(x):
