@@ -24,41 +24,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <vector>
 
 #include "common.h"
+#include "row_index.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace {
 
-// ---------------------------------------------------------------------------------------------------
-// Row addressing: row r of logits[..., V] starts at Σ_k idx_k(r)·stride_k over the (collapsed) leading dims.
-struct Rows {
-  std::vector<int64_t> sizes, strides;  // leading dims, outermost first, adjacent contiguous ones merged
-  int64_t offset(int64_t r) const {
-    int64_t off = 0;
-    for (int64_t k = static_cast<int64_t>(sizes.size()) - 1; k >= 0; --k) {
-      off += (r % sizes[k]) * strides[k];
-      r /= sizes[k];
-    }
-    return off;
-  }
-};
+using Rows = rk::RowIndex;
 
-Rows rows_of(const at::Tensor& x) {
-  Rows rw;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
-    if (x.size(d) == 1) continue;
-    if (!rw.sizes.empty() && rw.strides.back() == x.stride(d) * x.size(d)) {
-      rw.sizes.back() *= x.size(d);
-      rw.strides.back() = x.stride(d);
-    } else {
-      rw.sizes.push_back(x.size(d));
-      rw.strides.push_back(x.stride(d));
-    }
-  }
-  return rw;
+// The logits as the kernels read them: their own strides when the leading dims fit a RowIndex, else a
+// contiguous copy (only for more than RowIndex::kMaxDims non-mergeable leading dims).
+at::Tensor readable(const at::Tensor& logits, Rows& rows) {
+  if (rk::make_row_index(logits.sizes().data(), logits.strides().data(), logits.dim(), rows)) return logits;
+  at::Tensor c = logits.contiguous();
+  TORCH_CHECK(rk::make_row_index(c.sizes().data(), c.strides().data(), c.dim(), rows));
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -426,10 +408,12 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& tokens) {
 // Rows per task: enough elements per task that scheduling is noise.
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / V); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits_in,
                                                                         const at::Tensor& tokens, double temperature,
                                                                         int64_t ignore_index, bool return_entropy) {
-  check_inputs(logits, tokens);
+  check_inputs(logits_in, tokens);
+  Rows rows;
+  const at::Tensor logits = readable(logits_in, rows);
   const bool f64 = logits.scalar_type() == at::kDouble;
   auto opts = logits.options().dtype(f64 ? at::kDouble : at::kFloat);
   auto shape = tokens.sizes();
@@ -437,7 +421,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
   at::Tensor ent = return_entropy ? at::empty(shape, opts) : at::empty({0}, opts);
   const int64_t N = tokens.numel(), V = logits.size(-1);
   if (N == 0) return {logp, ent, lse};
-  const Rows rows = rows_of(logits);
   if (f64) {
     const double* x = logits.const_data_ptr<double>();
     at::parallel_for(0, N, grain_for(V), [&](int64_t lo, int64_t hi) {
@@ -463,10 +446,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
 }
 
 at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
-                                    const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                    const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index) {
-  check_inputs(logits, tokens);
+  check_inputs(logits_in, tokens);
+  Rows rows;
+  const at::Tensor logits = readable(logits_in, rows);
   const bool f64 = logits.scalar_type() == at::kDouble;
   const auto acc = f64 ? at::kDouble : at::kFloat;
   const int64_t N = tokens.numel(), V = logits.size(-1);
@@ -484,7 +469,6 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
   check_row_tensor(lse, "lse");
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
-  const Rows rows = rows_of(logits);
   if (f64) {
     at::parallel_for(0, N, grain_for(V), [&](int64_t lo, int64_t hi) {
       bwd_double(logits.const_data_ptr<double>(), rows, V, tokens.const_data_ptr<int64_t>(),
