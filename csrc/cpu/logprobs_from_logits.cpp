@@ -44,124 +44,126 @@ at::Tensor readable(const at::Tensor& logits, Rows& rows) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// float SIMD core (GCC vector extensions; the ISA comes from the caller's target attribute)
+// float SIMD core: GCC vector extensions of W lanes, W matching the ISA of the caller's target attribute
+// (16 for AVX-512, 8 for AVX2, 4 for SSE2) so that no vector op is split into pieces.
+// No lambdas here: a lambda body is a separate function without the caller's target attribute, and passing
+// a vector across that boundary changes the ABI.
 #define RK_AI inline __attribute__((always_inline))
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int W = 16;        // lanes
 constexpr int64_t kChunk = 2048;  // elements per chunk: 8 KB of float, stays in L1 between the two sweeps
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this, exp underflows (to a denormal); we flush to 0, which is below the sums' resolution anyway.
 constexpr float kExpLo = -87.0f;
 
-RK_AI vf splat(float a) { return vf{} + a; }
-RK_AI vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-RK_AI void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-RK_AI vf vselect(vi m, vf a, vf b) { return m ? a : b; }
-// the first n lanes from p, the rest `fill`
-RK_AI vf load_tail(const float* p, int64_t n, float fill) {
-  alignas(64) float t[W];
-  for (int i = 0; i < W; ++i) t[i] = i < n ? p[i] : fill;
-  return loadu(t);
-}
+template <int W> struct Simd {
+  typedef float vf __attribute__((vector_size(4 * W)));
+  typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-// exp(x) for x ≤ 88 (Cody–Waite reduction + degree-6 polynomial, ~1 ulp); x < kExpLo gives 0; NaN stays NaN.
-RK_AI vf vexp(vf x) {
-  const vf magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer in the low mantissa bits
-  vf t = x * splat(1.44269504088896341f) + magic;
-  vf n = t - magic;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  vf y = p * (r * r) + r + splat(1.0f);
-  // a vector cast between same-size vector types reinterprets the bits
-  vi ni = (vi)t - (vi)magic;
-  vf y2 = y * (vf)((ni + 127) << 23);
-  return vselect(x < splat(kExpLo), splat(0.0f), y2);
-}
-
-RK_AI float hsum(vf v) {
-  // fixed pairwise order
-  float t[W];
-  std::memcpy(t, &v, sizeof t);
-  for (int h = W / 2; h >= 1; h /= 2)
-    for (int i = 0; i < h; ++i) t[i] += t[i + h];
-  return t[0];
-}
-RK_AI float hmax(vf v) {
-  float t[W];
-  std::memcpy(t, &v, sizeof t);
-  float m = t[0];
-  for (int i = 1; i < W; ++i) m = t[i] > m ? t[i] : m;
-  return m;
-}
-
-RK_AI float chunk_max(const float* x, int64_t n) {
-  vf m = splat(kNegInf);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    vf v = loadu(x + i);
-    m = vselect(v > m, v, m);
-  }
-  if (i < n) {
-    vf v = load_tail(x + i, n - i, kNegInf);
-    m = vselect(v > m, v, m);
-  }
-  return hmax(m);
-}
-
-// One vector of the chunk sums: d = z − max clamped so that −inf logits give e = 0 and e·d = 0.
-// (No lambdas in the SIMD code: a lambda body is a separate function without the caller's target
-// attribute, and passing a 64-byte vector across that boundary changes the ABI.)
-template <bool ENT> RK_AI void accumulate(vf v, vf it, vf m, vf& s, vf& w) {
-  const vf lo = splat(-88.0f);
-  vf d = v * it - m;
-  d = vselect(d < lo, lo, d);
-  vf e = vexp(d);
-  s += e;
-  if (ENT) w += e * d;
-}
-
-// State of one chunk (n ≤ kChunk elements of raw logits x; z = x·inv_t) in rk::LseState form.
-template <bool ENT> RK_AI rk::LseState<float> chunk_state(const float* x, int64_t n, float inv_t) {
-  const float mc = chunk_max(x, n) * inv_t;  // max(x·c) = max(x)·c for c > 0, rounding is monotone
-  if (mc == kNegInf) return rk::lse_init<float>();
-  const vf it = splat(inv_t), m = splat(mc);
-  vf s = vf{}, w = vf{};
-  int64_t i = 0;
-  for (; i + W <= n; i += W) accumulate<ENT>(loadu(x + i), it, m, s, w);
-  if (i < n) accumulate<ENT>(load_tail(x + i, n - i, kNegInf), it, m, s, w);
-  return {mc, hsum(s), ENT ? hsum(w) : 0.0f};
-}
-
-// −(g_lp·p + g_H·p·(logp + H)) / temperature for one vector, with a = −g_lp/t, b = −g_H/t.
-RK_AI vf grad_vec(vf v, vf it, vf l, vf h, vf a, vf b) {
-  const vf lo = splat(-88.0f);
-  vf lp = v * it - l;
-  lp = vselect(lp < lo, lo, lp);
-  vf p = vexp(lp);
-  return p * a + p * (lp + h) * b;
-}
-
-// out[0..n) = ∂/∂x of (g_lp·logp_tok + g_H·H) without the token's 1[j = tok] term (the caller adds it):
-// the formula of rk::logprob_entropy_grad, with logp = x·inv_t − lse.
-RK_AI void chunk_grad(const float* x, float* out, int64_t n, float inv_t, float lse, float H, float g_lp,
-                      float g_H) {
-  const vf it = splat(inv_t), l = splat(lse), h = splat(H), a = splat(-g_lp * inv_t), b = splat(-g_H * inv_t);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) storeu(out + i, grad_vec(loadu(x + i), it, l, h, a, b));
-  if (i < n) {
+  static RK_AI vf splat(float a) { return vf{} + a; }
+  static RK_AI vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+  static RK_AI void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+  static RK_AI vf select(vi m, vf a, vf b) { return m ? a : b; }
+  // the first n lanes from p, the rest `fill`
+  static RK_AI vf load_tail(const float* p, int64_t n, float fill) {
     alignas(64) float t[W];
-    storeu(t, grad_vec(load_tail(x + i, n - i, kNegInf), it, l, h, a, b));
-    for (int64_t j = 0; i + j < n; ++j) out[i + j] = t[j];
+    for (int i = 0; i < W; ++i) t[i] = i < n ? p[i] : fill;
+    return loadu(t);
   }
-}
+
+  // exp(x) for x ≤ 88 (Cody–Waite reduction + degree-6 polynomial, ~1 ulp); x < kExpLo gives 0; NaN stays NaN.
+  static RK_AI vf exp(vf x) {
+    const vf magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer in the low mantissa bits
+    vf t = x * splat(1.44269504088896341f) + magic;
+    vf n = t - magic;
+    vf r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    vf y = p * (r * r) + r + splat(1.0f);
+    // a vector cast between same-size vector types reinterprets the bits
+    vi ni = (vi)t - (vi)magic;
+    vf y2 = y * (vf)((ni + 127) << 23);
+    return select(x < splat(kExpLo), splat(0.0f), y2);
+  }
+
+  static RK_AI float hsum(vf v) {  // fixed pairwise order
+    float t[W];
+    std::memcpy(t, &v, sizeof t);
+    for (int h = W / 2; h >= 1; h /= 2)
+      for (int i = 0; i < h; ++i) t[i] += t[i + h];
+    return t[0];
+  }
+  static RK_AI float hmax(vf v) {
+    float t[W];
+    std::memcpy(t, &v, sizeof t);
+    float m = t[0];
+    for (int i = 1; i < W; ++i) m = t[i] > m ? t[i] : m;
+    return m;
+  }
+
+  static RK_AI float chunk_max(const float* x, int64_t n) {
+    vf m = splat(kNegInf);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      vf v = loadu(x + i);
+      m = select(v > m, v, m);
+    }
+    if (i < n) {
+      vf v = load_tail(x + i, n - i, kNegInf);
+      m = select(v > m, v, m);
+    }
+    return hmax(m);
+  }
+
+  // One vector of the chunk sums: d = z − max clamped so that −inf logits give e = 0 and e·d = 0.
+  template <bool ENT> static RK_AI void accumulate(vf v, vf it, vf m, vf& s, vf& w) {
+    const vf lo = splat(-88.0f);
+    vf d = v * it - m;
+    d = select(d < lo, lo, d);
+    vf e = exp(d);
+    s += e;
+    if (ENT) w += e * d;
+  }
+
+  // State of one chunk (n ≤ kChunk elements of raw logits x; z = x·inv_t) in rk::LseState form.
+  template <bool ENT> static RK_AI rk::LseState<float> chunk_state(const float* x, int64_t n, float inv_t) {
+    const float mc = chunk_max(x, n) * inv_t;  // max(x·c) = max(x)·c for c > 0, rounding is monotone
+    if (mc == kNegInf) return rk::lse_init<float>();
+    const vf it = splat(inv_t), m = splat(mc);
+    vf s = vf{}, w = vf{};
+    int64_t i = 0;
+    for (; i + W <= n; i += W) accumulate<ENT>(loadu(x + i), it, m, s, w);
+    if (i < n) accumulate<ENT>(load_tail(x + i, n - i, kNegInf), it, m, s, w);
+    return {mc, hsum(s), ENT ? hsum(w) : 0.0f};
+  }
+
+  // −(g_lp·p + g_H·p·(logp + H)) / temperature for one vector, with a = −g_lp/t, b = −g_H/t.
+  static RK_AI vf grad_vec(vf v, vf it, vf l, vf h, vf a, vf b) {
+    const vf lo = splat(-88.0f);
+    vf lp = v * it - l;
+    lp = select(lp < lo, lo, lp);
+    vf p = exp(lp);
+    return p * a + p * (lp + h) * b;
+  }
+
+  // out[0..n) = ∂/∂x of (g_lp·logp_tok + g_H·H) without the token's 1[j = tok] term (the caller adds it):
+  // the formula of rk::logprob_entropy_grad, with logp = x·inv_t − lse.
+  static RK_AI void chunk_grad(const float* x, float* out, int64_t n, float inv_t, float lse, float H, float g_lp,
+                               float g_H) {
+    const vf it = splat(inv_t), l = splat(lse), h = splat(H), a = splat(-g_lp * inv_t), b = splat(-g_H * inv_t);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) storeu(out + i, grad_vec(loadu(x + i), it, l, h, a, b));
+    if (i < n) {
+      alignas(64) float t[W];
+      storeu(t, grad_vec(load_tail(x + i, n - i, kNegInf), it, l, h, a, b));
+      for (int64_t j = 0; i + j < n; ++j) out[i + j] = t[j];
+    }
+  }
+};
 
 // ---- dtype adapters: widen a chunk of the input into float, narrow a float gradient chunk back ----
 RK_AI void widen(const c10::BFloat16* x, float* buf, int64_t n) {
@@ -213,7 +215,7 @@ struct BwdArgs {
   int64_t ignore_index;
 };
 
-template <typename in_t, bool ENT> RK_AI void fwd_rows_f(const FwdArgs& a, int64_t lo, int64_t hi) {
+template <int W, typename in_t, bool ENT> RK_AI void fwd_rows_f(const FwdArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float buf[std::is_same<in_t, float>::value ? 1 : kChunk];
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t tok = a.tokens[r];
@@ -234,7 +236,7 @@ template <typename in_t, bool ENT> RK_AI void fwd_rows_f(const FwdArgs& a, int64
         widen(x + c, buf, n);
         xf = buf;
       }
-      st = rk::lse_merge(st, chunk_state<ENT>(xf, n, a.inv_t));
+      st = rk::lse_merge(st, Simd<W>::template chunk_state<ENT>(xf, n, a.inv_t));
     }
     const float l = rk::lse_value(st);
     a.lse[r] = l;
@@ -244,7 +246,7 @@ template <typename in_t, bool ENT> RK_AI void fwd_rows_f(const FwdArgs& a, int64
   }
 }
 
-template <typename in_t> RK_AI void bwd_rows_f(const BwdArgs& a, int64_t lo, int64_t hi) {
+template <int W, typename in_t> RK_AI void bwd_rows_f(const BwdArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float xbuf[std::is_same<in_t, float>::value ? 1 : kChunk];
   alignas(64) float gbuf[std::is_same<in_t, float>::value ? 1 : kChunk];
   for (int64_t r = lo; r < hi; ++r) {
@@ -265,11 +267,11 @@ template <typename in_t> RK_AI void bwd_rows_f(const BwdArgs& a, int64_t lo, int
       const int64_t n = std::min(kChunk, a.V - c);
       const bool has_tok = in_range && tok >= c && tok < c + n;
       if constexpr (std::is_same<in_t, float>::value) {
-        chunk_grad(x + c, g + c, n, a.inv_t, l, H, g_lp, g_H);
+        Simd<W>::chunk_grad(x + c, g + c, n, a.inv_t, l, H, g_lp, g_H);
         if (has_tok) g[tok] += g_lp * a.inv_t;
       } else {
         widen(x + c, xbuf, n);
-        chunk_grad(xbuf, gbuf, n, a.inv_t, l, H, g_lp, g_H);
+        Simd<W>::chunk_grad(xbuf, gbuf, n, a.inv_t, l, H, g_lp, g_H);
         if (has_tok) gbuf[tok - c] += g_lp * a.inv_t;
         narrow(gbuf, g + c, n);
       }
@@ -277,30 +279,30 @@ template <typename in_t> RK_AI void bwd_rows_f(const BwdArgs& a, int64_t lo, int
   }
 }
 
-template <typename in_t> RK_AI void fwd_rows_any(const FwdArgs& a, int64_t lo, int64_t hi) {
-  if (a.ent) fwd_rows_f<in_t, true>(a, lo, hi);
-  else fwd_rows_f<in_t, false>(a, lo, hi);
+template <int W, typename in_t> RK_AI void fwd_rows_any(const FwdArgs& a, int64_t lo, int64_t hi) {
+  if (a.ent) fwd_rows_f<W, in_t, true>(a, lo, hi);
+  else fwd_rows_f<W, in_t, false>(a, lo, hi);
 }
 
 // The three ISA variants of the float kernels.
 #define RK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")))
 #define RK_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
 
-template <typename in_t> void fwd_base(const FwdArgs& a, int64_t lo, int64_t hi) { fwd_rows_any<in_t>(a, lo, hi); }
-template <typename in_t> void bwd_base(const BwdArgs& a, int64_t lo, int64_t hi) { bwd_rows_f<in_t>(a, lo, hi); }
+template <typename in_t> void fwd_base(const FwdArgs& a, int64_t lo, int64_t hi) { fwd_rows_any<4, in_t>(a, lo, hi); }
+template <typename in_t> void bwd_base(const BwdArgs& a, int64_t lo, int64_t hi) { bwd_rows_f<4, in_t>(a, lo, hi); }
 #if defined(__GNUC__) && defined(__x86_64__)
 #define RK_HAVE_X86_VARIANTS 1
 template <typename in_t> RK_AVX512 void fwd_avx512(const FwdArgs& a, int64_t lo, int64_t hi) {
-  fwd_rows_any<in_t>(a, lo, hi);
+  fwd_rows_any<16, in_t>(a, lo, hi);
 }
 template <typename in_t> RK_AVX512 void bwd_avx512(const BwdArgs& a, int64_t lo, int64_t hi) {
-  bwd_rows_f<in_t>(a, lo, hi);
+  bwd_rows_f<16, in_t>(a, lo, hi);
 }
 template <typename in_t> RK_AVX2 void fwd_avx2(const FwdArgs& a, int64_t lo, int64_t hi) {
-  fwd_rows_any<in_t>(a, lo, hi);
+  fwd_rows_any<8, in_t>(a, lo, hi);
 }
 template <typename in_t> RK_AVX2 void bwd_avx2(const BwdArgs& a, int64_t lo, int64_t hi) {
-  bwd_rows_f<in_t>(a, lo, hi);
+  bwd_rows_f<8, in_t>(a, lo, hi);
 }
 #endif
 
