@@ -61,8 +61,8 @@ template <int W> struct Simd {
 
   static RK_AI vf splat(float a) { return vf{} + a; }
   static RK_AI vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-  static RK_AI void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-  static RK_AI vf select(vi m, vf a, vf b) { return m ? a : b; }
+  static RK_AI void storeu(float* p, const vf& v) { std::memcpy(p, &v, sizeof v); }
+  static RK_AI vf select(const vi& m, const vf& a, const vf& b) { return m ? a : b; }
   // the first n lanes from p, the rest `fill`
   static RK_AI vf load_tail(const float* p, int64_t n, float fill) {
     alignas(64) float t[W];
@@ -71,7 +71,7 @@ template <int W> struct Simd {
   }
 
   // exp(x) for x ≤ 88 (Cody–Waite reduction + degree-6 polynomial, ~1 ulp); x < kExpLo gives 0; NaN stays NaN.
-  static RK_AI vf exp(vf x) {
+  static RK_AI vf exp(const vf& x) {
     const vf magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer in the low mantissa bits
     vf t = x * splat(1.44269504088896341f) + magic;
     vf n = t - magic;
@@ -90,14 +90,14 @@ template <int W> struct Simd {
     return select(x < splat(kExpLo), splat(0.0f), y2);
   }
 
-  static RK_AI float hsum(vf v) {  // fixed pairwise order
+  static RK_AI float hsum(const vf& v) {  // fixed pairwise order
     float t[W];
     std::memcpy(t, &v, sizeof t);
     for (int h = W / 2; h >= 1; h /= 2)
       for (int i = 0; i < h; ++i) t[i] += t[i + h];
     return t[0];
   }
-  static RK_AI float hmax(vf v) {
+  static RK_AI float hmax(const vf& v) {
     float t[W];
     std::memcpy(t, &v, sizeof t);
     float m = t[0];
@@ -120,7 +120,7 @@ template <int W> struct Simd {
   }
 
   // One vector of the chunk sums: d = z − max clamped so that −inf logits give e = 0 and e·d = 0.
-  template <bool ENT> static RK_AI void accumulate(vf v, vf it, vf m, vf& s, vf& w) {
+  template <bool ENT> static RK_AI void accumulate(const vf& v, const vf& it, const vf& m, vf& s, vf& w) {
     const vf lo = splat(-88.0f);
     vf d = v * it - m;
     d = select(d < lo, lo, d);
@@ -142,7 +142,7 @@ template <int W> struct Simd {
   }
 
   // −(g_lp·p + g_H·p·(logp + H)) / temperature for one vector, with a = −g_lp/t, b = −g_H/t.
-  static RK_AI vf grad_vec(vf v, vf it, vf l, vf h, vf a, vf b) {
+  static RK_AI vf grad_vec(const vf& v, const vf& it, const vf& l, const vf& h, const vf& a, const vf& b) {
     const vf lo = splat(-88.0f);
     vf lp = v * it - l;
     lp = select(lp < lo, lo, lp);
