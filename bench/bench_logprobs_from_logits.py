@@ -50,7 +50,10 @@ def run(quick=False, csv_dir=None, bandwidth=None):
     fns = {"log_softmax + gather (eager)": step(log_softmax_gather),
            "log_softmax + gather (torch.compile)": step(compiled),
            "per-row logsumexp + gather (TRL-style)": step(chunked_logsumexp_gather),
-           "rk cpu": step(lambda x, t: rk.logprobs_from_logits(x, t, validate=False, backend="cpu"))}
+           "rk cpu": step(lambda x, t: rk.logprobs_from_logits(x, t, validate=False, backend="cpu")),
+           # not a contender: one read (forward) plus one read and a write into a fresh [N, V] tensor
+           # (backward), page faults of the new allocation included; no kernel can beat it
+           "floor: logits.sum() + logits.clone()": lambda: (logits.detach().sum(), logits.detach().clone())}
     # the kernel's answer must be the baseline's before it is timed
     with torch.no_grad():
         want = log_softmax_gather(logits, tokens)

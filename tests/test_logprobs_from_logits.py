@@ -383,3 +383,18 @@ def test_gpu_out_of_range_and_no_sync(backend):
         torch.cuda.set_sync_debug_mode("default")
     lp = lp.cpu()
     assert torch.isnan(lp[[2, 5]]).all() and torch.isfinite(lp[[0, 1, 3, 4, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_and_empty_shapes(backend):
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    lp, ent = rk.logprobs_from_logits(x, torch.tensor(3), return_entropy=True, backend=backend)
+    assert lp.shape == () and ent.shape == ()
+    torch.testing.assert_close(lp.detach(), torch.log_softmax(x.detach(), -1)[3], **_fp64_tol(backend))
+    (lp + ent).backward()
+    assert torch.isfinite(x.grad).all()
+    x = torch.randn(0, 5, 7, requires_grad=True)
+    lp, ent = rk.logprobs_from_logits(x, torch.zeros(0, 5, dtype=torch.long), return_entropy=True, backend=backend)
+    assert lp.shape == (0, 5) and ent.shape == (0, 5)
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == x.shape

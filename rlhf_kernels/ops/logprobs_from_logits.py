@@ -24,6 +24,10 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, ignore_index=-100, 
 
     logits[..., V], tokens[...] -> logp[...] float32 (float64 for float64 logits), and entropy[...]
     when return_entropy. Positions whose token is ignore_index give 0 and no gradient.
+    With validate=False nothing syncs with the device: an id outside [0, V) gives logp = NaN (a constant,
+    so no gradient flows through it, as in the reference) while its entropy and the entropy's gradient are
+    those of the row. Backward recomputes the softmax from a saved per-row log-sum-exp; apart from the
+    caller's own logits nothing of size [..., V] is kept.
     """
     float_tensor("logits", logits, ndim_min=1)
     int_tensor("tokens", tokens)
