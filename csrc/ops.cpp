@@ -4,10 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(rlhf_kernels, m) {
-  // logits[N, V], tokens[N] -> logp[N], entropy[N], lse[N] (entropy is empty unless asked for)
+  // logits[..., V] (vocabulary dim contiguous, leading dims any strides), tokens[...] int64
+  // -> logp[...], entropy[...], lse[...] (entropy is empty unless asked for); bwd -> grad_logits[..., V] contiguous
   m.def("logprobs_from_logits_fwd(Tensor logits, Tensor tokens, float temperature, int ignore_index, "
         "bool return_entropy) -> (Tensor, Tensor, Tensor)");
-  m.def("logprobs_from_logits_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
+  m.def("logprobs_from_logits_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
         "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
   m.def("token_kl_fwd(Tensor logp, Tensor ref_logp, int estimator, float clamp) -> Tensor");
   m.def("token_kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, float clamp) -> (Tensor, Tensor)");

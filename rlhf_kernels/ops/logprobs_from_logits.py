@@ -2,9 +2,9 @@
 import torch
 
 from .. import reference
-from ._common import backend_for, float_tensor, int_tensor, number, same_device
+from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, number, same_device
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
 
 
 def check_tokens(tokens, V, ignore_index, validate):
@@ -24,6 +24,10 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, ignore_index=-100, 
 
     logits[..., V], tokens[...] -> logp[...] float32 (float64 for float64 logits), and entropy[...]
     when return_entropy. Positions whose token is ignore_index give 0 and no gradient.
+    With validate=False nothing syncs with the device: an id outside [0, V) gives logp = NaN (a constant,
+    so no gradient flows through it, as in the reference) while its entropy and the entropy's gradient are
+    those of the row. Backward recomputes the softmax from a saved per-row log-sum-exp; apart from the
+    caller's own logits nothing of size [..., V] is kept.
     """
     float_tensor("logits", logits, ndim_min=1)
     int_tensor("tokens", tokens)
@@ -38,4 +42,79 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, ignore_index=-100, 
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_tokens(tokens, logits.shape[-1], ignore_index, validate)
     name = backend_for(backend, device, "logprobs_from_logits", IMPLEMENTED)
-    return reference.logprobs_from_logits(logits, tokens, temperature, ignore_index, bool(return_entropy))
+    if name == "reference":
+        return reference.logprobs_from_logits(logits, tokens, temperature, ignore_index, bool(return_entropy))
+    # The kernels read logits in their own dtype and follow the leading strides; only the vocabulary dim
+    # must be unit-stride (e.g. logits[:, :-1] is used as is, logits.mT is copied).
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    tok = tokens.to(torch.int64).contiguous()
+    op = (torch.ops.rlhf_kernels.logprobs_from_logits_fwd_triton if name == "triton"
+          else torch.ops.rlhf_kernels.logprobs_from_logits_fwd)
+    logp, ent, _ = op(x, tok, temperature, ignore_index, bool(return_entropy))
+    return (logp, ent) if return_entropy else logp
+
+
+def _acc_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(logits, tokens, temperature, ignore_index, return_entropy):
+    acc = _acc_dtype(logits)
+    out = tokens.new_empty(tokens.shape, dtype=acc)
+    ent = tokens.new_empty(tokens.shape if return_entropy else (0,), dtype=acc)
+    return out, ent, tokens.new_empty(tokens.shape, dtype=acc)
+
+
+def _fake_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, temperature, ignore_index, return_entropy = inputs
+    _, ent, lse = output
+    # logits is the caller's tensor (no copy); lse and entropy are [N]: nothing new of size [N, V] is kept
+    ctx.save_for_backward(logits, tokens, lse, ent)
+    ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, g_logp, g_ent, g_lse):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        if not ctx.return_entropy:
+            g_ent = None
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None
+        g_logp = None if g_logp is None else g_logp.contiguous()
+        g_ent = None if g_ent is None else g_ent.contiguous()
+        grad = bwd_op(g_logp, g_ent, logits, tokens, lse, ent, ctx.temperature, ctx.ignore_index)
+        return grad, None, None, None, None
+    return backward
+
+
+if HAVE_C:
+    torch.library.register_fake("rlhf_kernels::logprobs_from_logits_fwd")(_fake_fwd)
+    torch.library.register_fake("rlhf_kernels::logprobs_from_logits_bwd")(_fake_bwd)
+    torch.library.register_autograd("rlhf_kernels::logprobs_from_logits_fwd",
+                                    _backward_with(torch.ops.rlhf_kernels.logprobs_from_logits_bwd),
+                                    setup_context=_setup_context)
+
+if HAVE_TRITON:
+    from ..triton import logprobs_from_logits as _tl
+
+    @torch.library.triton_op("rlhf_kernels::logprobs_from_logits_fwd_triton", mutates_args=())
+    def _fwd_triton(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, ignore_index: int,
+                    return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy)
+
+    @torch.library.triton_op("rlhf_kernels::logprobs_from_logits_bwd_triton", mutates_args=())
+    def _bwd_triton(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                    tokens: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                    ignore_index: int) -> torch.Tensor:
+        return _tl.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index)
+
+    _fwd_triton.register_fake(_fake_fwd)
+    _bwd_triton.register_fake(_fake_bwd)
+    _fwd_triton.register_autograd(_backward_with(torch.ops.rlhf_kernels.logprobs_from_logits_bwd_triton),
+                                  setup_context=_setup_context)

@@ -1,0 +1,204 @@
+// CUDA kernels of rlhf_kernels::logprobs_from_logits_{fwd,bwd}.
+// Forward: one block per row; each thread folds its strided share of the row into an rk::LseState (one read
+// of the logits, in their own dtype), then the block merges the states with rk::lse_merge along a fixed
+// tree (warp shuffles, then one warp over the per-warp results): deterministic, no atomics.
+// Backward: one block per row, one pass writing the gradient with rk::logprob_entropy_grad.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cuda/launch.cuh"
+#include "row_index.h"
+
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kWarps = kRowThreads / 32;
+constexpr int64_t kMaxGrid = 1 << 20;  // rows beyond this are taken by a grid-stride loop
+
+template <typename T> __device__ __forceinline__ rk::LseState<T> shfl_down(const rk::LseState<T>& st, int d) {
+  return {__shfl_down_sync(0xffffffffu, st.m, d), __shfl_down_sync(0xffffffffu, st.s, d),
+          __shfl_down_sync(0xffffffffu, st.w, d)};
+}
+
+// Merge the block's states; the result is valid in thread 0. Fixed order, so bitwise reproducible.
+template <typename T> __device__ rk::LseState<T> block_merge(rk::LseState<T> st) {
+  __shared__ T sm[kWarps], ss[kWarps], sw[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int d = 16; d >= 1; d /= 2) st = rk::lse_merge(st, shfl_down(st, d));
+  if (lane == 0) {
+    sm[warp] = st.m;
+    ss[warp] = st.s;
+    sw[warp] = st.w;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kWarps ? rk::LseState<T>{sm[lane], ss[lane], sw[lane]} : rk::lse_init<T>();
+    for (int d = 16; d >= 1; d /= 2) st = rk::lse_merge(st, shfl_down(st, d));
+  }
+  __syncthreads();  // the shared slots are reused by the next row of a grid-stride loop
+  return st;
+}
+
+template <typename in_t, typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    logprobs_fwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
+                        const int64_t* __restrict__ tokens, T* __restrict__ logp, T* __restrict__ ent,
+                        T* __restrict__ lse, T inv_t, int64_t ignore_index) {
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const int64_t tok = tokens[r];
+    if (tok == ignore_index) {  // uniform across the block: no thread reaches block_merge
+      if (threadIdx.x == 0) {
+        logp[r] = lse[r] = T(0);
+        if (ent) ent[r] = T(0);
+      }
+      continue;
+    }
+    const in_t* row = x + rows.offset(r);
+    rk::LseState<T> st = rk::lse_init<T>();
+    for (int64_t j = threadIdx.x; j < V; j += kRowThreads) rk::lse_push(st, static_cast<T>(row[j]) * inv_t);
+    st = block_merge(st);
+    if (threadIdx.x == 0) {
+      const T l = rk::lse_value(st);
+      lse[r] = l;
+      // out-of-range ids (validate=False) read nothing and give NaN
+      logp[r] = (tok >= 0 && tok < V) ? static_cast<T>(row[tok]) * inv_t - l : rk::r_nan<T>();
+      if (ent) ent[r] = rk::lse_entropy(st);
+    }
+  }
+}
+
+template <typename in_t, typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    logprobs_bwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
+                        const int64_t* __restrict__ tokens, const T* __restrict__ g_logp,
+                        const T* __restrict__ g_ent, const T* __restrict__ lse, const T* __restrict__ ent,
+                        in_t* __restrict__ grad, T inv_t, int64_t ignore_index) {
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const int64_t tok = tokens[r];
+    in_t* g = grad + r * V;
+    if (tok == ignore_index) {
+      for (int64_t j = threadIdx.x; j < V; j += kRowThreads) g[j] = static_cast<in_t>(T(0));
+      continue;
+    }
+    const in_t* row = x + rows.offset(r);
+    const bool in_range = tok >= 0 && tok < V;
+    // an out-of-range id has logp = NaN (a constant): no gradient flows through it, as in the reference
+    const T g_lp = (g_logp && in_range) ? g_logp[r] : T(0);
+    const T g_H = g_ent ? g_ent[r] : T(0);
+    const T H = g_ent ? ent[r] : T(0);
+    const T l = lse[r];
+    for (int64_t j = threadIdx.x; j < V; j += kRowThreads)
+      g[j] = static_cast<in_t>(
+          rk::logprob_entropy_grad(static_cast<T>(row[j]) * inv_t, l, H, j == tok, g_lp, g_H) * inv_t);
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& tokens) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logprobs_from_logits: logits must be [..., V] with V > 0");
+  TORCH_CHECK(logits.stride(-1) == 1, "logprobs_from_logits: the vocabulary dim of logits must be contiguous");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+              "logprobs_from_logits: tokens must be contiguous int64");
+  TORCH_CHECK(tokens.device() == logits.device(), "logprobs_from_logits: tokens and logits on different devices");
+  TORCH_CHECK(tokens.sizes() == logits.sizes().slice(0, logits.dim() - 1),
+              "logprobs_from_logits: tokens must have the shape of logits without its last dim");
+}
+
+at::Tensor readable(const at::Tensor& logits, rk::RowIndex& rows) {
+  if (rk::make_row_index(logits.sizes().data(), logits.strides().data(), logits.dim(), rows)) return logits;
+  at::Tensor c = logits.contiguous();
+  TORCH_CHECK(rk::make_row_index(c.sizes().data(), c.strides().data(), c.dim(), rows));
+  return c;
+}
+
+unsigned grid_for(int64_t N) { return static_cast<unsigned>(N < kMaxGrid ? N : kMaxGrid); }
+
+// in_t: the logits dtype; T: the accumulation dtype (double for fp64 logits, float otherwise)
+template <typename F> void dispatch_logits(at::ScalarType st, F f) {
+  switch (st) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}, float{}); break;
+    case at::kHalf: f(c10::Half{}, float{}); break;
+    default: TORCH_CHECK(false, "logprobs_from_logits: unsupported logits dtype ", st);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits_in,
+                                                                        const at::Tensor& tokens, double temperature,
+                                                                        int64_t ignore_index, bool return_entropy) {
+  check_inputs(logits_in, tokens);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  rk::RowIndex rows;
+  const at::Tensor logits = readable(logits_in, rows);
+  const bool f64 = logits.scalar_type() == at::kDouble;
+  auto opts = logits.options().dtype(f64 ? at::kDouble : at::kFloat);
+  at::Tensor logp = at::empty(tokens.sizes(), opts), lse = at::empty(tokens.sizes(), opts);
+  at::Tensor ent = return_entropy ? at::empty(tokens.sizes(), opts) : at::empty({0}, opts);
+  const int64_t N = tokens.numel(), V = logits.size(-1);
+  if (N == 0) return {logp, ent, lse};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_logits(logits.scalar_type(), [&](auto in_tag, auto acc_tag) {
+    using in_t = decltype(in_tag);
+    using T = decltype(acc_tag);
+    logprobs_fwd_kernel<in_t, T><<<grid_for(N), kRowThreads, 0, stream>>>(
+        static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
+        logp.mutable_data_ptr<T>(), return_entropy ? ent.mutable_data_ptr<T>() : nullptr, lse.mutable_data_ptr<T>(),
+        static_cast<T>(1.0 / temperature), ignore_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logp, ent, lse};
+}
+
+at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
+                                    const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
+                                    const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
+                                    double temperature, int64_t ignore_index) {
+  check_inputs(logits_in, tokens);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  rk::RowIndex rows;
+  const at::Tensor logits = readable(logits_in, rows);
+  const bool f64 = logits.scalar_type() == at::kDouble;
+  const auto acc = f64 ? at::kDouble : at::kFloat;
+  const int64_t N = tokens.numel(), V = logits.size(-1);
+  const bool has_glp = grad_logp.has_value() && grad_logp->defined();
+  const bool has_gH = grad_entropy.has_value() && grad_entropy->defined();
+  auto check_row_tensor = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous() && t.numel() == N && t.device() == logits.device(),
+                "logprobs_from_logits_bwd: ", name, " must be a contiguous ", acc,
+                " tensor with one value per row, on the device of logits");
+  };
+  if (has_glp) check_row_tensor(*grad_logp, "grad_logp");
+  if (has_gH) {
+    check_row_tensor(*grad_entropy, "grad_entropy");
+    check_row_tensor(entropy, "entropy");
+  }
+  check_row_tensor(lse, "lse");
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return grad;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_logits(logits.scalar_type(), [&](auto in_tag, auto acc_tag) {
+    using in_t = decltype(in_tag);
+    using T = decltype(acc_tag);
+    logprobs_bwd_kernel<in_t, T><<<grid_for(N), kRowThreads, 0, stream>>>(
+        static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
+        has_glp ? grad_logp->const_data_ptr<T>() : nullptr, has_gH ? grad_entropy->const_data_ptr<T>() : nullptr,
+        lse.const_data_ptr<T>(), has_gH ? entropy.const_data_ptr<T>() : nullptr,
+        static_cast<in_t*>(grad.mutable_data_ptr()), static_cast<T>(1.0 / temperature), ignore_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("logprobs_from_logits_fwd", &logprobs_from_logits_fwd);
+  m.impl("logprobs_from_logits_bwd", &logprobs_from_logits_bwd);
+}

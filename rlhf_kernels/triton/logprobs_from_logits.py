@@ -1,0 +1,156 @@
+"""Triton kernels of rk.logprobs_from_logits: one program per row, looping over the vocabulary in tiles.
+
+Forward keeps an online log-sum-exp state (max m, Σe^{z−m}, Σe^{z−m}(z−m)) per row, folding in one tile at a
+time (the same state and merge rule as csrc/common.h LseState / lse_merge), and stores logp, entropy and lse.
+Backward recomputes p = exp(z − lse) tile by tile and writes the gradient in the logits dtype.
+Rows are addressed through two leading strides, so logits[:, :-1] of a [B, T, V] tensor needs no copy.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _row_base(x_ptr, row, inner, s_outer, s_inner):
+    return x_ptr + (row // inner) * s_outer + (row % inner) * s_inner
+
+
+@triton.jit
+def _narrow(g, out_ty: tl.constexpr):
+    """fp32/fp64 gradient -> the logits dtype, rounding to nearest even. bf16 is rounded by hand: the Triton
+    interpreter truncates fp32 -> bf16, and this gives the same bits as the CPU kernel everywhere."""
+    if out_ty == tl.bfloat16:
+        b = g.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(g != g, 0x7FC0, r)  # NaN stays NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return g.to(out_ty)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s_outer, s_inner, inv_t, ignore_index,
+                         ENT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc = lse_ptr.dtype.element_ty
+    base = _row_base(x_ptr, row, inner, s_outer, s_inner)
+    tok = tl.load(tok_ptr + row)
+    ignored = tok == ignore_index
+    n = tl.where(ignored, 0, V)  # an ignored row reads nothing
+    offs = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    m = tl.full((), neg_inf, acc)
+    s = tl.zeros((), acc)
+    w = tl.zeros((), acc)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(acc) * inv_t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        live = m_new != neg_inf  # all −inf so far: nothing to add
+        m_ref = tl.where(live, m_new, 0.0)
+        alpha = tl.where(m != neg_inf, tl.exp(m - m_ref), 0.0)
+        dm = tl.where(m != neg_inf, m - m_ref, 0.0)
+        d = tl.where(z != neg_inf, z - m_ref, 0.0)  # 0·log 0 = 0 for −inf logits
+        e = tl.where(z != neg_inf, tl.exp(d), 0.0)
+        ed = e * d
+        w = tl.where(live, (w + s * dm) * alpha + tl.sum(ed, 0), w)
+        s = tl.where(live, s * alpha + tl.sum(e, 0), s)
+        m = m_new
+    s = tl.where(ignored, 1.0, s)  # an ignored row has no sums; keep its (discarded) values finite
+    lse = m + tl.log(s)
+    in_range = (tok >= 0) & (tok < V)
+    x_tok = tl.load(base + tl.where(in_range, tok, 0), mask=in_range & ~ignored, other=0.0).to(acc) * inv_t
+    logp = tl.where(in_range, x_tok - lse, float("nan"))
+    tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    if ENT:
+        tl.store(ent_ptr + row, tl.where(ignored, 0.0, tl.log(s) - w / s))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, grad_ptr, V, inner, s_outer, s_inner,
+                         inv_t, ignore_index, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc = lse_ptr.dtype.element_ty
+    base = _row_base(x_ptr, row, inner, s_outer, s_inner)
+    gbase = grad_ptr + row * V
+    tok = tl.load(tok_ptr + row)
+    ignored = tok == ignore_index
+    in_range = (tok >= 0) & (tok < V)
+    lse = tl.load(lse_ptr + row)
+    # an out-of-range id has logp = NaN (a constant): no gradient flows through it, as in the reference
+    g_lp = tl.zeros((), acc)
+    if HAS_GLP:
+        g_lp = tl.where(in_range & ~ignored, tl.load(glp_ptr + row), 0.0)
+    g_h = tl.zeros((), acc)
+    H = tl.zeros((), acc)
+    if HAS_GENT:
+        g_h = tl.where(ignored, 0.0, tl.load(gent_ptr + row))
+        H = tl.load(ent_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        idx = start + offs
+        ok = idx < V
+        z = tl.load(base + idx, mask=ok & ~ignored, other=float("-inf")).to(acc) * inv_t
+        lp = z - lse
+        p = tl.exp(lp)
+        ent = p * (tl.where(p > 0, lp, 0.0) + H)  # p·log p → 0 for −inf logits
+        g = (g_lp * (tl.where(idx == tok, 1.0, 0.0) - p) - g_h * ent) * inv_t
+        g = tl.where(ignored, 0.0, g)
+        tl.store(gbase + idx, _narrow(g, grad_ptr.dtype.element_ty), mask=ok)
+
+
+def _row_layout(x):
+    """(inner, s_outer, s_inner, x') with row r of x' at (r // inner)·s_outer + (r % inner)·s_inner: at most two
+    groups of leading dims after merging contiguous neighbours; anything else is made contiguous."""
+    sizes, strides = [], []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if sizes and strides[-1] == stride * size:
+            sizes[-1] *= size
+            strides[-1] = stride
+        else:
+            sizes.append(size)
+            strides.append(stride)
+    if len(sizes) > 2:
+        x = x.contiguous()
+        return _row_layout(x)
+    if len(sizes) == 2:
+        return sizes[1], strides[0], strides[1], x
+    if len(sizes) == 1:
+        return sizes[0], 0, strides[0], x
+    return 1, 0, 0, x
+
+
+def _block(V):
+    return min(triton.next_power_of_2(V), MAX_BLOCK)
+
+
+def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.empty(tokens.shape, dtype=acc, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty(tokens.shape if return_entropy else (0,), dtype=acc, device=logits.device)
+    N, V = tokens.numel(), logits.shape[-1]
+    if N:
+        inner, s_outer, s_inner, x = _row_layout(logits)
+        wrap_triton(_logprobs_fwd_kernel)[(N,)](x, tokens, logp, ent if return_entropy else lse, lse, V, inner,
+                                                s_outer, s_inner, 1.0 / temperature, ignore_index,
+                                                ENT=bool(return_entropy), BLOCK=_block(V))
+    return logp, ent, lse
+
+
+def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    N, V = tokens.numel(), logits.shape[-1]
+    if N:
+        inner, s_outer, s_inner, x = _row_layout(logits)
+        wrap_triton(_logprobs_bwd_kernel)[(N,)](
+            grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
+            lse, entropy if grad_entropy is not None else lse, grad, V, inner, s_outer, s_inner, 1.0 / temperature,
+            ignore_index, HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None, BLOCK=_block(V))
+    return grad
