@@ -37,7 +37,7 @@ class RunConfig:
 class SFTConfig(RunConfig):
     model: str = "tiny-llama"         # "tiny-llama", "tiny-gpt2" (built from a config) or a saved model dir
     examples: int = 4000
-    steps: int = 250
+    steps: int = 200
     lr: float = 3e-3
     eval_every: int = 50
 
@@ -47,7 +47,7 @@ class RMConfig(RunConfig):
     model: str = "tiny-llama"         # backbone init: a saved model dir (the SFT policy) or a tiny arch name
     pairs: int = 3000
     label_noise: float = 0.0          # probability of flipping a preference label
-    steps: int = 150
+    steps: int = 100
     lr: float = 1e-3
     normalize: bool = True            # N+ detail 15: subtract the mean score on SFT demonstrations
 
