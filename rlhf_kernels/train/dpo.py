@@ -33,7 +33,7 @@ def train(cfg):
     if cfg.reference_free:
         ref_c = ref_r = torch.zeros(cfg.pairs, device=cfg.device)
     else:
-        ref = models.freeze(models.load_lm(cfg.ref or cfg.policy, cfg.device))
+        ref = models.freeze(models.load_reference(cfg.ref, policy, cfg.device))
         ref_c, ref_r = reference_logprobs(ref, chosen, rejected, cfg)
         del ref
     opt = make_optimizer([(policy.parameters(), cfg.lr)])

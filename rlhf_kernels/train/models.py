@@ -47,6 +47,13 @@ def load_lm(spec, device="cpu", vocab_size=len(tasks.WORDS)):
     return model.to(device)
 
 
+def load_reference(spec, policy, device="cpu"):
+    """The reference model: `spec` if given, else a copy of the initial policy (a copy rather than a
+    second load, so that a policy built from a tiny config gets the very same weights)."""
+    import copy
+    return load_lm(spec, device) if spec else copy.deepcopy(policy)
+
+
 def disable_dropout(model):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):

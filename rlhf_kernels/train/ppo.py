@@ -61,14 +61,14 @@ class PPO:
         dev = cfg.device
         torch.manual_seed(cfg.seed)
         self.policy = models.load_lm(cfg.policy, dev)
-        self.ref = models.freeze(models.load_lm(cfg.ref or cfg.policy, dev))
+        self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
         self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
             self.critic = copy.deepcopy(self.rm)  # N+: value model initialised from the reward model
             for p in self.critic.parameters():
                 p.requires_grad_(True)
         else:  # critic_init="policy", or no reward model to start from
-            self.critic = models.ScalarModel(models.load_lm(cfg.policy, dev)).to(dev)
+            self.critic = models.ScalarModel(copy.deepcopy(self.policy)).to(dev)
         self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
         self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr), (self.critic.parameters(), cfg.critic_lr)])
         self.state = {"kl_coef": cfg.kl_coef}

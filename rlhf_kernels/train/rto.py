@@ -22,7 +22,7 @@ class RTO(PPO):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.dpo = models.freeze(models.load_lm(cfg.dpo_model, cfg.device))
-        same_ref = (cfg.dpo_ref or cfg.ref or cfg.policy) == (cfg.ref or cfg.policy)
+        same_ref = not cfg.dpo_ref or cfg.dpo_ref == (cfg.ref or cfg.policy)
         self.dpo_ref = self.ref if same_ref else models.freeze(models.load_lm(cfg.dpo_ref, cfg.device))
 
     def dense_reward(self, s, order):
