@@ -34,7 +34,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m bench --quick
+	$(PY) -m rlhf_kernels demo --out runs/demo
 
 bench: build
 	$(PY) -m bench

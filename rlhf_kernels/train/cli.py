@@ -1,0 +1,69 @@
+"""Command line: `rlhf-kernels train {sft,rm,ppo,dpo,rto} [--config FILE] [--key=value ...] --out DIR`
+and `rlhf-kernels demo [--out DIR]` (also `python -m rlhf_kernels`)."""
+import json
+import sys
+
+from .config import CONFIGS, ConfigError, build
+from .runlog import CheckpointError, TrainingDiverged
+
+USAGE = """usage:
+  rlhf-kernels train {sft,rm,ppo,dpo,rto} [--config FILE] [--key=value ...] --out DIR
+  rlhf-kernels demo [--out DIR] [--seed N]
+Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
+
+
+def parse_options(args):
+    """(config file, {key: value string}) from `--config FILE`, `--key=value`, `--key value`, `--flag`."""
+    file, overrides = None, {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or a == "--":
+            raise ConfigError(f"unexpected argument {a!r}; options look like --key=value")
+        key, eq, value = a[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        if key == "config":
+            file = value
+        else:
+            overrides[key.replace("-", "_")] = value
+        i += 1
+    return file, overrides
+
+
+def trainer(kind):
+    import importlib
+    module = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "rto": "rto"}[kind]
+    return importlib.import_module(f"rlhf_kernels.train.{module}").train
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if argv[0] == "train":
+            if len(argv) < 2 or argv[1] not in CONFIGS:
+                raise ConfigError(f"train needs one of {', '.join(CONFIGS)}\n{USAGE}")
+            file, overrides = parse_options(argv[2:])
+            cfg = build(argv[1], file, overrides)
+            result = trainer(argv[1])(cfg)
+            print(json.dumps(result, indent=2))
+            return 0
+        if argv[0] == "demo":
+            from .demo import run_demo
+            _, opts = parse_options(argv[1:])
+            unknown = set(opts) - {"out", "seed", "progress"}
+            if unknown:
+                raise ConfigError(f"demo takes --out, --seed and --progress, not {', '.join(sorted(unknown))}")
+            run_demo(opts.get("out", "runs/demo"), seed=int(opts.get("seed", 0)),
+                     progress=opts.get("progress", "true").lower() != "false")
+            return 0
+        raise ConfigError(f"unknown command {argv[0]!r}\n{USAGE}")
+    except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"rlhf-kernels: error: {e}", file=sys.stderr)
+        return 2

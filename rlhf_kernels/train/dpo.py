@@ -1,0 +1,65 @@
+"""DPO (ALGORITHMS.md §4) with every rk.dpo_loss type: sequence log-probs summed over response
+tokens (rk.linear_logprobs), reference log-probs computed once before training, or taken as 0
+(`reference_free`)."""
+import torch
+
+from . import models, rollout
+from .reward import pair_set
+from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+
+import rlhf_kernels as rk
+
+
+def sequence_logprobs(model, s, rows, cfg):
+    """Σ_t log π(y_t | x, y_<t) over each response (temperature 1: DPO scores the model itself)."""
+    dev = cfg.device
+    lp = models.token_logprobs(model, s.ids[rows].to(dev), s.attn[rows].to(dev), s.start, s.mask[rows].to(dev),
+                               impl=cfg.logprob_impl)
+    return lp.sum(-1)
+
+
+@torch.no_grad()
+def reference_logprobs(ref, chosen, rejected, cfg, batch=256):
+    rows = torch.arange(len(chosen.prompts)).split(batch)
+    return (torch.cat([sequence_logprobs(ref, chosen, r, cfg) for r in rows]),
+            torch.cat([sequence_logprobs(ref, rejected, r, cfg) for r in rows]))
+
+
+def train(cfg):
+    run = Run(cfg, "dpo")
+    torch.manual_seed(cfg.seed)
+    policy = models.load_lm(cfg.policy, cfg.device)
+    chosen, rejected = pair_set(cfg.pairs, cfg.seed, cfg.label_noise)
+    if cfg.reference_free:
+        ref_c = ref_r = torch.zeros(cfg.pairs, device=cfg.device)
+    else:
+        ref = models.freeze(models.load_reference(cfg.ref, policy, cfg.device))
+        ref_c, ref_r = reference_logprobs(ref, chosen, rejected, cfg)
+        del ref
+    opt = make_optimizer([(policy.parameters(), cfg.lr)])
+
+    def step_fn(step):
+        idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=step_generator(cfg, step))
+        sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
+                "rejected_reward": 0.0}
+        for micro in idx.split(cfg.micro_batch_size):
+            c, r = sequence_logprobs(policy, chosen, micro, cfg), sequence_logprobs(policy, rejected, micro, cfg)
+            losses, cr, rr = rk.dpo_loss(c, r, ref_c[micro], ref_r[micro], beta=cfg.beta, loss_type=cfg.loss_type,
+                                         label_smoothing=cfg.label_smoothing)
+            loss = losses.sum() / len(idx)
+            run.check_finite(step, loss=loss)
+            loss.backward()
+            w = len(micro) / len(idx)
+            sums["loss"] += loss.item()
+            sums["reward_accuracy"] += (cr > rr).float().mean().item() * w
+            sums["reward_margin"] += (cr - rr).mean().item() * w
+            sums["chosen_reward"] += cr.mean().item() * w
+            sums["rejected_reward"] += rr.mean().item() * w
+        metrics = {**sums, "grad_norm": clip_and_step(run, step, opt, policy.parameters(), cfg.max_grad_norm)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics.update(rollout.evaluate_cfg(policy, cfg))
+        return metrics, int(chosen.attn[idx].sum() + rejected.attn[idx].sum())
+
+    loop(run, {"policy": policy}, opt, step_fn)
+    models.save_lm(policy, run.dir / "model")
+    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg)})

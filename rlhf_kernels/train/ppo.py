@@ -1,0 +1,186 @@
+"""PPO for language models as in ALGORITHMS.md §1 (N+ / OpenRLHF conventions, each choice a knob).
+
+One iteration: sample responses (fixed length, truncated after the first <eos>), score them (reward
+model or gold reward; no-EOS penalty), take old/reference log-probs and values in the same
+micro-batches as the first update epoch, build per-token rewards with rk.token_rewards (KL penalty,
+optional dense reward, score at the last token or one past it), optionally whiten rewards, run
+rk.gae (returns before advantage whitening), whiten advantages with rk.masked_whiten, then
+`epochs` × `minibatches` clipped policy + value updates (rk.ppo_policy_loss, rk.ppo_value_loss)
+with gradient accumulation over micro-batches, grad-norm clipping and linear LR annealing.
+"""
+import copy
+
+import torch
+
+import rlhf_kernels as rk
+
+from . import models, rollout, tasks
+from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+
+
+class AdaptiveKL:
+    """Ziegler et al.: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), KL the mean sequence-summed k1."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def update(self, state, kl, n):
+        if self.cfg.kl_target is not None:
+            e = max(-0.2, min(0.2, kl / self.cfg.kl_target - 1))
+            state["kl_coef"] = state["kl_coef"] * (1 + e * n / self.cfg.kl_horizon)
+
+
+def micro_weight(aggregation, mask_micro, mask_mb):
+    """Share of a minibatch's aggregated loss carried by one micro-batch, so that accumulating
+    micro-batch losses gives exactly the minibatch's aggregate (token counts for token-mean,
+    counts of non-empty rows for the seq-mean forms, 1 for token-sum)."""
+    if aggregation == "token-sum":
+        return 1.0
+    if aggregation == "token-mean":
+        return float(mask_micro.sum()) / max(float(mask_mb.sum()), 1.0)
+    return float(mask_micro.any(-1).sum()) / max(float(mask_mb.any(-1).sum()), 1.0)
+
+
+def value_mask(mask, score_position):
+    """Positions the critic is trained on: the response, plus one past its end for "eos+1" (N+
+    padding_mask_p1), where that score lands."""
+    if score_position == "last":
+        return mask
+    T = mask.shape[1]
+    last = torch.where(mask, torch.arange(T, device=mask.device), torch.full_like(mask, -1, dtype=torch.long)).amax(1)
+    p1 = torch.nn.functional.one_hot((last + 1).clamp(max=T - 1), T).bool() & (last >= 0)[:, None]
+    return mask | p1
+
+
+class PPO:
+    """The PPO trainer; RTO subclasses it to add the dense DPO reward (rto.py)."""
+    kind = "ppo"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        dev = cfg.device
+        torch.manual_seed(cfg.seed)
+        self.policy = models.load_lm(cfg.policy, dev)
+        self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
+        self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
+        if cfg.critic_init == "reward" and self.rm is not None:
+            self.critic = copy.deepcopy(self.rm)  # N+: value model initialised from the reward model
+            for p in self.critic.parameters():
+                p.requires_grad_(True)
+        else:  # critic_init="policy", or no reward model to start from
+            self.critic = models.ScalarModel(copy.deepcopy(self.policy)).to(dev)
+        self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
+        self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr), (self.critic.parameters(), cfg.critic_lr)])
+        self.state = {"kl_coef": cfg.kl_coef}
+        self.kl_ctl = AdaptiveKL(cfg)
+
+    # rollout -------------------------------------------------------------------------------------
+    def logprobs(self, model, s, rows, entropy=False):
+        return models.token_logprobs(model, s.ids[rows], s.attn[rows], s.start, s.mask[rows],
+                                     temperature=self.cfg.temperature, impl=self.cfg.logprob_impl, entropy=entropy)
+
+    def values(self, s, rows):
+        return self.critic(s.ids[rows], s.attn[rows])[:, s.start - 1:-1]
+
+    def score(self, s):
+        if self.rm is None:
+            return tasks.gold_reward(s.responses.cpu()).to(s.prompts.device)
+        with torch.no_grad():
+            return self.rm.score(s.ids, s.attn)
+
+    def dense_reward(self, s, order):
+        """Extra per-token reward (RTO's DPO log-ratio); None for plain PPO."""
+        return None
+
+    @torch.no_grad()
+    def make_experience(self, step, g):
+        cfg = self.cfg
+        prompts = tasks.prompts(cfg.batch_size, g).to(cfg.device)
+        s = rollout.sample(self.policy, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                           seed=cfg.seed * 1_000_003 + step)
+        order = torch.randperm(cfg.batch_size, generator=g).to(cfg.device)  # also the first epoch's order
+        mb = cfg.micro_batch_size
+        old_logp, entropy = rollout.chunked(lambda r: self.logprobs(self.policy, s, r, entropy=True), order, mb)
+        ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
+        values = rollout.chunked(lambda r: self.values(s, r), order, mb)
+        dense = self.dense_reward(s, order)
+        raw_score = self.score(s)
+        score = rollout.penalize_no_eos(raw_score, s.has_eos, cfg.no_eos_penalty, cfg.penalty_value)
+        if cfg.score_clip is not None:
+            score = score.clamp(-cfg.score_clip, cfg.score_clip)
+        rewards = self.rewards(score, s.mask, old_logp, ref_logp, dense)
+        vmask = value_mask(s.mask, cfg.score_position)
+        if cfg.whiten_rewards:
+            rewards = rk.masked_whiten(rewards, vmask, shift_mean=False)
+        advantages, returns = rk.gae(rewards, values, vmask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
+        kl_seq = torch.where(s.mask, old_logp - ref_logp, torch.zeros_like(old_logp)).sum(1)
+        stats = {"gold_reward": tasks.gold_reward(s.responses.cpu()).mean().item(),
+                 "score": raw_score.float().mean().item(), "kl": kl_seq.mean().item(),
+                 "entropy": (entropy.sum() / s.mask.sum()).item(), "no_eos": (~s.has_eos).float().mean().item(),
+                 "response_len": s.mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
+                 "return_mean": (returns.sum() / vmask.sum()).item()}
+        if dense is not None:
+            stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
+        return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
+                    returns=returns, vmask=vmask, stats=stats, kl=kl_seq.mean().item())
+
+    def rewards(self, score, mask, logp, ref_logp, dense):
+        cfg = self.cfg
+        return rk.token_rewards(score.float(), mask, logp=logp, ref_logp=ref_logp, kl_coef=self.state["kl_coef"],
+                                kl_estimator=cfg.kl_estimator, score_position=cfg.score_position)
+
+    # update --------------------------------------------------------------------------------------
+    def step(self, step):
+        cfg = self.cfg
+        g = step_generator(cfg, step)
+        ex = self.make_experience(step, g)
+        s = ex["samples"]
+        mb_size = cfg.batch_size // cfg.minibatches
+        sums = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
+        n_mb, first_dev = 0, None
+        for epoch in range(cfg.epochs):
+            order = ex["order"] if epoch == 0 else torch.randperm(cfg.batch_size, generator=g).to(cfg.device)
+            for mb in order.split(mb_size):
+                for micro in mb.split(cfg.micro_batch_size):
+                    logp = self.logprobs(self.policy, s, micro)
+                    v = self.values(s, micro)
+                    mask, vmask = s.mask[micro], ex["vmask"][micro]
+                    pg, pst = rk.ppo_policy_loss(logp, ex["old_logp"][micro], ex["advantages"][micro], mask,
+                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                 dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
+                    vf, vst = rk.ppo_value_loss(v, ex["values"][micro], ex["returns"][micro], vmask,
+                                                clip=cfg.vf_clip, aggregation=cfg.aggregation)
+                    wp = micro_weight(cfg.aggregation, mask, s.mask[mb])
+                    wv = micro_weight(cfg.aggregation, vmask, ex["vmask"][mb])
+                    loss = wp * pg + cfg.vf_coef * wv * vf
+                    self.run.check_finite(step, policy_loss=pg, value_loss=vf)
+                    loss.backward()
+                    if first_dev is None:  # the rollout forward and this one must agree exactly
+                        d = (logp.detach() - ex["old_logp"][micro]).abs().masked_fill(~mask, 0)
+                        first_dev = d.max().item()
+                    for k, val in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", pst["clipfrac"]),
+                                   ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
+                        sums[k] += float(val.detach()) * (wv if k.startswith("vf") else wp)
+                n_mb += 1
+                params = list(self.policy.parameters()) + list(self.critic.parameters())
+                sums.setdefault("grad_norm", 0.0)
+                sums["grad_norm"] += clip_and_step(self.run, step, self.optimizer, params, cfg.max_grad_norm)
+        self.kl_ctl.update(self.state, ex["kl"], cfg.batch_size)
+        metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_dev_first_minibatch": first_dev}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics["eval_gold_reward"] = rollout.evaluate_cfg(self.policy, cfg)["gold_reward"]
+        tokens = int(s.attn.sum()) * (1 + cfg.epochs)
+        return metrics, tokens
+
+    def train(self):
+        self.run = Run(self.cfg, self.kind)
+        loop(self.run, {"policy": self.policy, "critic": self.critic}, self.optimizer, self.step, self.state)
+        models.save_lm(self.policy, self.run.dir / "model")
+        self.critic.save(self.run.dir / "critic")
+        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg)})
+
+
+def train(cfg):
+    return PPO(cfg).train()

@@ -1,0 +1,197 @@
+"""What every run leaves in its directory: config.json, metrics.jsonl (one line per step), an atomic
+resumable checkpoint.pt (tensors only, loaded with weights_only=True), and curves.png; plus the
+shared step loop (progress bar, LR annealing, NaN stop, periodic checkpoints)."""
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .config import to_dict
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# settings that may change between a run and its resumption without changing its results
+RESUMABLE_CHANGES = {"out", "steps", "progress", "save_every", "device"}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or parameter: the run stops and nothing is overwritten."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Run:
+    def __init__(self, cfg, kind):
+        if not cfg.out:
+            raise ValueError("no output directory: pass --out DIR")
+        self.cfg, self.kind = cfg, kind
+        self.dir = Path(cfg.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = self.dir / CHECKPOINT
+        self.metrics = self.dir / METRICS
+        self.last_good = None  # (step, path) of the newest checkpoint written or loaded
+
+    # checkpoints -------------------------------------------------------------------------------
+    def load(self):
+        """The checkpoint of this directory (dict) or None; truncates metrics.jsonl to its step."""
+        if not self.checkpoint.exists():
+            if self.metrics.exists():
+                self.metrics.unlink()  # a run that never checkpointed restarts from scratch
+            return None
+        try:
+            ck = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            step = int(ck["step"])
+            saved_cfg = json.loads(ck["config"])
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.checkpoint} cannot be read: {e}") from e
+        if ck.get("kind") != self.kind:
+            raise CheckpointError(f"checkpoint {self.checkpoint} is from a '{ck.get('kind')}' run, not '{self.kind}'")
+        now = to_dict(self.cfg)
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved_cfg.get(k) != now[k])
+        if changed:
+            raise CheckpointError(f"checkpoint {self.checkpoint} was written with different settings "
+                                  f"({', '.join(f'{k}={saved_cfg.get(k)!r}' for k in changed)}); "
+                                  "use another --out or the same settings")
+        self._truncate_metrics(step)
+        self.last_good = (step, self.checkpoint)
+        return ck
+
+    def save(self, step, state):
+        """Write `state` (nested dicts of tensors and plain values) atomically, after checking that
+        every floating tensor is finite, so the previous checkpoint survives a bad step or a crash."""
+        for name, t in _tensors(state):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                self.fail(step, f"non-finite values in {name}")
+        ck = dict(state, step=step, kind=self.kind, config=json.dumps(to_dict(self.cfg)))
+        tmp = self.checkpoint.with_name(CHECKPOINT + ".tmp")
+        torch.save(ck, tmp)
+        os.replace(tmp, self.checkpoint)
+        self.last_good = (step, self.checkpoint)
+
+    def fail(self, step, what):
+        where = (f"the last good checkpoint is {self.last_good[1]} (step {self.last_good[0]})"
+                 if self.last_good else "no checkpoint was written yet")
+        raise TrainingDiverged(f"{self.kind}: {what} at step {step}; stopped without saving; {where}")
+
+    def check_finite(self, step, **values):
+        for name, v in values.items():
+            v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+            if not math.isfinite(v):
+                self.fail(step, f"non-finite {name} ({v})")
+
+    # metrics -----------------------------------------------------------------------------------
+    def log(self, row):
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read_metrics(self):
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def _truncate_metrics(self, step):
+        rows = [r for r in self.read_metrics() if r["step"] <= step]
+        tmp = self.metrics.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics)
+
+    def write_config(self):
+        (self.dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+
+    def plot(self):
+        from .plots import plot_metrics
+        plot_metrics(self.read_metrics(), self.dir / "curves.png", title=f"{self.kind}: {self.dir}")
+
+
+def _tensors(obj, prefix="checkpoint"):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def set_lr(optimizer, cfg, step):
+    """Linear annealing to 0 (N+: lrnow = (1 − (update − 1)/num_updates)·lr), or constant."""
+    frac = 1.0 - (step - 1) / cfg.steps if cfg.anneal_lr else 1.0
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * frac
+    return optimizer.param_groups[0]["lr"]
+
+
+def make_optimizer(groups, eps=1e-5):
+    """AdamW (eps 1e-5, N+) over param groups [(params, lr)]; `base_lr` is kept for annealing."""
+    opt = torch.optim.AdamW([{"params": [p for p in ps if p.requires_grad], "lr": lr, "base_lr": lr}
+                             for ps, lr in groups], eps=eps)
+    return opt
+
+
+def clip_and_step(run, step, optimizer, params, max_norm):
+    """Grad-norm clipping and an optimizer step, refusing non-finite gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    run.check_finite(step, grad_norm=norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def loop(run, modules, optimizer, step_fn, extra_state=None):
+    """Run steps 1..cfg.steps (resuming from the checkpoint if there is one): `step_fn(step)` returns
+    a dict of metrics and the number of tokens it processed. `modules` (name -> nn.Module) and the
+    optimizer are checkpointed, and so is `extra_state` (a dict the step function may update)."""
+    from tqdm.auto import tqdm
+    cfg = run.cfg
+    extra_state = {} if extra_state is None else extra_state
+    ck = run.load()
+    start = 0
+    if ck is not None:
+        for name, m in modules.items():
+            m.load_state_dict(ck["models"][name])
+        optimizer.load_state_dict(ck["optimizer"])
+        extra_state.update(ck.get("extra", {}))
+        start = int(ck["step"])
+    run.write_config()
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=run.kind, disable=not cfg.progress,
+               dynamic_ncols=True)
+    for step in range(start + 1, cfg.steps + 1):
+        lr = set_lr(optimizer, cfg, step)
+        t0 = time.perf_counter()
+        metrics, tokens = step_fn(step)
+        dt = time.perf_counter() - t0
+        row = {"step": step, **metrics, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
+               "step_time_s": dt, "peak_mem_mb": peak_memory_mb(cfg.device)}
+        run.log(row)
+        bar.update(1)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("gold_reward", "loss", "kl") if k in row}, refresh=False)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            run.save(step, {"models": {n: m.state_dict() for n, m in modules.items()},
+                            "optimizer": optimizer.state_dict(), "extra": dict(extra_state)})
+    bar.close()
+    run.plot()
+    return run.read_metrics()
+
+
+def step_generator(cfg, step, salt=0):
+    """A generator seeded by (seed, step): a resumed run draws the same data as an uninterrupted one."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7_919 + salt)
+
+
+def finish(run, result):
+    """Write result.json (the final evaluation) and return it."""
+    (run.dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

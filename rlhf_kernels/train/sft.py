@@ -1,0 +1,49 @@
+"""Supervised fine-tuning on demonstrations: token-mean negative log-likelihood of the response
+tokens (through rk.linear_logprobs), prompts not trained on."""
+import torch
+
+from . import models, rollout, tasks
+from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+
+
+def demonstration_set(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompts = tasks.prompts(n, g)
+    responses, mask, has_eos = rollout.truncate_after_eos(tasks.demonstrations(n, g))
+    return rollout.Samples(prompts, responses, mask, has_eos)
+
+
+def nll_step(run, step, policy, data, idx, cfg):
+    """Backpropagate the token-mean NLL of rows `idx` of `data` in micro-batches; return the loss."""
+    dev = cfg.device
+    total = data.mask[idx].sum().clamp(min=1)
+    loss_sum = 0.0
+    for micro in idx.split(cfg.micro_batch_size):
+        s = rollout.Samples(data.prompts[micro], data.responses[micro], data.mask[micro], data.has_eos[micro])
+        lp = models.token_logprobs(policy, s.ids.to(dev), s.attn.to(dev), s.start, s.mask.to(dev),
+                                   impl=cfg.logprob_impl)
+        loss = -lp.sum() / total
+        run.check_finite(step, loss=loss)
+        loss.backward()
+        loss_sum += loss.item()
+    return loss_sum, int(data.mask[idx].sum() + data.prompts[idx].numel())
+
+
+def train(cfg):
+    run = Run(cfg, "sft")
+    torch.manual_seed(cfg.seed)
+    policy = models.load_lm(cfg.model, cfg.device)
+    data = demonstration_set(cfg.examples, cfg.seed)
+    opt = make_optimizer([(policy.parameters(), cfg.lr)])
+
+    def step_fn(step):
+        idx = torch.randint(0, cfg.examples, (cfg.batch_size,), generator=step_generator(cfg, step))
+        loss, tokens = nll_step(run, step, policy, data, idx, cfg)
+        metrics = {"loss": loss, "grad_norm": clip_and_step(run, step, opt, policy.parameters(), cfg.max_grad_norm)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics.update(rollout.evaluate_cfg(policy, cfg))
+        return metrics, tokens
+
+    loop(run, {"policy": policy}, opt, step_fn)
+    models.save_lm(policy, run.dir / "model")
+    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg)})
