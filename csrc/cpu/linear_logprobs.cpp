@@ -21,6 +21,7 @@
 // `chunk_bytes` caps the temporaries (tiles, cast weight chunks, per-group d(hidden) partials): it
 // limits the number of parallel groups and the tile size; one group always runs.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -241,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
   const T inv_t = T(1) / T(temperature);
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: each worker needs its own
     for (int64_t g = g0; g < g1; ++g) {
       at::Tensor zbuf = at::empty({p.nc * p.vc}, opts);
       at::Tensor wbuf = cast_w ? at::empty({p.vc, H}, opts) : at::Tensor();
@@ -283,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const at::Tensor& tokens, double temperature,
                                                                    int64_t ignore_index, int64_t chunk_bytes) {
   check_inputs(hidden, weight, bias, tokens);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
   const int64_t budget = budget_of(chunk_bytes);
   if (acc_type(hidden) == at::kDouble)
     return fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, budget);
@@ -325,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const T inv_t = T(1) / T(temperature);
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t g = g0; g < g1e; ++g) {
       at::Tensor zbuf = at::empty({p.nc * p.vc}, opts);
       at::Tensor wbuf = cast_w ? at::empty({p.vc, H}, opts) : at::Tensor();
@@ -371,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     int64_t chunk_bytes) {
   check_inputs(hidden, weight, bias, tokens);
   TORCH_CHECK(!need_b || bias, "linear_logprobs_bwd: a bias gradient was asked for without a bias");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t budget = budget_of(chunk_bytes);
   if (acc_type(hidden) == at::kDouble)
     return bwd_impl<double>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
