@@ -116,7 +116,8 @@ struct TileArgs {
 
 // Forward pass over a tile: merge each row's chunk state into st[i], pick the target logit.
 template <typename T>
-__attribute__((always_inline)) inline void fwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a, rk::LseState<T>* st, T* tgt) {
+__attribute__((always_inline)) inline void fwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a,
+                                                         rk::LseState<T>* st, T* tgt) {
   for (int64_t i = 0; i < a.nr; ++i) {
     T* z = Z + i * a.vc;
     rk::LseState<T> s = b ? row_state<T, true>(z, b, a.vc, inv_t) : row_state<T, false>(z, b, a.vc, inv_t);
@@ -128,8 +129,9 @@ __attribute__((always_inline)) inline void fwd_tile_impl(T* Z, const T* b, T inv
 
 // Backward pass over a tile: Z becomes d(logits) in place; db (if given) += its column sums.
 template <typename T>
-__attribute__((always_inline)) inline void bwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a, const T* lse, const T* ent, const T* g_lp,
-                   const T* g_h, T* db) {
+__attribute__((always_inline)) inline void bwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a,
+                                                         const T* lse, const T* ent, const T* g_lp, const T* g_h,
+                                                         T* db) {
   for (int64_t i = 0; i < a.nr; ++i) {
     T* z = Z + i * a.vc;
     const int64_t tok = a.tok[i];
@@ -255,7 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
           const int64_t nr = std::min(p.nc, N - r0);
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
           at::mm_out(z, h.narrow(0, r0, nr), w.t());
-          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, TileArgs{nr, vc, v0, V, ignore_index, tok + r0},
+          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
+          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta,
                    st + r0, tgt.data() + r0);
         }
       }
@@ -344,7 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
           at::Tensor hr = h.narrow(0, r0, nr);
           at::mm_out(z, hr, w.t());
-          bwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, TileArgs{nr, vc, v0, V, ignore_index, tok + r0},
+          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
+          bwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta,
                    lsep + r0, entp + r0, g1 + r0, g2 ? g2 + r0 : nullptr, dbp ? dbp + v0 : nullptr);
           if (need_h) dh.narrow(0, r0, nr).addmm_(z, w);
           if (need_w) {

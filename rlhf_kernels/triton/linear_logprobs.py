@@ -31,8 +31,8 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, HAS_BIAS: tl.constexpr,
-                 IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
+                 IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """z[BLOCK_N, BLOCK_V] = (h[rows] · W[cols]ᵀ + b[cols]) / T, −inf outside the vocabulary."""
     if IS_FP64:
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float64)
@@ -62,8 +62,8 @@ def _dlogits_tile(z, cols, tok, lse, ent, g1, g2, inv_t):
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, N, V, H, inv_t, ignore_index,
-                HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     tok = tl.load(tok_ptr + rows, mask=rmask, other=ignore_index)
@@ -120,7 +120,8 @@ def _row_grads(tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, rows, rmask, V, ign
 @triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, dh_ptr, N, V, H, inv_t,
                    ignore_index, HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, IS_FP64: tl.constexpr,
-                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     tok, lse, ent, g1, g2 = _row_grads(tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, rows, rmask, V, ignore_index,
@@ -145,8 +146,8 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent
 @triton.jit
 def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, dw_ptr, db_ptr, N, V, H,
                    inv_t, ignore_index, HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, NEED_W: tl.constexpr,
-                   NEED_B: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                   NEED_B: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < V
     if IS_FP64:
