@@ -165,6 +165,18 @@ def test_frozen_weight_gets_no_gradient(backend, monkeypatch):
     torch.testing.assert_close(h.grad, h_r.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_hidden_trains_head_only(backend):
+    hidden, weight, b, tokens = _inputs((7,), 16, 45, seed=20)
+    w, bb = weight.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    lp, ent = rk.linear_logprobs(hidden, w, tokens, bias=bb, return_entropy=True, backend=backend)
+    got = torch.autograd.grad((lp + 0.5 * ent).sum(), (w, bb))
+    w_r, b_r = weight.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    lp_r, ent_r = reference.linear_logprobs(hidden, w_r, tokens, b_r, 1.0, -100, True)
+    exp = torch.autograd.grad((lp_r + 0.5 * ent_r).sum(), (w_r, b_r))
+    _close(got, exp, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
 def test_cpu_frozen_weight_skips_the_gemm():
     hidden, weight, b, tokens = _inputs((6,), 16, 50, seed=9)
