@@ -4,7 +4,7 @@ import importlib
 
 from bench.common import copy_bandwidth, machine
 
-ALL = ["token_kl", "logprobs_from_logits"]
+ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs"]
 
 
 def main(argv=None):

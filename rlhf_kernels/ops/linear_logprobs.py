@@ -1,15 +1,47 @@
 """rk.linear_logprobs: log-probs (and entropy) of given tokens straight from hidden states and the
-LM head, equal to logprobs_from_logits(hidden @ weight.T + bias, tokens, ...)."""
+LM head, equal to logprobs_from_logits(hidden @ weight.T + bias, tokens, ...), without ever holding
+a [..., V] tensor, forward or backward.
+
+The fast backends save only hidden, weight, bias, tokens and three floats per row (log-prob,
+entropy, log-sum-exp); backward recomputes the logits tile by tile. Environment:
+  RLHF_KERNELS_CHUNK_BYTES   cap on the temporaries of the cpu and cuda backends (default 256 MiB)
+"""
+import os
+
+import torch
+
 from .. import reference
-from ._common import backend_for, float_tensor, int_tensor, number, same_device
+from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, number, same_device
 from .logprobs_from_logits import check_tokens
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
+
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+def chunk_bytes():
+    """The temporaries budget of the cpu/cuda backends, from $RLHF_KERNELS_CHUNK_BYTES (bytes)."""
+    v = os.environ.get("RLHF_KERNELS_CHUNK_BYTES")
+    if not v:
+        return DEFAULT_CHUNK_BYTES
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"RLHF_KERNELS_CHUNK_BYTES must be a positive integer (bytes), got {v!r}") from None
+    if n <= 0:
+        raise ValueError(f"RLHF_KERNELS_CHUNK_BYTES must be a positive integer (bytes), got {v!r}")
+    return n
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignore_index=-100,
                     return_entropy=False, validate=True, backend=None):
-    """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...])."""
+    """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
+
+    log_softmax((hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
+    inputs); positions whose token is ignore_index give 0 and no gradient. Differentiable in hidden,
+    weight and bias (and through the entropy); a weight with requires_grad=False gets no gradient
+    GEMM. bf16/fp16 inputs accumulate in fp32.
+    """
     float_tensor("hidden", hidden, ndim_min=1)
     float_tensor("weight", weight)
     if weight.dim() != 2:
@@ -32,5 +64,89 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignor
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
-    backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
-    return reference.linear_logprobs(hidden, weight, tokens, bias, temperature, ignore_index, bool(return_entropy))
+    name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
+    if name == "reference":
+        return reference.linear_logprobs(hidden, weight, tokens, bias, temperature, ignore_index,
+                                         bool(return_entropy))
+    dt = reference.compute_dtype(hidden, weight, bias)
+    # hidden and weight go in as one storage dtype (bf16/fp16 stay so, and are widened chunk by chunk)
+    store = torch.float64 if dt == torch.float64 else (
+        hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H).to(store).contiguous()
+    w = weight.to(store).contiguous()
+    b = None if bias is None else bias.to(dt).contiguous()
+    tok = tokens.reshape(-1).to(torch.int64).contiguous()
+    if name == "triton":
+        logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(h, w, b, tok, temperature, ignore_index)
+    else:
+        logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
+                                                                  chunk_bytes())
+    logp = logp.view(tokens.shape)
+    return (logp, ent.view(tokens.shape)) if return_entropy else logp
+
+
+def _fake_fwd(hidden, weight, bias, tokens, temperature, ignore_index, *budget):
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=dt) for _ in range(3))
+
+
+def _fake_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
+              need_hidden, need_weight, need_bias, *budget):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            lse.new_empty(bias.shape if need_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, tokens, temperature, ignore_index = inputs[:6]
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.extra = tuple(inputs[6:])  # the cpu/cuda op's chunk budget
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, grad_logp, grad_entropy, grad_lse):
+        hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        gh, gw, gb = bwd_op(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+                            hidden, weight, bias, tokens, lse, entropy, ctx.temperature, ctx.ignore_index,
+                            need_h, need_w, need_b and bias is not None, *ctx.extra)
+        grads = (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None)
+        return grads + (None,) * (3 + len(ctx.extra))
+    return backward
+
+
+if HAVE_C:
+    torch.library.register_fake("rlhf_kernels::linear_logprobs_fwd")(_fake_fwd)
+    torch.library.register_fake("rlhf_kernels::linear_logprobs_bwd")(_fake_bwd)
+    torch.library.register_autograd("rlhf_kernels::linear_logprobs_fwd",
+                                    _backward_with(torch.ops.rlhf_kernels.linear_logprobs_bwd),
+                                    setup_context=_setup_context)
+
+if HAVE_TRITON:
+    from ..triton import linear_logprobs as _tl
+
+    @torch.library.triton_op("rlhf_kernels::linear_logprobs_fwd_triton", mutates_args=())
+    def _linear_logprobs_fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                    tokens: torch.Tensor, temperature: float,
+                                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
+
+    @torch.library.triton_op("rlhf_kernels::linear_logprobs_bwd_triton", mutates_args=())
+    def _linear_logprobs_bwd_triton(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+                                    weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
+                                    lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
+                                    need_hidden: bool, need_weight: bool,
+                                    need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy,
+                                       temperature, ignore_index, need_hidden, need_weight, need_bias)
+
+    _linear_logprobs_fwd_triton.register_fake(_fake_fwd)
+    _linear_logprobs_bwd_triton.register_fake(_fake_bwd)
+    _linear_logprobs_fwd_triton.register_autograd(
+        _backward_with(torch.ops.rlhf_kernels.linear_logprobs_bwd_triton), setup_context=_setup_context)

@@ -1,0 +1,208 @@
+"""linear_logprobs forward+backward on CPU: rk's tiled kernel vs the compute floor, the naive
+composition and torch's chunked linear_cross_entropy; then agreement with Liger-Kernel and Cut
+Cross-Entropy.
+
+Floor: the three GEMMs any exact method runs — logits h·Wᵀ, d(hidden) = dZ·W, d(weight) = dZᵀ·h,
+2·N·V·H FLOPs each. A method that never stores the [N, V] logits recomputes them in backward (a
+fourth GEMM), so 4/3 = 1.33× the floor is its practical limit. Bytes that must move (hidden, weight
+in; their gradients out: 2·(N + V)·H elements) are negligible next to 6·N·V·H FLOPs: compute bound.
+Extra peak memory: the naive composition holds the fp32 logits, their log-softmax and gradient
+([N, V] each, 1 GiB at N=2048, V=128256); rk holds the weight gradient [V, H] and budget-capped tiles.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import rlhf_kernels as rk
+
+from bench.common import interleaved, fmt_time, peak_bytes, table, write_csv
+
+MIB = 2 ** 20
+FULL, QUICK = (2048, 256, 128256), (256, 256, 8192)
+
+
+def _lce(**kw):
+    opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    return None if opts is None or not hasattr(F, "linear_cross_entropy") else opts(**kw)
+
+
+FLOOR, NAIVE, RK = "3 bare GEMMs (floor)", "naive (matmul, log_softmax, gather)", "rk cpu"
+LCE_DEFAULT = "torch linear_cross_entropy (LinearCrossEntropyOptions())"
+LCE_256 = "torch linear_cross_entropy (batch_chunk_size=256)"
+
+
+def _contenders(h, w, tok, slow_ok):
+    """{name: log-prob function} for hidden h, weight w (both requiring grad) and tokens; the floor
+    is separate. `slow_ok`: include torch's default chunking (tens of times the floor here)."""
+    low = h.dtype != torch.float32
+
+    def naive(h, w):
+        logits = h @ w.T
+        return torch.log_softmax(logits.float() if low else logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+
+    fns = {NAIVE: naive}
+    lce_default, lce_256 = _lce(), _lce(chunking_method=None, batch_chunk_size=256)
+    if lce_default is not None and slow_ok:
+        fns[LCE_DEFAULT] = lambda h, w: -F.linear_cross_entropy(h, w, tok, reduction="none",
+                                                                options=lce_default).float()
+    if lce_256 is not None:
+        fns[LCE_256] = lambda h, w: -F.linear_cross_entropy(h, w, tok, reduction="none", options=lce_256).float()
+    fns[RK] = lambda h, w: rk.linear_logprobs(h, w, tok, backend="cpu")
+    return fns
+
+
+def _reference_logp(h, w, tok, rows=128):
+    """float64 log-probs of the same (rounded) inputs, a few rows at a time."""
+    out = []
+    for r in range(0, h.shape[0], rows):
+        z = h[r:r + rows].double() @ w.double().T
+        out.append(torch.log_softmax(z, -1).gather(-1, tok[r:r + rows, None]).squeeze(-1))
+    return torch.cat(out)
+
+
+def _table(N, H, V, dtype, quick, csv_dir):
+    g0 = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g0).to(dtype).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g0) / H ** 0.5).to(dtype).requires_grad_(True)
+    tok = torch.randint(0, V, (N,), generator=g0)
+    g = torch.randn(N, generator=g0)
+    # torch's default chunking runs at tens of times the floor on this CPU (its aspect-ratio rule gives
+    # 4-row chunks at V/H = 501; over 100x in bf16): timed once at full size in fp32, skipped in bf16
+    slow_ok = dtype == torch.float32
+    fns = _contenders(h, w, tok, slow_ok)
+    hd, wd = h.detach(), w.detach()
+    buf = {"z": torch.empty(N, V, dtype=dtype), "dh": torch.empty_like(hd), "dw": torch.empty_like(wd)}
+
+    def floor():
+        torch.mm(hd, wd.T, out=buf["z"])
+        torch.mm(buf["z"], wd, out=buf["dh"])
+        torch.mm(buf["z"].T, hd, out=buf["dw"])
+
+    steps = {FLOOR: floor}
+    steps.update({k: (lambda f: lambda: torch.autograd.grad(f(h, w), (h, w), g))(f) for k, f in fns.items()})
+    once = {} if quick else {k: steps.pop(k) for k in [LCE_DEFAULT] if k in steps}
+    res = interleaved(steps, repeats=3, warmup=1)
+    res.update(interleaved(once, repeats=1, warmup=0))
+    buf.clear()  # the floor's [N, V] buffer must not sit in the peaks measured next
+    ref = _reference_logp(hd, wd, tok)
+    floor_t, naive_t = res[FLOOR][0], res[NAIVE][0]
+    rows = []
+    for name, (med, lo, hi) in res.items():
+        row = {"impl": name, "median": fmt_time(med) + (" (1 run)" if name in once else ""),
+               "spread": f"{fmt_time(lo)} – {fmt_time(hi)}", "× floor": f"{med / floor_t:.2f}",
+               "speedup vs naive": f"{naive_t / med:.2f}x"}
+        if name != FLOOR:
+            if name not in once:
+                with torch.no_grad():
+                    row["max |Δlogp| vs fp64"] = f"{(fns[name](hd, wd).double() - ref).abs().max():.1e}"
+            row["extra peak MiB"] = "-" if name in once else f"{peak_bytes(steps[name]) / MIB:.0f}"
+        rows.append(row)
+    cols = ["impl", "median", "spread", "× floor", "speedup vs naive", "extra peak MiB", "max |Δlogp| vs fp64"]
+    gflop = 6 * N * V * H / 1e9
+    name = str(dtype).replace("torch.", "")
+    text = table(f"linear_logprobs forward+backward, N={N} H={H} V={V} {name} (floor = 3 {name} GEMMs = "
+                 f"{gflop:.0f} GFLOP at {gflop / floor_t:.0f} GFLOP/s; rk budget "
+                 f"{os.environ.get('RLHF_KERNELS_CHUNK_BYTES', '256 MiB (default)')})", rows, cols)
+    if csv_dir:
+        write_csv(f"{csv_dir}/linear_logprobs_{name}.csv", rows, cols)
+    return text
+
+
+def _agreement():
+    """Per-token log-probs and gradients of Σ logp against Liger-Kernel's fused linear cross entropy
+    (Triton interpreter, fp32) and Cut Cross-Entropy (torch_compile implementation). Runs in a child
+    process with TRITON_INTERPRET=1; returns {peer: {quantity: max abs diff} or reason}."""
+    g0 = torch.Generator().manual_seed(1)
+    N, H, V = 64, 64, 1000
+    h0 = torch.randn(N, H, generator=g0)
+    w0 = torch.randn(V, H, generator=g0) / H ** 0.5
+    tok = torch.randint(0, V, (N,), generator=g0)
+    tok[5] = -100
+
+    def run(fn):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        lp = fn(h, w)  # per-token log-probs (0 at ignored positions)
+        gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+        return lp.detach(), gh, gw
+
+    ours = run(lambda h, w: rk.linear_logprobs(h, w, tok, backend="cpu"))
+    out = {}
+
+    def diff(other):
+        return {k: float((a - b).abs().max()) for k, a, b in zip(("logp", "d hidden", "d weight"), ours, other)}
+
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as L
+
+        # Liger's backward is only implemented for a reduced loss: compare −Σ logp and its gradients
+        def liger(h, w):
+            loss = L.apply(h, w, tok, None, None, -100, 0.0, 0.0, "sum")
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            return -loss.reshape(1)
+
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        s = liger(h, w)
+        gh, gw = torch.autograd.grad(s.sum(), (h, w))
+        out["Liger-Kernel FLCE (interpreter)"] = {"Σ logp": float((s.detach().sum() - ours[0].sum()).abs()),
+                                                   "d hidden": float((gh - ours[1]).abs().max()),
+                                                   "d weight": float((gw - ours[2]).abs().max())}
+    except Exception as e:  # not installed or not runnable here
+        out["Liger-Kernel FLCE (interpreter)"] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        out["Cut Cross-Entropy (torch_compile)"] = diff(
+            run(lambda h, w: -cce(h, w, tok, reduction="none", impl="torch_compile")))
+    except Exception as e:
+        out["Cut Cross-Entropy (torch_compile)"] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
+def agreement_table():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "bench.bench_linear_logprobs", "--agreement-json"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        print(f"agreement run failed: {r.stderr[-2000:]}")
+        return ""
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = []
+    for peer, v in res.items():
+        if isinstance(v, str):
+            rows.append({"peer": peer, "max abs diff": v})
+        else:
+            rows.append({"peer": peer, "max abs diff": ", ".join(f"{k} {x:.1e}" for k, x in v.items())})
+    return table("linear_logprobs agreement with peers (N=64 H=64 V=1000 fp32, one ignored position)", rows,
+                 ["peer", "max abs diff"])
+
+
+def run(quick=False, csv_dir=None, bandwidth=None):
+    N, H, V = QUICK if quick else FULL
+    texts = [_table(N, H, V, torch.float32, quick, csv_dir), _table(N, H, V, torch.bfloat16, quick, csv_dir)]
+    if not quick:
+        texts.append(agreement_table())
+    return "\n".join(texts)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--only", choices=["fp32", "bf16", "agreement"], default=None)
+    p.add_argument("--agreement-json", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.agreement_json:
+        print(json.dumps(_agreement()))
+    elif a.only == "agreement":
+        agreement_table()
+    elif a.only:
+        N, H, V = QUICK if a.quick else FULL
+        _table(N, H, V, torch.float32 if a.only == "fp32" else torch.bfloat16, a.quick, a.csv)
+    else:
+        run(a.quick, a.csv)

@@ -1,0 +1,351 @@
+// CUDA kernels of rlhf_kernels::linear_logprobs_{fwd,bwd}: chunked cuBLAS GEMMs (through ATen) on
+// row × vocabulary chunks plus fused kernels over each logits chunk; no [N, V] buffer.
+//
+// A chunk holds Nc × Vc logits in the accumulation type (fp32, fp64 for fp64 inputs), sized so that
+// it (and, for bf16/fp16 inputs, its low-precision copy) fits in `chunk_bytes`. Chunks run in a
+// fixed order on the current stream (vocabulary outer, rows inner):
+//   forward : Z = h_r · W_cᵀ; one block per row folds the chunk into that row's online
+//             log-sum-exp + entropy state (rk::LseState, a fixed-order tree merge in shared memory)
+//             and picks the target logit; a last kernel turns the states into logp, entropy, lse.
+//   backward: Z recomputed and turned in place into d(logits) by rk::logprob_entropy_grad / T
+//             (0 on ignored rows); d(hidden)_r += dZ · W_c; d(W_c) += dZᵀ · h_r; d(b_c) += column
+//             sums of dZ (one thread per column, rows in order). No atomics: deterministic.
+// bf16/fp16: the GEMMs take the inputs as they are and write fp32 (mm with out_dtype); d(logits)
+// is rounded to the input dtype for the two gradient GEMMs (as tensor-core kernels do), and the
+// gradients accumulate in fp32 before the final cast.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "common.h"
+#include "cuda/launch.cuh"
+
+namespace {
+
+constexpr int kRowThreads = 256;  // threads per row block (power of two for the tree merge)
+constexpr int64_t kDefaultBudget = int64_t(256) << 20;
+
+inline unsigned row_blocks(int64_t nr) {
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(nr, 1), 65535));
+}
+
+template <typename T>
+__global__ void lse_init_kernel(T* m, T* s, T* w, T* tgt, int64_t n) {
+  for (int64_t i = rk::global_index(); i < n; i += rk::grid_stride()) {
+    m[i] = -rk::r_inf<T>();
+    s[i] = T(0);
+    w[i] = T(0);
+    tgt[i] = T(0);
+  }
+}
+
+// One block per row: fold the chunk's z = (x + b)/T into the row's running state.
+template <typename T>
+__global__ void lse_chunk_kernel(const T* __restrict__ z, int64_t nr, int64_t vc, int64_t v0,
+                                 const T* __restrict__ bias, T inv_t, const int64_t* __restrict__ tok, T* m, T* s,
+                                 T* w, T* tgt) {
+  __shared__ rk::LseState<T> sh[kRowThreads];
+  for (int64_t r = blockIdx.x; r < nr; r += gridDim.x) {
+    const T* zr = z + r * vc;
+    const int64_t t = tok[r] - v0;
+    rk::LseState<T> st = rk::lse_init<T>();
+    for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
+      T v = (zr[j] + (bias ? bias[j] : T(0))) * inv_t;
+      rk::lse_push(st, v);
+      if (j == t) tgt[r] += v;  // tgt starts at 0 and exactly one chunk holds the token
+    }
+    sh[threadIdx.x] = st;
+    __syncthreads();
+    for (int stride = kRowThreads / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) sh[threadIdx.x] = rk::lse_merge(sh[threadIdx.x], sh[threadIdx.x + stride]);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      rk::LseState<T> run{m[r], s[r], w[r]};
+      run = rk::lse_merge(run, sh[0]);
+      m[r] = run.m;
+      s[r] = run.s;
+      w[r] = run.w;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void lse_finish_kernel(const T* m, const T* s, const T* w, const T* tgt, const int64_t* tok, int64_t n,
+                                  int64_t V, int64_t ignore_index, T* logp, T* ent, T* lse) {
+  for (int64_t i = rk::global_index(); i < n; i += rk::grid_stride()) {
+    rk::LseState<T> st{m[i], s[i], w[i]};
+    const T l = rk::lse_value(st);
+    const int64_t t = tok[i];
+    const bool valid = t != ignore_index;
+    lse[i] = l;
+    logp[i] = !valid ? T(0) : (t >= 0 && t < V ? tgt[i] - l : rk::r_nan<T>());
+    ent[i] = valid ? rk::lse_entropy(st) : T(0);
+  }
+}
+
+// z (nr × vc, in place) -> d(logits); `low` (optional) receives the same values in the input dtype.
+template <typename T, typename L>
+__global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0, const T* __restrict__ bias, T inv_t,
+                               const int64_t* __restrict__ tok, const T* __restrict__ lse, const T* __restrict__ ent,
+                               const T* __restrict__ g_lp, const T* __restrict__ g_h, int64_t ignore_index,
+                               int64_t V) {
+  const int64_t n = nr * vc;
+  for (int64_t i = rk::global_index(); i < n; i += rk::grid_stride()) {
+    const int64_t r = i / vc, j = i - r * vc;
+    const int64_t t = tok[r];
+    const bool valid = t != ignore_index;
+    // an out-of-range token (validate=False) has logp = NaN and, as in the reference, no logp gradient
+    const T g1 = valid && t >= 0 && t < V ? g_lp[r] : T(0);
+    const T g2 = valid && g_h ? g_h[r] : T(0);
+    T d = T(0);
+    if (g1 != T(0) || g2 != T(0)) {
+      const T v = (z[i] + (bias ? bias[j] : T(0))) * inv_t;
+      d = rk::logprob_entropy_grad(v, lse[r], ent[r], t - v0 == j, g1, g2) * inv_t;
+    }
+    z[i] = d;
+    if (low) low[i] = static_cast<L>(d);
+  }
+}
+
+// db[j] += Σ_r dz[r, j], rows in order.
+template <typename T>
+__global__ void column_sum_kernel(const T* dz, int64_t nr, int64_t vc, T* db) {
+  for (int64_t j = rk::global_index(); j < vc; j += rk::grid_stride()) {
+    T acc = T(0);
+    for (int64_t r = 0; r < nr; ++r) acc += dz[r * vc + j];
+    db[j] += acc;
+  }
+}
+
+struct Chunks {
+  int64_t nc, vc;
+};
+
+// Logits chunk (plus its low-precision copy) within the budget; Vc a multiple of 128 where possible.
+Chunks plan(int64_t N, int64_t V, int64_t acc_bytes, int64_t low_bytes, int64_t budget) {
+  if (budget <= 0) budget = kDefaultBudget;
+  const int64_t per = acc_bytes + low_bytes;
+  Chunks c;
+  c.nc = std::max<int64_t>(1, std::min<int64_t>(N, 4096));
+  int64_t vc = budget / (per * c.nc);
+  if (vc < 128) {  // a small budget: fewer rows per chunk before fewer vocabulary entries
+    c.nc = std::max<int64_t>(1, std::min<int64_t>(c.nc, budget / (per * 128)));
+    vc = std::max<int64_t>(1, budget / (per * c.nc));
+  }
+  if (vc >= 128) vc = vc / 128 * 128;
+  c.vc = std::max<int64_t>(1, std::min(vc, V));
+  return c;
+}
+
+bool is_low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+void check(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+           const at::Tensor& tokens) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "linear_logprobs: expected hidden [N, H] and weight [V, H]");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_logprobs: hidden and weight dtypes differ");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && tokens.is_contiguous(),
+              "linear_logprobs: expected contiguous inputs");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.numel() == hidden.size(0),
+              "linear_logprobs: expected int64 tokens [N]");
+  if (bias) {
+    auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(bias->scalar_type() == acc && bias->numel() == weight.size(0) && bias->is_contiguous(),
+                "linear_logprobs: expected a contiguous bias [V] in the accumulation dtype");
+  }
+}
+
+// z = h_r · W_cᵀ in the accumulation dtype (fp32 output straight from bf16/fp16 operands).
+void logits_gemm(at::Tensor& z, const at::Tensor& hr, const at::Tensor& w, bool low) {
+  if (low) at::mm_out(z, hr, w.t(), at::kFloat);
+  else at::mm_out(z, hr, w.t());
+}
+
+template <typename T>
+void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const at::Tensor& tokens, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& logp,
+              at::Tensor& ent, at::Tensor& lse) {
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const bool low = is_low(hidden);
+  auto opts = logp.options();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Chunks c = plan(N, V, sizeof(T), 0, budget);
+  at::Tensor state = at::empty({4, N}, opts);  // m, s, w, target logit
+  T* m = state[0].mutable_data_ptr<T>();
+  T* s = state[1].mutable_data_ptr<T>();
+  T* w = state[2].mutable_data_ptr<T>();
+  T* tgt = state[3].mutable_data_ptr<T>();
+  lse_init_kernel<T><<<rk::blocks_for(N), rk::kThreads, 0, stream>>>(m, s, w, tgt, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor zbuf = at::empty({c.nc * c.vc}, opts);
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
+  const T inv_t = T(1) / T(temperature);
+  for (int64_t v0 = 0; v0 < V; v0 += c.vc) {
+    const int64_t vc = std::min(c.vc, V - v0);
+    const at::Tensor wc = weight.narrow(0, v0, vc);
+    for (int64_t r0 = 0; r0 < N; r0 += c.nc) {
+      const int64_t nr = std::min(c.nc, N - r0);
+      at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
+      logits_gemm(z, hidden.narrow(0, r0, nr), wc, low);
+      lse_chunk_kernel<T><<<row_blocks(nr), kRowThreads, 0, stream>>>(
+          z.const_data_ptr<T>(), nr, vc, v0, b ? b + v0 : nullptr, inv_t, tok + r0, m + r0, s + r0, w + r0, tgt + r0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  lse_finish_kernel<T><<<rk::blocks_for(N), rk::kThreads, 0, stream>>>(
+      m, s, w, tgt, tok, N, V, ignore_index, logp.mutable_data_ptr<T>(), ent.mutable_data_ptr<T>(),
+      lse.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                   const c10::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& tokens, double temperature,
+                                                                   int64_t ignore_index, int64_t chunk_bytes) {
+  check(hidden, weight, bias, tokens);
+  c10::cuda::CUDAGuard guard(hidden.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
+  const bool dbl = hidden.scalar_type() == at::kDouble;
+  auto opts = hidden.options().dtype(dbl ? at::kDouble : at::kFloat);
+  const int64_t N = hidden.size(0);
+  at::Tensor logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
+  if (N == 0) return {logp, ent, lse};
+  if (dbl) fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse);
+  else fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse);
+  return {logp, ent, lse};
+}
+
+template <typename T, typename L>
+void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& hidden, const at::Tensor& weight,
+              const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
+              const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& dh,
+              at::Tensor& grad_w, at::Tensor& grad_b) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  constexpr bool kLow = !std::is_same_v<L, T>;
+  auto opts = lse.options();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool need_h = dh.defined(), need_w = grad_w.defined(), need_b = grad_b.defined();
+  const Chunks c = plan(N, V, sizeof(T), kLow ? sizeof(L) : 0, budget);
+  at::Tensor zbuf = at::empty({c.nc * c.vc}, opts);
+  at::Tensor lowbuf = kLow ? at::empty({c.nc * c.vc}, hidden.options()) : at::Tensor();
+  // low precision: the weight-gradient chunk accumulates in fp32 before its cast into grad_w
+  at::Tensor dwacc = kLow && need_w ? at::empty({c.vc, H}, opts) : at::Tensor();
+  at::Tensor dwtmp = kLow && need_w ? at::empty({c.vc, H}, opts) : at::Tensor();
+  at::Tensor dhtmp = kLow && need_h ? at::empty({c.nc, H}, opts) : at::Tensor();
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
+  const T* g2 = gent.defined() ? gent.const_data_ptr<T>() : nullptr;
+  const T inv_t = T(1) / T(temperature);
+  for (int64_t v0 = 0; v0 < V; v0 += c.vc) {
+    const int64_t vc = std::min(c.vc, V - v0);
+    const at::Tensor wc = weight.narrow(0, v0, vc);
+    at::Tensor dw;
+    if (need_w) dw = kLow ? dwacc.narrow(0, 0, vc) : grad_w.narrow(0, v0, vc);
+    for (int64_t r0 = 0; r0 < N; r0 += c.nc) {
+      const int64_t nr = std::min(c.nc, N - r0);
+      at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
+      const at::Tensor hr = hidden.narrow(0, r0, nr);
+      logits_gemm(z, hr, wc, kLow);
+      at::Tensor zl = kLow ? lowbuf.narrow(0, 0, nr * vc).view({nr, vc}) : z;
+      dlogits_kernel<T, L><<<rk::blocks_for(nr * vc), rk::kThreads, 0, stream>>>(
+          z.mutable_data_ptr<T>(), kLow ? zl.mutable_data_ptr<L>() : nullptr, nr, vc, v0, b ? b + v0 : nullptr,
+          inv_t, tok + r0, lse.const_data_ptr<T>() + r0, entropy.const_data_ptr<T>() + r0,
+          glp.const_data_ptr<T>() + r0, g2 ? g2 + r0 : nullptr, ignore_index, V);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_b) {
+        column_sum_kernel<T><<<rk::blocks_for(vc), rk::kThreads, 0, stream>>>(
+            z.const_data_ptr<T>(), nr, vc, grad_b.mutable_data_ptr<T>() + v0);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (need_h) {
+        at::Tensor dhr = dh.narrow(0, r0, nr);
+        if (kLow) {
+          at::Tensor t = dhtmp.narrow(0, 0, nr);
+          at::mm_out(t, zl, wc, at::kFloat);
+          dhr.add_(t);
+        } else {
+          dhr.addmm_(z, wc);
+        }
+      }
+      if (need_w) {
+        if (kLow) {
+          at::Tensor t = r0 == 0 ? dw : dwtmp.narrow(0, 0, vc);
+          at::mm_out(t, zl.t(), hr, at::kFloat);
+          if (r0 != 0) dw.add_(t);
+        } else if (r0 == 0) {
+          at::mm_out(dw, z.t(), hr);
+        } else {
+          dw.addmm_(z.t(), hr);
+        }
+      }
+    }
+    if (need_w && kLow) grad_w.narrow(0, v0, vc).copy_(dw);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
+    const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
+    const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
+    int64_t chunk_bytes) {
+  check(hidden, weight, bias, tokens);
+  TORCH_CHECK(!need_b || bias, "linear_logprobs_bwd: a bias gradient was asked for without a bias");
+  c10::cuda::CUDAGuard guard(hidden.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  auto opts = lse.options();
+  at::Tensor dh = need_h ? at::zeros({N, H}, opts) : at::Tensor();
+  at::Tensor grad_w = need_w ? (N == 0 ? at::zeros({V, H}, weight.options()) : at::empty({V, H}, weight.options()))
+                             : at::Tensor();
+  at::Tensor grad_b = need_b ? at::zeros({V}, opts) : at::Tensor();
+  if (N > 0 && (need_h || need_w || need_b)) {
+    const at::Tensor glp = grad_logp.to(lse.scalar_type()).contiguous();
+    const at::Tensor gent = grad_entropy ? grad_entropy->to(lse.scalar_type()).contiguous() : at::Tensor();
+    const int64_t budget = chunk_bytes > 0 ? chunk_bytes : kDefaultBudget;
+    switch (hidden.scalar_type()) {
+      case at::kDouble:
+        bwd_impl<double, double>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
+                                 budget, dh, grad_w, grad_b);
+        break;
+      case at::kFloat:
+        bwd_impl<float, float>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
+                               budget, dh, grad_w, grad_b);
+        break;
+      case at::kBFloat16:
+        bwd_impl<float, c10::BFloat16>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature,
+                                       ignore_index, budget, dh, grad_w, grad_b);
+        break;
+      case at::kHalf:
+        bwd_impl<float, c10::Half>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
+                                   budget, dh, grad_w, grad_b);
+        break;
+      default:
+        TORCH_CHECK(false, "linear_logprobs: unsupported dtype ", hidden.scalar_type());
+    }
+  }
+  at::Tensor gh = need_h ? dh.to(hidden.scalar_type()) : at::empty({0}, hidden.options());
+  if (!need_w) grad_w = at::empty({0}, weight.options());
+  if (!need_b) grad_b = at::empty({0}, opts);
+  return {gh, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("linear_logprobs_fwd", &linear_logprobs_fwd);
+  m.impl("linear_logprobs_bwd", &linear_logprobs_bwd);
+}
