@@ -33,7 +33,8 @@ RK_HD float r_exp(float x) { return expf(x); }
 #else
 #define RK_FMA(a, b, c) ((a) * (b) + (c))
 #endif
-inline float r_exp(float x) {
+// always_inline: it must inline into the target_clones() hot loops too, or they stop vectorising
+inline __attribute__((always_inline)) float r_exp(float x) {
   float xc = x < -87.3f ? -87.3f : (x > 88.72f ? 88.72f : x);
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = RK_FMA(n, -0.693359375f, xc);

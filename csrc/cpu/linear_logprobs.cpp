@@ -45,30 +45,8 @@
 
 namespace rk_linear_cpu {
 
-// e^x for the fused passes. float: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-7 Taylor
-// polynomial (truncation < 5e-9 relative), 2^n by building the exponent bits; branch-free, so the
-// compiler vectorises the loops that call it. Results below e^-87 (under FLT_MIN) are 0, which is
-// what the callers want for -inf logits. double: the library exp.
-__attribute__((always_inline)) inline float fexp(float x) {
-  const bool under = x < -87.0f;
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) lands in the low mantissa bits
-  const float n = t - 12582912.0f;
-  const int32_t ni = std::bit_cast<int32_t>(t) - 0x4B400000;
-  float r = x - n * 0.693145751953125f;  // ln2 split in a part exact in float and the rest
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = std::bit_cast<float>((ni + 127) << 23);
-  return under ? 0.0f : p * scale;
-}
-__attribute__((always_inline)) inline double fexp(double x) { return std::exp(x); }
+// e^x in the fused passes is rk::r_exp (common.h): branch-free, so the loops that call it vectorise;
+// it gives exactly 0 below e^-87.3, which is what the callers want for -inf logits.
 
 // ---- the fused per-tile passes (z = (x + b)·invT) ----
 
@@ -87,7 +65,7 @@ __attribute__((always_inline)) inline rk::LseState<T> row_state(T* z, const T* b
 #pragma omp simd reduction(+ : s, w)
   for (int64_t j = 0; j < vc; ++j) {
     T d = z[j] - m;
-    T e = fexp(d);
+    T e = rk::r_exp(d);
     s += e;
     w += e > T(0) ? e * d : T(0);  // e·d is 0·(−inf) for −inf logits
   }
@@ -103,7 +81,7 @@ __attribute__((always_inline)) inline void row_grad(T* z, const T* b, int64_t vc
 #pragma omp simd
   for (int64_t j = 0; j < vc; ++j) {
     T lp = (z[j] + (kBias ? b[j] : T(0))) * inv_t - lse;
-    T p = fexp(lp);
+    T p = rk::r_exp(lp);
     T pe = p > T(0) ? p * (lp + ent) : T(0);
     z[j] = a * p + c * pe;
   }
