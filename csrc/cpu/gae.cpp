@@ -6,22 +6,24 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/select.h"
 #include "row_checks.h"
 
 namespace {
 
+// Branch-free: the step is computed at every position and kept only where the mask is set, so rows with
+// random holes cost no mispredictions (and garbage at masked positions never reaches a result).
 template <typename T>
 void gae_row(const T* r, const T* v, const uint8_t* m, T* adv, T* ret, int64_t n, T gamma, T lam) {
   T next_v = 0, next_a = 0;
   for (int64_t t = n - 1; t >= 0; --t) {
-    if (m[t]) {
-      T a = rk::gae_step(r[t], v[t], gamma, lam, next_v, next_a);
-      adv[t] = a;
-      ret[t] = a + v[t];
-    } else {
-      adv[t] = 0;
-      ret[t] = 0;
-    }
+    T nv = next_v, na = next_a;
+    const T a = rk::gae_step(r[t], v[t], gamma, lam, nv, na);
+    const bool valid = m[t] != 0;
+    next_v = valid ? nv : next_v;
+    next_a = valid ? na : next_a;
+    adv[t] = rk::select_bits(m[t], a);
+    ret[t] = rk::select_bits(m[t], a + v[t]);
   }
 }
 

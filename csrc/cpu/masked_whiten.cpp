@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/select.h"
 #include "row_checks.h"
 
 namespace {
@@ -24,44 +25,48 @@ template <typename T> T sum_lanes(T* a) {
   return a[0];
 }
 
-template <typename T> rk::Moments<T> chunk_moments(const T* x, const uint8_t* m, int64_t n) {
+// Lane j accumulates the elements i ≡ j (mod kLanes): a fixed order whatever the alignment.
+template <typename T> rk::Moments<T> chunk_moments(const T* __restrict x, const uint8_t* __restrict m, int64_t n) {
   T acc[kLanes] = {};
   int32_t cnt[kLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      const bool v = m[i + j] != 0;
-      acc[j] += v ? x[i + j] : T(0);
-      cnt[j] += v;
+      acc[j] += rk::select_bits(m[i + j], x[i + j]);
+      cnt[j] += m[i + j] != 0;
     }
-  for (int j = 0; i < n; ++i, ++j) {
-    const bool v = m[i] != 0;
-    acc[j] += v ? x[i] : T(0);
-    cnt[j] += v;
   }
-  int64_t count = sum_lanes(cnt);
+  for (int j = 0; i < n; ++i, ++j) {
+    acc[j] += rk::select_bits(m[i], x[i]);
+    cnt[j] += m[i] != 0;
+  }
+  const int64_t count = sum_lanes(cnt);
   if (count == 0) return {0, T(0), T(0)};
   const T mean = sum_lanes(acc) / T(count);
   T sq[kLanes] = {};
-  for (i = 0; i + kLanes <= n; i += kLanes)
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      const T d = x[i + j] - mean;
-      sq[j] += m[i + j] ? d * d : T(0);
+      const T d = rk::select_bits(m[i + j], x[i + j] - mean);
+      sq[j] += d * d;
     }
+  }
   for (int j = 0; i < n; ++i, ++j) {
-    const T d = x[i] - mean;
-    sq[j] += m[i] ? d * d : T(0);
+    const T d = rk::select_bits(m[i], x[i] - mean);
+    sq[j] += d * d;
   }
   return {count, mean, sum_lanes(sq)};
 }
 
 template <typename T, bool SHIFT>
-void normalize(const T* x, const uint8_t* m, T* out, int64_t n, T mean, T inv) {
+void normalize(const T* __restrict x, const uint8_t* __restrict m, T* __restrict out, int64_t n, T mean, T inv) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
       T y = (x[i] - mean) * inv;
       if constexpr (!SHIFT) y = y + mean;
-      out[i] = m[i] ? y : T(0);
+      out[i] = rk::select_bits(m[i], y);
     }
   });
 }

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/select.h"
 #include "row_checks.h"
 
 namespace {
@@ -20,12 +21,16 @@ template <typename T> struct RewardArgs {
 // EST < 0: no KL term. The terms are computed at every position and selected by the mask, which
 // keeps the loop branch-free (vectorisable for k1/k2); garbage at masked positions is discarded.
 template <typename T, int EST, bool DENSE>
-void reward_row(const uint8_t* m, const RewardArgs<T>& a, int64_t o, T* out, int64_t n) {
+void reward_row(const uint8_t* __restrict m, const RewardArgs<T>& a, int64_t o, T* __restrict out, int64_t n) {
+  const T* __restrict lp = EST >= 0 ? a.logp + o : nullptr;
+  const T* __restrict rf = EST >= 0 ? a.ref + o : nullptr;
+  const T* __restrict dn = DENSE ? a.dense + o : nullptr;
+#pragma omp simd
   for (int64_t t = 0; t < n; ++t) {
     T val = 0;
-    if constexpr (EST >= 0) val = -(a.kl_coef * rk::kl_value(a.logp[o + t], a.ref[o + t], int64_t(EST)));
-    if constexpr (DENSE) val = val + rk::clamp_sym(a.dense_coef * a.dense[o + t], a.dense_clip);
-    out[t] = m[t] ? val : T(0);
+    if constexpr (EST >= 0) val = -(a.kl_coef * rk::kl_value(lp[t], rf[t], int64_t(EST)));
+    if constexpr (DENSE) val = val + rk::clamp_sym(a.dense_coef * dn[t], a.dense_clip);
+    out[t] = rk::select_bits(m[t], val);
   }
 }
 
