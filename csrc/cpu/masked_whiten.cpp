@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/select.h"
+#include "cpu/vec_math.h"
 #include "row_checks.h"
 
 namespace {
@@ -61,7 +61,7 @@ template <typename T> rk::Moments<T> chunk_moments(const T* __restrict x, const 
 
 template <typename T, bool SHIFT>
 void normalize(const T* __restrict x, const uint8_t* __restrict m, T* __restrict out, int64_t n, T mean, T inv) {
-  at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, n, 1 << 15, [&](int64_t lo, int64_t hi) {
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
       T y = (x[i] - mean) * inv;
@@ -82,7 +82,7 @@ at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& mask, bool shift
     const uint8_t* pm = rk::mask_bytes(mc);
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<rk::Moments<scalar_t>> part(chunks);
-    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, chunks, (1 << 15) / kChunk, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         const int64_t o = c * kChunk;
         part[c] = chunk_moments(px + o, pm + o, std::min(kChunk, n - o));

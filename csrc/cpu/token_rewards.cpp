@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "cpu/select.h"
+#include "cpu/vec_math.h"
 #include "row_checks.h"
 
 namespace {

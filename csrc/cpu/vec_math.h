@@ -1,12 +1,12 @@
-// Branch-free masked select for the CPU kernels: x where m != 0, else +0. It goes through the bit
-// pattern, so a masked NaN or inf is dropped (0·x would keep it) and the loops around it vectorise
-// (GCC does not if-convert `m ? x : 0` over a byte mask).
+// Branch-free masked select for the CPU kernels: GCC does not if-convert `m ? x : 0` over a byte
+// mask, which keeps such loops scalar; this form vectorises.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 namespace rk {
 
+// x where m != 0, else +0, through the bit pattern: a masked NaN or inf is dropped (0·x would keep it).
 inline float select_bits(uint8_t m, float x) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);
