@@ -4,7 +4,7 @@ import importlib
 
 from bench.common import copy_bandwidth, machine
 
-ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs"]
+ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten"]
 
 
 def main(argv=None):

@@ -236,4 +236,46 @@ template <typename T> RK_HD T gae_step(T r, T v, T gamma, T lam, T& next_v, T& n
   return a;
 }
 
+
+// GAE as a scan: each position is a map of the state (A, V) = (advantage, value) of the next valid
+// position to its own state. Valid t: A ← (r_t − v_t) + γλ·A + γ·V, V ← v_t. Masked t: identity.
+// Any composition keeps the form A ← α·A + β·V + p, V ← κ·V + q (κ is 1 or 0), so a row is a
+// reverse scan of these 5-tuples; the parallel backends (warp shuffles, Triton) use it.
+template <typename T> struct GaeMap {
+  T alpha, beta, p, kappa, q;
+};
+template <typename T> RK_HD GaeMap<T> gae_map(T r, T v, bool valid, T gamma, T lam) {
+  if (!valid) return {T(1), T(0), T(0), T(1), T(0)};
+  return {gamma * lam, gamma, r - v, T(0), v};
+}
+// The map "apply `later`, then `earlier`" (earlier ∘ later).
+template <typename T> RK_HD GaeMap<T> gae_compose(const GaeMap<T>& earlier, const GaeMap<T>& later) {
+  return {earlier.alpha * later.alpha, earlier.alpha * later.beta + earlier.beta * later.kappa,
+          earlier.alpha * later.p + earlier.beta * later.q + earlier.p, earlier.kappa * later.kappa,
+          earlier.kappa * later.q + earlier.q};
+}
+template <typename T> RK_HD void gae_apply(const GaeMap<T>& f, T& a, T& v) {
+  T a2 = f.alpha * a + f.beta * v + f.p;
+  v = f.kappa * v + f.q;
+  a = a2;
+}
+
+// ---- count, mean and sum of squared deviations of a set, merged in a fixed order (Chan et al.) ----
+template <typename T> struct Moments {
+  int64_t n;
+  T mean, m2;
+};
+template <typename T> RK_HD Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
+  if (a.n == 0) return b;
+  if (b.n == 0) return a;
+  int64_t n = a.n + b.n;
+  T d = b.mean - a.mean, fb = T(b.n) / T(n);
+  return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * T(a.n) * fb};
+}
+// 1/sqrt(var + eps) with var = m2/n (or m2/max(n − 1, 1) when unbiased); only called with n ≥ 1.
+template <typename T> RK_HD T moments_inv_std(const Moments<T>& s, bool unbiased, T eps) {
+  int64_t d = unbiased ? (s.n > 1 ? s.n - 1 : 1) : s.n;
+  return T(1) / r_sqrt(s.m2 / T(d) + eps);
+}
+
 }  // namespace rk

@@ -72,7 +72,8 @@ def token_rewards(score, mask, logp=None, ref_logp=None, kl_coef=0.0, kl_estimat
     dt = compute_dtype(score, logp, ref_logp, dense)
     r = torch.zeros(mask.shape, dtype=dt, device=mask.device)
     if kl_coef != 0.0:
-        r = r - kl_coef * token_kl(logp, ref_logp, kl_estimator).to(dt)
+        # the KL in the promoted dtype too (an fp64 score with fp32 log-probs computes everything in fp64)
+        r = r - kl_coef * token_kl(logp.to(dt), ref_logp.to(dt), kl_estimator)
     if dense is not None:
         d = dense_coef * dense.to(dt)
         if dense_clip is not None:

@@ -1,0 +1,66 @@
+"""Triton kernel of rk.gae: one program per row, an associative scan of affine maps per tile.
+
+Each position maps the state (A, V) of the next valid position to its own (csrc/common.h GaeMap):
+valid t: A ← (r_t − v_t) + γλ·A + γ·V, V ← v_t; masked t: identity. Compositions keep the form
+A ← α·A + β·V + p, V ← κ·V + q, so a tile is one scan of 5-tuples, and the state carried from the
+tiles after it enters through α, β, κ. Tiles are walked from the row end backwards.
+
+The tile is loaded in reversed position order and scanned forward instead of using
+`associative_scan(reverse=True)`: reverse scans with a non-commutative combine have had open
+correctness reports on GPU (triton-lang/triton#4362), and the forward scan has one unambiguous
+argument order that the interpreter and the GPU compiler share.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._scalars import _scalar
+
+MAX_BLOCK = 1024
+
+
+@triton.jit
+def _then(a1, b1, p1, k1, q1, a2, b2, p2, k2, q2):
+    # (1): the later positions already scanned; (2): the next earlier one. Apply (1), then (2).
+    return a2 * a1, a2 * b1 + b2 * k1, a2 * p1 + b2 * q1 + p2, k2 * k1, k2 * q1 + q2
+
+
+@triton.jit
+def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, lam, BLOCK: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * T
+    dt = r_ptr.dtype.element_ty
+    g = _scalar(gamma, dt)
+    c = g * _scalar(lam, dt)  # γλ in the data's precision
+    j = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], dt)
+    one = zero + 1.0
+    carry_a = tl.sum(zero, 0)  # A and V of the first valid position after the current tile
+    carry_v = tl.sum(zero, 0)
+    for start in range(0, T, BLOCK):
+        t = T - 1 - start - j  # positions of this tile, from its end backwards
+        ok = t >= 0
+        r = tl.load(r_ptr + base + t, mask=ok, other=0.0)
+        v = tl.load(v_ptr + base + t, mask=ok, other=0.0)
+        m = tl.load(m_ptr + base + t, mask=ok, other=0) != 0
+        alpha, beta, p, kappa, q = tl.associative_scan(
+            (tl.where(m, c + zero, one), tl.where(m, g + zero, zero), tl.where(m, r - v, zero),
+             tl.where(m, zero, one), tl.where(m, v, zero)), 0, _then)
+        a = alpha * carry_a + beta * carry_v + p
+        tl.store(adv_ptr + base + t, tl.where(m, a, zero), mask=ok)
+        tl.store(ret_ptr + base + t, tl.where(m, a + v, zero), mask=ok)
+        first = j == BLOCK - 1  # the tile's earliest position: its composite is the whole tile's
+        carry_v = tl.sum(tl.where(first, kappa, zero), 0) * carry_v + tl.sum(tl.where(first, q, zero), 0)
+        carry_a = tl.sum(tl.where(first, a, zero), 0)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    adv = torch.empty(rewards.shape, dtype=rewards.dtype, device=rewards.device)
+    ret = torch.empty_like(adv)
+    if rewards.numel() == 0:
+        return adv, ret
+    T = rewards.shape[-1]
+    R = rewards.numel() // T
+    block = min(MAX_BLOCK, triton.next_power_of_2(T))
+    wrap_triton(_gae_kernel)[(R,)](rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, lam, BLOCK=block)
+    return adv, ret
