@@ -105,51 +105,54 @@ template <typename T> RK_HD bool clamp_passes(T x, T c) { return c <= T(0) || (x
 // ---- PPO clipped policy loss, one token ----
 template <typename T> struct PolicyToken {
   T loss;     // ℓ
-  T dloss;    // ∂ℓ/∂logp
-  bool clipped;  // clipped branch strictly larger (N+ "pg_clipfrac")
+  T dloss;    // ∂ℓ/∂logp (∂ℓ/∂old_logp is its negation)
+  int32_t clipped;  // 1 if the clipped branch is strictly larger (N+ "pg_clipfrac"), else 0; an int
+                    // rather than bool because GCC keeps bool fields in memory, which blocks vectorising
+  T dadv;     // ∂ℓ/∂A
 };
+// The token given ρ = exp(logp − old) already computed (the CPU kernels use a vectorisable exp).
 // dual_clip ≤ 0 disables dual clipping.
 template <typename T>
-RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
-  T ratio = r_exp(logp - old);
+RK_HD PolicyToken<T> ppo_policy_token_ratio(T ratio, T adv, T clip_low, T clip_high, T dual_clip) {
   T lo = T(1) - clip_low, hi = T(1) + clip_high;
   T cr = r_min(r_max(ratio, lo), hi);
   T l1 = -adv * ratio, l2 = -adv * cr;
+  // selects on locals rather than branches or reads of `out`, so the CPU loops calling this vectorise
+  const int32_t clipped = l2 > l1;
+  const bool inside = (ratio >= lo) & (ratio <= hi);
+  const T loss = clipped ? l2 : l1;
+  const bool dual = (dual_clip > T(0)) & (adv < T(0)) & (loss > -dual_clip * adv);
   PolicyToken<T> out;
-  out.clipped = l2 > l1;
-  if (out.clipped) {
-    out.loss = l2;
-    out.dloss = (ratio >= lo && ratio <= hi) ? -adv * ratio : T(0);
-  } else {
-    out.loss = l1;
-    out.dloss = -adv * ratio;
-  }
-  if (dual_clip > T(0) && adv < T(0) && out.loss > -dual_clip * adv) {
-    out.loss = -dual_clip * adv;
-    out.dloss = T(0);
-  }
+  out.clipped = clipped;
+  out.loss = dual ? -dual_clip * adv : loss;
+  out.dloss = (dual | (clipped & !inside)) ? T(0) : -adv * ratio;
+  out.dadv = dual ? -dual_clip : (clipped ? -cr : -ratio);
   return out;
+}
+template <typename T>
+RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
+  return ppo_policy_token_ratio(r_exp(logp - old), adv, clip_low, clip_high, dual_clip);
 }
 
 // ---- PPO clipped value loss, one token: ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) ----
 template <typename T> struct ValueToken {
   T loss, dloss;  // ℓ and ∂ℓ/∂V
-  bool clipped;
+  int32_t clipped;  // 0/1 (see PolicyToken)
+  T err;  // the chosen branch's error: ∂ℓ/∂R = −err, ∂ℓ/∂V_old = err − dloss
 };
-// clip ≤ 0 means unclipped.
+// clip ≤ 0 means unclipped. Selects on locals, no branches, so the CPU loops calling this vectorise.
 template <typename T> RK_HD ValueToken<T> ppo_value_token(T v, T v_old, T ret, T clip) {
-  T e1 = v - ret;
-  ValueToken<T> out{T(0.5) * e1 * e1, e1, false};
-  if (clip > T(0)) {
-    T dv = v - v_old;
-    T vc = v_old + r_min(r_max(dv, -clip), clip);
-    T e2 = vc - ret;
-    if (e2 * e2 > e1 * e1) {
-      out.clipped = true;
-      out.loss = T(0.5) * e2 * e2;
-      out.dloss = (dv >= -clip && dv <= clip) ? e2 : T(0);
-    }
-  }
+  const T e1 = v - ret;
+  const T dv = v - v_old;
+  const T e2 = v_old + r_min(r_max(dv, -clip), clip) - ret;
+  const int32_t clipped = (clip > T(0)) & (e2 * e2 > e1 * e1);
+  const bool inside = (dv >= -clip) & (dv <= clip);
+  const T err = clipped ? e2 : e1;
+  ValueToken<T> out;
+  out.clipped = clipped;
+  out.err = err;
+  out.loss = T(0.5) * err * err;
+  out.dloss = (clipped & !inside) ? T(0) : err;
   return out;
 }
 
