@@ -82,15 +82,16 @@ def _combine_kernel(sum_ptr, n_ptr, w_ptr, loss_ptr, R, agg: tl.constexpr, BLOCK
         ok = offs < R
         n = tl.load(n_ptr + offs, mask=ok, other=0).to(sum_ptr.dtype.element_ty)
         s = tl.load(sum_ptr + offs, mask=ok, other=0.0)
+        # denominators floored at 1 only matter for rows without valid tokens, which then weigh 0
         if agg == 0:
-            w = 1.0 / (tl.zeros_like(n) + tokens)
+            w = 1.0 / (tl.zeros_like(n) + tl.maximum(tokens, 1.0))
         elif agg == 1:
-            w = 1.0 / (n * rows)
+            w = 1.0 / (tl.maximum(n, 1.0) * tl.maximum(rows, 1.0))
         elif agg == 2:
-            w = 1.0 / (tl.zeros_like(n) + rows)
+            w = 1.0 / (tl.zeros_like(n) + tl.maximum(rows, 1.0))
         else:
             w = tl.zeros_like(n) + 1.0
-        w = tl.where(n > 0, w, 0.0)  # a row without valid tokens weighs 0 (never inf·0)
+        w = tl.where(n > 0, w, 0.0)
         tl.store(w_ptr + offs, w, mask=ok)
         acc += tl.where(ok, w * s, 0.0)
     tl.store(loss_ptr, tl.sum(acc, axis=0))
