@@ -4,7 +4,7 @@ import importlib
 
 from bench.common import copy_bandwidth, machine
 
-ALL = ["token_kl"]
+ALL = ["token_kl", "ppo_policy_loss", "ppo_value_loss", "dpo_loss"]
 
 
 def main(argv=None):
