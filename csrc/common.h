@@ -170,24 +170,39 @@ template <typename T> RK_HD T aggregation_weight(int64_t agg, T row_n, T total_n
 }
 
 // ---- DPO losses on h = (c − c_ref) − (r − r_ref) ----
+// log σ(x) and log σ(−x) from one exp and one log1p (the same values as log_sigmoid(±x)).
+template <typename T> RK_HD void log_sigmoid_pair(T x, T& pos, T& neg) {
+  const T l = r_log1p(r_exp(x < T(0) ? x : -x));
+  pos = r_min(x, T(0)) - l;
+  neg = r_min(-x, T(0)) - l;
+}
+// σ(x) and σ(−x) from one exp (the same values as sigmoid(±x)).
+template <typename T> RK_HD void sigmoid_pair(T x, T& pos, T& neg) {
+  const T e = r_exp(x < T(0) ? x : -x);
+  const T big = T(1) / (T(1) + e), small = e / (T(1) + e);
+  pos = x >= T(0) ? big : small;
+  neg = x >= T(0) ? small : big;
+}
 template <typename T> RK_HD T dpo_loss_value(T h, T beta, int64_t type, T eps) {
   T bh = beta * h;
+  T ls_pos, ls_neg;  // log σ(βh), log σ(−βh)
   switch (type) {
-    case DPO_SIGMOID: return -(T(1) - eps) * log_sigmoid(bh) - eps * log_sigmoid(-bh);
+    case DPO_SIGMOID: log_sigmoid_pair(bh, ls_pos, ls_neg); return -(T(1) - eps) * ls_pos - eps * ls_neg;
     case DPO_IPO: { T d = h - T(1) / (T(2) * beta); return d * d; }
     case DPO_HINGE: return r_max(T(1) - bh, T(0));
-    default: return ((T(1) - eps) * -log_sigmoid(bh) + eps * log_sigmoid(-bh)) / (T(1) - T(2) * eps);
+    default: log_sigmoid_pair(bh, ls_pos, ls_neg); return ((T(1) - eps) * -ls_pos + eps * ls_neg) / (T(1) - T(2) * eps);
   }
 }
 // ∂loss/∂h
 template <typename T> RK_HD T dpo_loss_dh(T h, T beta, int64_t type, T eps) {
   T bh = beta * h;
   // d/dx[−log σ(x)] = −σ(−x);  d/dx[log σ(−x)] = −σ(x)
+  T s_pos, s_neg;  // σ(βh), σ(−βh)
   switch (type) {
-    case DPO_SIGMOID: return beta * (-(T(1) - eps) * sigmoid(-bh) + eps * sigmoid(bh));
+    case DPO_SIGMOID: sigmoid_pair(bh, s_pos, s_neg); return beta * (-(T(1) - eps) * s_neg + eps * s_pos);
     case DPO_IPO: return T(2) * (h - T(1) / (T(2) * beta));
     case DPO_HINGE: return bh < T(1) ? -beta : T(0);
-    default: return beta * (-(T(1) - eps) * sigmoid(-bh) - eps * sigmoid(bh)) / (T(1) - T(2) * eps);
+    default: sigmoid_pair(bh, s_pos, s_neg); return beta * (-(T(1) - eps) * s_neg - eps * s_pos) / (T(1) - T(2) * eps);
   }
 }
 
