@@ -174,3 +174,11 @@ def test_gpu_matches_reference(backend, loss):
         torch.testing.assert_close(x.cpu().double(), y, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, rgrads):
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+def test_opcheck_triton_op():
+    # no test_aot_dispatch_*: the interpreter needs real host pointers (see test_ppo_policy_loss)
+    ins = [t.requires_grad_(True) for t in _inputs((5,), torch.float32, seed=12, scale=3.0)]
+    torch.library.opcheck(torch.ops.rlhf_kernels.dpo_loss_fwd_triton.default, (*ins, 0.2, 0, 0.1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
