@@ -26,7 +26,8 @@ RK_ALWAYS_INLINE float bits_to_float(int32_t b) {
   return f;
 }
 
-// e^x for float, within 2 ulp of expf over the whole range (Cody-Waite reduction x = k·ln2 + r,
+// e^x for float, within 1 ulp of the correctly rounded value for normal results (checked on every
+// 16th float of [−103, 88.7]) (Cody-Waite reduction x = k·ln2 + r,
 // |r| ≤ ln2/2, a degree-6 polynomial for e^r, then 2^k applied as two factors so that every k in
 // [−150, 128] stays a normal float). exp(x ≤ −104) = 0 (as expf, up to the last subnormal),
 // exp(+inf) = inf, exp(NaN) = NaN.
