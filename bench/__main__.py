@@ -4,7 +4,8 @@ import importlib
 
 from bench.common import copy_bandwidth, machine
 
-ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten"]
+ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
+       "ppo_policy_loss", "ppo_value_loss", "dpo_loss"]
 
 
 def main(argv=None):

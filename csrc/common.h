@@ -24,40 +24,40 @@ enum DpoLoss : int64_t { DPO_SIGMOID = 0, DPO_IPO = 1, DPO_HINGE = 2, DPO_ROBUST
 #if defined(__CUDA_ARCH__)
 RK_HD float r_exp(float x) { return expf(x); }
 #else
-// On the host, a branch-free exp (Cody–Waite range reduction + degree-6 minimax polynomial, as in
-// Cephes) that gcc vectorises (8 lanes with AVX2) where a call to expf would stay scalar: about 5×
-// faster in the kernels' hot loops. Max relative error 9e-8 (< 1 ulp); exact 0 below −87.3 and
-// +inf above 88.72, NaN in → NaN out.
-#if defined(__FMA__)
-#define RK_FMA(a, b, c) fmaf(a, b, c)
-#else
-#define RK_FMA(a, b, c) ((a) * (b) + (c))
-#endif
-// always_inline: it must inline into the target_clones() hot loops too, or they stop vectorising
+// On the host, a branch-free exp that gcc vectorises (a call to expf stays scalar and keeps the
+// whole loop scalar): Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, a degree-6 minimax polynomial
+// for e^r (Cephes' coefficients), then 2^k applied as two factors so every k in [−150, 128] stays a
+// normal float. Within 1 ulp of the correctly rounded value for normal results (checked on every
+// 16th float of [−103, 88.7]); exp(x ≤ −104) = 0, exp(+inf) = inf, exp(NaN) = NaN.
+// always_inline: it must inline into target("avx2")/target_clones hot loops too, or they stop vectorising.
 inline __attribute__((always_inline)) float r_exp(float x) {
-  float xc = x < -87.3f ? -87.3f : (x > 88.72f ? 88.72f : x);
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = RK_FMA(n, -0.693359375f, xc);
-  r = RK_FMA(n, 2.12194440e-4f, r);
+  // clamping keeps k in range; NaN fails both tests and flows through the arithmetic
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  // adding 1.5·2^23 rounds to nearest and leaves k in the low mantissa bits, so the integer comes
+  // from the bits (a float → int conversion may trap, which blocks if-conversion)
+  const float big = xc * 1.44269504088896341f + 12582912.0f;
+  const float k = big - 12582912.0f;
+  int32_t ki;
+  std::memcpy(&ki, &big, sizeof ki);
+  ki -= 0x4B400000;
+  float r = xc - k * 0.693359375f;  // ln2 split in a short high part and a correction
+  r = r - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
-  p = RK_FMA(p, r, 1.3981999507e-3f);
-  p = RK_FMA(p, r, 8.3334519073e-3f);
-  p = RK_FMA(p, r, 4.1665795894e-2f);
-  p = RK_FMA(p, r, 1.6666665459e-1f);
-  p = RK_FMA(p, r, 5.0000001201e-1f);
-  float y = RK_FMA(p * r, r, r) + 1.0f;
-  // 2^n as two factors so that n = 128 (x near the top of the range) and n = −126 both stay normal
-  int32_t ni = static_cast<int32_t>(n), n1 = ni >> 1, n2 = ni - n1;
-  int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t k1 = ki >> 1, k2 = ki - k1;
+  const int32_t b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
   float s1, s2;
   std::memcpy(&s1, &b1, sizeof s1);
   std::memcpy(&s2, &b2, sizeof s2);
-  y = y * s1 * s2;
-  y = x > 88.7228f ? std::numeric_limits<float>::infinity() : y;
-  y = x < -87.3f ? 0.0f : y;
-  return x != x ? x : y;
+  // below the clamp the product rounds to exactly 0, so exp(−inf) = 0 without a second test on x
+  return p * s1 * s2;
 }
-#undef RK_FMA
 #endif
 RK_HD double r_exp(double x) { return exp(x); }
 RK_HD float r_log(float x) { return logf(x); }
@@ -143,51 +143,54 @@ template <typename T> RK_HD bool clamp_passes(T x, T c) { return c <= T(0) || (x
 // ---- PPO clipped policy loss, one token ----
 template <typename T> struct PolicyToken {
   T loss;     // ℓ
-  T dloss;    // ∂ℓ/∂logp
-  bool clipped;  // clipped branch strictly larger (N+ "pg_clipfrac")
+  T dloss;    // ∂ℓ/∂logp (∂ℓ/∂old_logp is its negation)
+  int32_t clipped;  // 1 if the clipped branch is strictly larger (N+ "pg_clipfrac"), else 0; an int
+                    // rather than bool because GCC keeps bool fields in memory, which blocks vectorising
+  T dadv;     // ∂ℓ/∂A
 };
+// The token given ρ = exp(logp − old) already computed (the CPU kernels use a vectorisable exp).
 // dual_clip ≤ 0 disables dual clipping.
 template <typename T>
-RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
-  T ratio = r_exp(logp - old);
+RK_HD PolicyToken<T> ppo_policy_token_ratio(T ratio, T adv, T clip_low, T clip_high, T dual_clip) {
   T lo = T(1) - clip_low, hi = T(1) + clip_high;
   T cr = r_min(r_max(ratio, lo), hi);
   T l1 = -adv * ratio, l2 = -adv * cr;
+  // selects on locals rather than branches or reads of `out`, so the CPU loops calling this vectorise
+  const int32_t clipped = l2 > l1;
+  const bool inside = (ratio >= lo) & (ratio <= hi);
+  const T loss = clipped ? l2 : l1;
+  const bool dual = (dual_clip > T(0)) & (adv < T(0)) & (loss > -dual_clip * adv);
   PolicyToken<T> out;
-  out.clipped = l2 > l1;
-  if (out.clipped) {
-    out.loss = l2;
-    out.dloss = (ratio >= lo && ratio <= hi) ? -adv * ratio : T(0);
-  } else {
-    out.loss = l1;
-    out.dloss = -adv * ratio;
-  }
-  if (dual_clip > T(0) && adv < T(0) && out.loss > -dual_clip * adv) {
-    out.loss = -dual_clip * adv;
-    out.dloss = T(0);
-  }
+  out.clipped = clipped;
+  out.loss = dual ? -dual_clip * adv : loss;
+  out.dloss = (dual | (clipped & !inside)) ? T(0) : -adv * ratio;
+  out.dadv = dual ? -dual_clip : (clipped ? -cr : -ratio);
   return out;
+}
+template <typename T>
+RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
+  return ppo_policy_token_ratio(r_exp(logp - old), adv, clip_low, clip_high, dual_clip);
 }
 
 // ---- PPO clipped value loss, one token: ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) ----
 template <typename T> struct ValueToken {
   T loss, dloss;  // ℓ and ∂ℓ/∂V
-  bool clipped;
+  int32_t clipped;  // 0/1 (see PolicyToken)
+  T err;  // the chosen branch's error: ∂ℓ/∂R = −err, ∂ℓ/∂V_old = err − dloss
 };
-// clip ≤ 0 means unclipped.
+// clip ≤ 0 means unclipped. Selects on locals, no branches, so the CPU loops calling this vectorise.
 template <typename T> RK_HD ValueToken<T> ppo_value_token(T v, T v_old, T ret, T clip) {
-  T e1 = v - ret;
-  ValueToken<T> out{T(0.5) * e1 * e1, e1, false};
-  if (clip > T(0)) {
-    T dv = v - v_old;
-    T vc = v_old + r_min(r_max(dv, -clip), clip);
-    T e2 = vc - ret;
-    if (e2 * e2 > e1 * e1) {
-      out.clipped = true;
-      out.loss = T(0.5) * e2 * e2;
-      out.dloss = (dv >= -clip && dv <= clip) ? e2 : T(0);
-    }
-  }
+  const T e1 = v - ret;
+  const T dv = v - v_old;
+  const T e2 = v_old + r_min(r_max(dv, -clip), clip) - ret;
+  const int32_t clipped = (clip > T(0)) & (e2 * e2 > e1 * e1);
+  const bool inside = (dv >= -clip) & (dv <= clip);
+  const T err = clipped ? e2 : e1;
+  ValueToken<T> out;
+  out.clipped = clipped;
+  out.err = err;
+  out.loss = T(0.5) * err * err;
+  out.dloss = (clipped & !inside) ? T(0) : err;
   return out;
 }
 
@@ -205,24 +208,39 @@ template <typename T> RK_HD T aggregation_weight(int64_t agg, T row_n, T total_n
 }
 
 // ---- DPO losses on h = (c − c_ref) − (r − r_ref) ----
+// log σ(x) and log σ(−x) from one exp and one log1p (the same values as log_sigmoid(±x)).
+template <typename T> RK_HD void log_sigmoid_pair(T x, T& pos, T& neg) {
+  const T l = r_log1p(r_exp(x < T(0) ? x : -x));
+  pos = r_min(x, T(0)) - l;
+  neg = r_min(-x, T(0)) - l;
+}
+// σ(x) and σ(−x) from one exp (the same values as sigmoid(±x)).
+template <typename T> RK_HD void sigmoid_pair(T x, T& pos, T& neg) {
+  const T e = r_exp(x < T(0) ? x : -x);
+  const T big = T(1) / (T(1) + e), small = e / (T(1) + e);
+  pos = x >= T(0) ? big : small;
+  neg = x >= T(0) ? small : big;
+}
 template <typename T> RK_HD T dpo_loss_value(T h, T beta, int64_t type, T eps) {
   T bh = beta * h;
+  T ls_pos, ls_neg;  // log σ(βh), log σ(−βh)
   switch (type) {
-    case DPO_SIGMOID: return -(T(1) - eps) * log_sigmoid(bh) - eps * log_sigmoid(-bh);
+    case DPO_SIGMOID: log_sigmoid_pair(bh, ls_pos, ls_neg); return -(T(1) - eps) * ls_pos - eps * ls_neg;
     case DPO_IPO: { T d = h - T(1) / (T(2) * beta); return d * d; }
     case DPO_HINGE: return r_max(T(1) - bh, T(0));
-    default: return ((T(1) - eps) * -log_sigmoid(bh) + eps * log_sigmoid(-bh)) / (T(1) - T(2) * eps);
+    default: log_sigmoid_pair(bh, ls_pos, ls_neg); return ((T(1) - eps) * -ls_pos + eps * ls_neg) / (T(1) - T(2) * eps);
   }
 }
 // ∂loss/∂h
 template <typename T> RK_HD T dpo_loss_dh(T h, T beta, int64_t type, T eps) {
   T bh = beta * h;
   // d/dx[−log σ(x)] = −σ(−x);  d/dx[log σ(−x)] = −σ(x)
+  T s_pos, s_neg;  // σ(βh), σ(−βh)
   switch (type) {
-    case DPO_SIGMOID: return beta * (-(T(1) - eps) * sigmoid(-bh) + eps * sigmoid(bh));
+    case DPO_SIGMOID: sigmoid_pair(bh, s_pos, s_neg); return beta * (-(T(1) - eps) * s_neg + eps * s_pos);
     case DPO_IPO: return T(2) * (h - T(1) / (T(2) * beta));
     case DPO_HINGE: return bh < T(1) ? -beta : T(0);
-    default: return beta * (-(T(1) - eps) * sigmoid(-bh) - eps * sigmoid(bh)) / (T(1) - T(2) * eps);
+    default: sigmoid_pair(bh, s_pos, s_neg); return beta * (-(T(1) - eps) * s_neg - eps * s_pos) / (T(1) - T(2) * eps);
   }
 }
 

@@ -29,17 +29,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // [R, T] inputs -> loss[], clipfrac[], approx_kl[], token weight per row [R] (saved for backward)
   m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "
         "float clip_high, float dual_clip, int aggregation) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> grad_logp, grad_advantages (empty unless asked for); grad_old_logp is −grad_logp
   m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-        "Tensor row_weight, float clip_low, float clip_high, float dual_clip) -> Tensor");
+        "Tensor row_weight, float clip_low, float clip_high, float dual_clip, bool need_adv_grad) -> (Tensor, Tensor)");
+  // -> loss[], vf_clipfrac[], token weight per row [R]
   m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
         "int aggregation) -> (Tensor, Tensor, Tensor)");
+  // -> grad_values, grad_old_values, grad_returns (the last two empty unless asked for)
   m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
-        "Tensor row_weight, float clip) -> Tensor");
-  // -> losses[B], chosen_rewards[B], rejected_rewards[B]; backward gives ∂loss/∂h
+        "Tensor row_weight, float clip, bool need_data_grads) -> (Tensor, Tensor, Tensor)");
+  // -> losses[B], chosen_rewards[B], rejected_rewards[B]; backward gives the gradients of all four inputs
   m.def("dpo_loss_fwd(Tensor chosen_logp, Tensor rejected_logp, Tensor ref_chosen_logp, Tensor ref_rejected_logp, "
         "float beta, int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor)");
   m.def("dpo_loss_bwd(Tensor grad_losses, Tensor chosen_logp, Tensor rejected_logp, Tensor ref_chosen_logp, "
-        "Tensor ref_rejected_logp, float beta, int loss_type, float label_smoothing) -> Tensor");
+        "Tensor ref_rejected_logp, float beta, int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef RLHF_CUDA_ARCHS

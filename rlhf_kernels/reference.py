@@ -144,11 +144,16 @@ def _masked_mean(x, mask):
     return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
+def _masked_zero(x, mask):
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
                     aggregation="token-mean"):
     clip_high = clip_low if clip_high is None else clip_high
     dt = compute_dtype(logp, old_logp, advantages)
-    logp, old, adv = logp.to(dt), old_logp.to(dt), advantages.to(dt)
+    # zero the masked positions first: garbage there (inf, NaN) must not reach the gradient as 0·inf
+    logp, old, adv = (_masked_zero(x.to(dt), mask) for x in (logp, old_logp, advantages))
     ratio = torch.exp(logp - old)
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -166,7 +171,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=No
 
 def ppo_value_loss(values, old_values, returns, mask, clip=0.2, aggregation="token-mean"):
     dt = compute_dtype(values, old_values, returns)
-    v, vo, ret = values.to(dt), old_values.to(dt), returns.to(dt)
+    v, vo, ret = (_masked_zero(x.to(dt), mask) for x in (values, old_values, returns))
     e1 = (v - ret) ** 2
     if clip is None:
         loss, clipped = 0.5 * e1, torch.zeros_like(e1, dtype=torch.bool)

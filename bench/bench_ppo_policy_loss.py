@@ -1,0 +1,63 @@
+"""ppo_policy_loss forward+backward: the fused cpu kernel vs the eager reference and torch.compile of it.
+
+Floor (fp32, per token): forward must read logp, old_logp, advantages (4 B each) and the mask (1 B):
+13 B; backward must at least write grad_logp (4 B) and read something per token to know ∂ℓ/∂logp
+(a saved 4 B derivative, or the 13 B of inputs as our kernel does, trading bytes for not storing a
+[B, T] tensor in forward). The fused kernels move 13 + 17 = 30 B/token; GB/s below counts those
+30 B. Compute: one exp and ~15 flops per token per pass, so at these sizes the op is bound by
+per-call overhead and memory, not arithmetic.
+"""
+import argparse
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import reference
+
+from bench.common import copy_bandwidth, interleaved, peak_bytes, table, timing_rows, write_csv
+
+BYTES_PER_TOKEN = 30
+
+
+def _inputs(B, T):
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(B, T, generator=g) * 5).requires_grad_(True)
+    old = logp.detach() + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, T, generator=g)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    mask = torch.arange(T) < lengths[:, None]
+    return logp, old, adv, mask
+
+
+def run(quick=False, csv_dir=None, bandwidth=None):
+    shapes = [(64, 1024)] if quick else [(64, 1024), (256, 4096)]
+    bandwidth = bandwidth or copy_bandwidth()
+    compiled = torch.compile(reference.ppo_policy_loss)
+    texts = []
+    for B, T in shapes:
+        logp, old, adv, mask = _inputs(B, T)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn(logp, old, adv, mask)[0], logp)
+
+        fns = {"reference (eager)": step(lambda *a: reference.ppo_policy_loss(*a, 0.2, None, None, "token-mean")),
+               "reference (torch.compile)": step(lambda *a: compiled(*a, 0.2, None, None, "token-mean")),
+               "rk cpu": step(lambda *a: rk.ppo_policy_loss(*a, backend="cpu"))}
+        res = interleaved(fns, repeats=20 if quick else 30, warmup=3)
+        rows = timing_rows(res, "reference (eager)", BYTES_PER_TOKEN * B * T, bandwidth)
+        for row, fn in zip(rows, fns.values()):
+            row["peak memory"] = f"{peak_bytes(fn) / 2 ** 20:.2f} MiB"
+        cols = ["impl", "median", "spread", "speedup vs reference (eager)", "GB/s", "peak memory"]
+        texts.append(table(f"ppo_policy_loss token-mean, forward+backward, {B}x{T} fp32, "
+                           f"{torch.get_num_threads()} threads (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", rows, cols))
+        if csv_dir:
+            write_csv(f"{csv_dir}/ppo_policy_loss_{B}x{T}.csv", rows, cols)
+    return "\n".join(texts)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    a = p.parse_args()
+    run(a.quick, a.csv)

@@ -1,0 +1,95 @@
+"""Triton kernels of rk.ppo_value_loss: one program per row for the row sums and counts, then the
+fixed-order combine of ppo_policy_loss (no atomics); backward is one elementwise pass."""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .ppo_policy_loss import BLOCK, BLOCK_R, _combine_kernel, _masked_means_kernel
+
+
+@triton.jit
+def _value_token(v, vo, r, clip):
+    # the same selects as csrc/common.h ppo_value_token; clip ≤ 0 means unclipped
+    e1 = v - r
+    dv = v - vo
+    e2 = vo + tl.minimum(tl.maximum(dv, -clip), clip) - r
+    clipped = (clip > 0) & (e2 * e2 > e1 * e1)
+    inside = (dv >= -clip) & (dv <= clip)
+    err = tl.where(clipped, e2, e1)
+    loss = 0.5 * err * err
+    dloss = tl.where(clipped & (~inside), 0.0, err)
+    return loss, dloss, err, clipped
+
+
+@triton.jit
+def _fwd_rows_kernel(v_ptr, vo_ptr, r_ptr, m_ptr, sum_ptr, n_ptr, nc_ptr, L, clip, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * L
+    acc_s = tl.zeros([BLOCK], dtype=v_ptr.dtype.element_ty)
+    acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_c = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = tl.load(m_ptr + base + offs, mask=offs < L, other=0) != 0
+        # masked positions are never read, so garbage there cannot reach the sums
+        v = tl.load(v_ptr + base + offs, mask=valid, other=0.0)
+        vo = tl.load(vo_ptr + base + offs, mask=valid, other=0.0)
+        r = tl.load(r_ptr + base + offs, mask=valid, other=0.0)
+        loss, _, _, clipped = _value_token(v, vo, r, clip)
+        acc_s += tl.where(valid, loss, 0.0)
+        acc_n += valid.to(tl.int32)
+        acc_c += (valid & clipped).to(tl.int32)
+    tl.store(sum_ptr + row, tl.sum(acc_s, axis=0))
+    tl.store(n_ptr + row, tl.sum(acc_n, axis=0))
+    tl.store(nc_ptr + row, tl.sum(acc_c, axis=0))
+
+
+@triton.jit
+def _bwd_kernel(g_ptr, v_ptr, vo_ptr, r_ptr, m_ptr, w_ptr, gv_ptr, go_ptr, gr_ptr, L, clip, NEED_DATA: tl.constexpr,
+                BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < L
+    base = row * L
+    scale = tl.load(g_ptr) * tl.load(w_ptr + row)
+    valid = tl.load(m_ptr + base + offs, mask=inb, other=0) != 0
+    v = tl.load(v_ptr + base + offs, mask=valid, other=0.0)
+    vo = tl.load(vo_ptr + base + offs, mask=valid, other=0.0)
+    r = tl.load(r_ptr + base + offs, mask=valid, other=0.0)
+    _, dloss, err, _ = _value_token(v, vo, r, clip)
+    tl.store(gv_ptr + base + offs, tl.where(valid, scale * dloss, 0.0), mask=inb)
+    if NEED_DATA:
+        tl.store(go_ptr + base + offs, tl.where(valid, scale * (err - dloss), 0.0), mask=inb)
+        tl.store(gr_ptr + base + offs, tl.where(valid, -scale * err, 0.0), mask=inb)
+
+
+def ppo_value_loss_fwd(values, old_values, returns, mask, clip, aggregation):
+    R, L = values.shape
+    row_sum, row_zero = values.new_zeros(R), values.new_zeros(R)
+    row_n = torch.zeros(R, dtype=torch.int32, device=values.device)
+    row_clip = torch.zeros(R, dtype=torch.int32, device=values.device)
+    loss = values.new_zeros(())
+    clipfrac = torch.zeros((), dtype=torch.float32, device=values.device)
+    unused = torch.zeros((), dtype=torch.float32, device=values.device)
+    row_weight = values.new_zeros(R)
+    if R:
+        wrap_triton(_fwd_rows_kernel)[(R,)](values, old_values, returns, mask.view(torch.uint8), row_sum, row_n,
+                                            row_clip, L, clip, BLOCK=BLOCK)
+        wrap_triton(_combine_kernel)[(1,)](row_sum, row_n, row_weight, loss, R, agg=aggregation, BLOCK_R=BLOCK_R)
+        # the shared means kernel also averages a per-row sum: give it zeros and ignore that output
+        wrap_triton(_masked_means_kernel)[(1,)](row_n, row_zero, row_clip, unused, clipfrac, R, BLOCK_R=BLOCK_R)
+    return loss, clipfrac, row_weight
+
+
+def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads):
+    R, L = values.shape
+    g_v = torch.empty_like(values)
+    g_old = torch.empty_like(old_values) if need_data_grads else old_values.new_empty((0,))
+    g_ret = torch.empty_like(returns) if need_data_grads else returns.new_empty((0,))
+    if R and L:
+        wrap_triton(_bwd_kernel)[(R, triton.cdiv(L, BLOCK))](
+            grad_loss, values, old_values, returns, mask.view(torch.uint8), row_weight, g_v,
+            g_old if need_data_grads else g_v, g_ret if need_data_grads else g_v, L, clip,
+            NEED_DATA=need_data_grads, BLOCK=BLOCK)
+    return g_v, g_old, g_ret
