@@ -5,7 +5,7 @@ import importlib
 from bench.common import copy_bandwidth, machine
 
 ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
-       "ppo_policy_loss", "ppo_value_loss", "dpo_loss"]
+       "ppo_policy_loss", "ppo_value_loss", "dpo_loss", "train_step"]
 
 
 def main(argv=None):
