@@ -1,8 +1,9 @@
-"""python -m bench [--quick] [--only NAME ...] [--csv DIR]: run the benchmarks, print one table per op."""
+"""python -m bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]: run the benchmarks, print one
+table per op (also `rlhf-kernels bench ...` from a source checkout)."""
 import argparse
 import importlib
 
-from bench.common import copy_bandwidth, machine
+from bench.common import TABLES, copy_bandwidth, machine
 
 ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
        "ppo_policy_loss", "ppo_value_loss", "dpo_loss", "train_step"]
@@ -13,11 +14,22 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     p.add_argument("--only", nargs="*", default=None, choices=ALL)
     p.add_argument("--csv", default=None, help="write one CSV per table into this folder")
+    p.add_argument("--plot", default=None, help="write one PNG bar chart per table into this folder")
     a = p.parse_args(argv)
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked up front: a missing plotter must not cost a whole run)
+        except ImportError as e:
+            p.error(f"--plot needs matplotlib ({e}); pip install matplotlib")
     print(f"machine: {machine()}\n", flush=True)
     bw = copy_bandwidth()
     for name in a.only or ALL:
         importlib.import_module(f"bench.bench_{name}").run(quick=a.quick, csv_dir=a.csv, bandwidth=bw)
+    if a.plot:
+        from bench.plot import plot_all
+        for path in plot_all(TABLES, a.plot):
+            print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -80,8 +80,13 @@ def fmt_time(s):
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
 
 
+# every table printed in this process, as (title, rows, columns): `python -m bench --plot` draws them
+TABLES = []
+
+
 def table(title, rows, columns):
-    """Print rows (dicts) as a Markdown table under a title; return the text."""
+    """Print rows (dicts) as a Markdown table under a title, record it in TABLES; return the text."""
+    TABLES.append((title, rows, columns))
     head = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]

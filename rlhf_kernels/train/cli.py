@@ -9,6 +9,7 @@ from .runlog import CheckpointError, TrainingDiverged
 USAGE = """usage:
   rlhf-kernels train {sft,rm,ppo,dpo,rto} [--config FILE] [--key=value ...] --out DIR
   rlhf-kernels demo [--out DIR] [--seed N]
+  rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
 
 

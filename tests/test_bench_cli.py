@@ -1,0 +1,45 @@
+"""`rlhf-kernels bench`: routing to the checkout's bench/, its error without one, and --plot."""
+import os
+
+import pytest
+
+import rlhf_kernels.__main__ as entry
+
+
+def test_bench_runs_one_op_with_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert entry.bench_root() is not None  # tests run from the source checkout
+    rc = entry.main(["bench", "--quick", "--only", "token_kl", "--csv", str(tmp_path / "csv"),
+                     "--plot", str(tmp_path / "png")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "### token_kl" in out and "rk cpu" in out
+    assert os.listdir(tmp_path / "csv") == ["token_kl.csv"]
+    pngs = os.listdir(tmp_path / "png")
+    assert len(pngs) == 1 and pngs[0].startswith("token_kl")
+    with open(tmp_path / "png" / pngs[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_checkout_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(entry, "bench_root", lambda: None)
+    assert entry.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "bench/" in err and "source checkout" in err
+
+
+def test_other_commands_still_reach_the_trainer_cli(capsys):
+    assert entry.main(["--help"]) == 0
+    assert "rlhf-kernels bench" in capsys.readouterr().out
+
+
+def test_plot_skips_tables_without_timings(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.plot import _seconds, plot_all
+
+    assert _seconds("1.500 ms") == pytest.approx(1.5e-3) and _seconds("2.000 s") == 2.0 and _seconds("-") is None
+    timed = ("t", [{"impl": "a", "median": "1.000 ms", "extra peak MiB": "12"},
+                   {"impl": "b", "median": "3.000 ms", "extra peak MiB": "-"}], ["impl", "median", "extra peak MiB"])
+    agreement = ("agree", [{"peer": "x", "max abs diff": "skipped: ImportError"}], ["peer", "max abs diff"])
+    paths = plot_all([timed, agreement], str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["t.png"]
