@@ -5,14 +5,13 @@ the two rewards (12 B); backward reads the upstream gradient and the four inputs
 four gradients (16 B): 64 B/pair, which is what the fused kernels move. At a realistic batch
 (tens to thousands of pairs) the op is pure per-call overhead; the large size shows bandwidth.
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
 
 BYTES_PER_PAIR = 64
 
@@ -43,8 +42,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

@@ -11,7 +11,6 @@ torch.compile of the reference is timed in its own small table (full run only): 
 T-step loop, so compilation grows faster than T (about 20 s at T = 64 and 150 s at T = 256 on this
 2-core machine), which rules it out at T = 1024.
 """
-import argparse
 import time
 
 import torch
@@ -19,7 +18,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
 
 
 def python_loop_gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -88,8 +87,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

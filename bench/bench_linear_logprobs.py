@@ -9,7 +9,6 @@ in; their gradients out: 2·(N + V)·H elements) are negligible next to 6·N·V�
 Extra peak memory: the naive composition holds the fp32 logits, their log-softmax and gradient
 ([N, V] each, 1 GiB at N=2048, V=128256); rk holds the weight gradient [V, H] and budget-capped tiles.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 import rlhf_kernels as rk
 
-from bench.common import interleaved, fmt_time, peak_bytes, table, write_csv
+from bench.common import fmt_time, interleaved, peak_bytes, script_main, table, write_csv
 
 MIB = 2 ** 20
 FULL, QUICK = (2048, 256, 128256), (256, 256, 8192)
@@ -191,18 +190,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    p.add_argument("--only", choices=["fp32", "bf16", "agreement"], default=None)
-    p.add_argument("--agreement-json", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.agreement_json:
-        print(json.dumps(_agreement()))
-    elif a.only == "agreement":
-        agreement_table()
-    elif a.only:
-        N, H, V = QUICK if a.quick else FULL
-        _table(N, H, V, torch.float32 if a.only == "fp32" else torch.bfloat16, a.quick, a.csv)
-    else:
-        run(a.quick, a.csv)
+    script_main(run)

@@ -15,13 +15,12 @@ fp32 (the per-row tensors are negligible), and about 2·N·V exponentials. The g
 is the only [N, V] allocation the fused op needs; "peak" below is the peak of tensor memory allocated during
 one forward+backward, beyond the inputs.
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 
-from bench.common import copy_bandwidth, interleaved, peak_bytes, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, peak_bytes, script_main, table, timing_rows, write_csv
 
 
 def log_softmax_gather(logits, tokens):
@@ -93,8 +92,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

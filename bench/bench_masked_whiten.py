@@ -5,14 +5,13 @@ Floor: the statistics are needed before the first output, so a tensor larger tha
 twice: 2 × (4 B of x + 1 B of mask) + 4 B written = 14 bytes per element (9 if it stays in cache).
 The kernel does exactly that: per-chunk moments while the chunk sits in L1, then the elementwise pass.
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
 
 
 def trl_style_whiten(x, mask, shift_mean=True):
@@ -54,8 +53,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

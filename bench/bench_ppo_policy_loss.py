@@ -7,14 +7,13 @@ Floor (fp32, per token): forward must read logp, old_logp, advantages (4 B each)
 30 B. Compute: one exp and ~15 flops per token per pass, so at these sizes the op is bound by
 per-call overhead and memory, not arithmetic.
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, peak_bytes, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, peak_bytes, script_main, table, timing_rows, write_csv
 
 BYTES_PER_TOKEN = 30
 
@@ -56,8 +55,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

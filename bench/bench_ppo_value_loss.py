@@ -6,14 +6,13 @@ the 13 B of inputs rather than storing a [B, T] derivative in forward). The fuse
 13 + 17 = 30 B/token; GB/s below counts those 30 B. Compute: ~10 flops per token per pass, no
 transcendental, so this op is bound by per-call overhead and memory.
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, peak_bytes, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, peak_bytes, script_main, table, timing_rows, write_csv
 
 BYTES_PER_TOKEN = 30
 
@@ -55,8 +54,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

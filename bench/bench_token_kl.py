@@ -1,12 +1,11 @@
 """token_kl forward+backward: the cpu kernel vs the eager reference and torch.compile of it."""
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
 
 
 def run(quick=False, csv_dir=None, bandwidth=None):
@@ -35,8 +34,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

@@ -5,14 +5,13 @@ Floor: read the mask (1 B), logp, ref_logp and dense (4 B each, fp32), write the
 per position, plus one score per row. The kernel reads each input once (the last-valid search reads
 only the mask, from the row end).
 """
-import argparse
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, table, timing_rows, write_csv
+from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
 
 KW = dict(kl_coef=0.05, kl_estimator="k3", dense_coef=0.5, dense_clip=1.0, score_position="last")
 
@@ -49,8 +48,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

@@ -8,7 +8,6 @@ rk.ppo_value_loss). Targets (issue 5): fused peak memory <= 0.5x naive, time no 
 Floor: the head's three GEMMs (logits, d hidden, d weight) = 6·B·T·V·H FLOPs dominate at this shape;
 naive must also write and read the [B, T, V] fp32 logits and their gradient several times.
 """
-import argparse
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rlhf_kernels as rk
 from rlhf_kernels.train.models import hidden_states, token_logprobs
 
-from bench.common import fmt_time, interleaved, peak_bytes, table, write_csv
+from bench.common import fmt_time, interleaved, peak_bytes, script_main, table, write_csv
 
 
 def _setup(B, T, V, H, seed=0):
@@ -72,8 +71,4 @@ def run(quick=False, csv_dir=None, bandwidth=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    run(a.quick, a.csv)
+    script_main(run)

@@ -115,3 +115,14 @@ def timing_rows(results, baseline, nbytes=None, bandwidth=None):
             row["GB/s"] = f"{gbs:.1f}" + (f" ({100 * nbytes / med / bandwidth:.0f}% of copy)" if bandwidth else "")
         rows.append(row)
     return rows
+
+
+def script_main(run):
+    """`python -m bench.bench_<op> [--quick] [--csv DIR]`: run one benchmark script on its own."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument("--csv", default=None, help="write the tables as CSV into this folder")
+    a = p.parse_args()
+    run(a.quick, a.csv)
