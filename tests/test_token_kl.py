@@ -108,3 +108,17 @@ def test_k3_accurate_over_the_whole_exp_range(backend):
     out = rk.token_kl(logp, ref, estimator="k3", backend=backend)
     exp = reference.token_kl(logp.double(), ref.double(), "k3").float()
     torch.testing.assert_close(out, exp, rtol=3e-7, atol=1e-6, equal_nan=True)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), estimator=st.sampled_from(["k1", "k2", "k3"]),
+       clamp=st.sampled_from([None, 0.1, 2.0]), seed=st.integers(0, 2**16))
+def test_property_random_shapes(shape, estimator, clamp, seed):
+    logp, ref = _inputs(tuple(shape), torch.float64, seed=seed)
+    exp = reference.token_kl(logp, ref, estimator, clamp)
+    for backend in BACKENDS:
+        out = rk.token_kl(logp, ref, estimator=estimator, clamp=clamp, backend=backend)
+        torch.testing.assert_close(out, exp, rtol=1e-7, atol=1e-7)
