@@ -1,4 +1,5 @@
 import importlib
+import math
 import os
 
 # The Triton kernels run on CPU tensors through the interpreter; this must be set before triton is imported.
@@ -37,3 +38,15 @@ def ragged_masks(B, T, generator=None):
         if B > 1:
             m[-1] = True
     return masks
+
+
+def all_masks(shape, seed):
+    """Every mask kind for `shape` [..., T] (right, left, holes, random, full, none); ragged_masks'
+    rows are the flattened leading dims."""
+    T, R = (shape[-1], math.prod(shape[:-1])) if shape else (1, 1)
+    g = torch.Generator().manual_seed(seed)
+    ms = {k: m.reshape(shape) for k, m in ragged_masks(R, T, g).items()}
+    ms["random"] = torch.rand(shape, generator=g) > 0.5
+    ms["full"] = torch.ones(shape, dtype=torch.bool)
+    ms["none"] = torch.zeros(shape, dtype=torch.bool)
+    return ms

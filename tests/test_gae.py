@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
 
 BACKENDS = cpu_backends("gae")
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -15,15 +14,6 @@ SHAPES = [(1,), (257,), (3, 1), (4, 257), (2, 3, 5)]
 KINDS = ["right", "left", "holes", "random", "full", "none"]
 
 
-def _masks(shape, seed):
-    """Every mask kind for `shape` [..., T]; ragged_masks' rows are the flattened leading dims."""
-    T, R = shape[-1], math.prod(shape[:-1])
-    g = torch.Generator().manual_seed(seed)
-    ms = {k: m.reshape(shape) for k, m in ragged_masks(R, T, g).items()}
-    ms["random"] = torch.rand(shape, generator=g) > 0.5
-    ms["full"] = torch.ones(shape, dtype=torch.bool)
-    ms["none"] = torch.zeros(shape, dtype=torch.bool)
-    return ms
 
 
 def _inputs(shape, dtype=torch.float64, seed=0):
@@ -48,7 +38,7 @@ def _check(backend, r, v, m, gamma, lam, tol):
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_reference_fp64(backend, shape, kind):
     r, v = _inputs(shape, seed=len(shape) * 7 + shape[-1])
-    m = _masks(shape, seed=shape[-1])[kind]
+    m = all_masks(shape, seed=shape[-1])[kind]
     # γ, λ exactly representable in fp32, so Triton's fp32 scalar arguments lose nothing: fp64 exact
     adv, _ = _check(backend, r, v, m, 0.75, 0.5, 1e-12)
     assert adv.dtype == torch.float64
@@ -57,7 +47,7 @@ def test_matches_reference_fp64(backend, shape, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_coefficients(backend):
     r, v = _inputs((4, 257), seed=1)
-    m = _masks((4, 257), seed=1)["holes"]
+    m = all_masks((4, 257), seed=1)["holes"]
     # Triton receives float scalars as fp32 on GPU (λ = 0.95 rounds at ~1e-8)
     _check(backend, r, v, m, 1.0, 0.95, 1e-7 if backend == "triton" else 1e-12)
 
@@ -78,7 +68,7 @@ def test_hand_computed_hole(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_compute_in_fp32(backend, dtype):
     r, v = _inputs((3, 129), dtype, seed=2)
-    m = _masks((3, 129), seed=2)["holes"]
+    m = all_masks((3, 129), seed=2)["holes"]
     adv, ret = rk.gae(r, v, m, backend=backend)
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
     ea, er = reference.gae(r.double(), v.double(), m)
@@ -89,7 +79,7 @@ def test_low_precision_inputs_compute_in_fp32(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous(backend):
     r, v = _inputs((40, 6), torch.float32, seed=3)
-    m = _masks((40, 6), seed=3)["random"]
+    m = all_masks((40, 6), seed=3)["random"]
     a, b, mm = r.T, v.T, m.T  # [6, 40] views with strides (1, 6)
     assert not a.is_contiguous()
     _check(backend, a, b, mm, 0.75, 0.5, 1e-6)
@@ -101,7 +91,7 @@ def test_triton_carries_across_tiles(monkeypatch):
     from rlhf_kernels.triton import gae as tg
     monkeypatch.setattr(tg, "MAX_BLOCK", 16)  # 17 tiles over T = 257: holes straddle tile boundaries
     r, v = _inputs((3, 257), seed=4)
-    m = _masks((3, 257), seed=4)["holes"]
+    m = all_masks((3, 257), seed=4)["holes"]
     m[1, 100:200] = False  # a hole wider than several tiles
     _check("triton", r, v, m, 0.75, 0.5, 1e-12)
 
@@ -110,10 +100,10 @@ def test_triton_carries_across_tiles(monkeypatch):
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), T=st.integers(1, 40),
        kind=st.sampled_from(KINDS), gamma=st.sampled_from([0.0, 0.5, 0.75, 1.0]),
        lam=st.sampled_from([0.0, 0.25, 0.5, 1.0]), seed=st.integers(0, 10 ** 6))
-def test_property_random_shapes_and_masks(lead, T, kind, gamma, lam, seed):
+def test_property_random_shapes_andall_masks(lead, T, kind, gamma, lam, seed):
     shape = tuple(lead) + (T,)
     r, v = _inputs(shape, seed=seed)
-    m = _masks(shape, seed)[kind]
+    m = all_masks(shape, seed)[kind]
     for backend in BACKENDS:
         _check(backend, r, v, m, gamma, lam, 1e-12)
 
@@ -121,7 +111,7 @@ def test_property_random_shapes_and_masks(lead, T, kind, gamma, lam, seed):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
 def test_deterministic_cpu_any_thread_count():
     r, v = _inputs((64, 999), torch.float32, seed=5)
-    m = _masks((64, 999), seed=5)["holes"]
+    m = all_masks((64, 999), seed=5)["holes"]
     first = rk.gae(r, v, m, backend="cpu")
     n = torch.get_num_threads()
     try:
@@ -165,7 +155,7 @@ def test_bad_input():
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
 def test_opcheck_and_compile():
     r, v = _inputs((4, 9), torch.float32, seed=7)
-    m = _masks((4, 9), seed=7)["holes"]
+    m = all_masks((4, 9), seed=7)["holes"]
     torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (r, v, m, 0.9, 0.95))
     f = torch.compile(lambda a, b, mm: rk.gae(a, b, mm, gamma=0.9, backend="cpu"), fullgraph=True)
     for got, exp in zip(f(r, v, m), reference.gae(r, v, m, 0.9)):
@@ -175,7 +165,7 @@ def test_opcheck_and_compile():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
 def test_opcheck_triton_op():
     r, v = _inputs((2, 9), torch.float32, seed=8)
-    m = _masks((2, 9), seed=8)["holes"]
+    m = all_masks((2, 9), seed=8)["holes"]
     # test_aot_dispatch_dynamic is left out: under the interpreter it hands functional tensors to Triton,
     # which reads their (absent) storage; on a GPU the full opcheck runs in test_gpu_opcheck_triton
     torch.library.opcheck(torch.ops.rlhf_kernels.gae_triton.default, (r, v, m, 0.9, 0.95),
@@ -185,7 +175,7 @@ def test_opcheck_triton_op():
 @needs_gpu
 def test_gpu_opcheck_triton():
     r, v = (t.cuda() for t in _inputs((2, 9), torch.float32, seed=8))
-    m = _masks((2, 9), seed=8)["holes"].cuda()
+    m = all_masks((2, 9), seed=8)["holes"].cuda()
     torch.library.opcheck(torch.ops.rlhf_kernels.gae_triton.default, (r, v, m, 0.9, 0.95))
     torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (r, v, m, 0.9, 0.95))
 
@@ -195,7 +185,7 @@ def test_gpu_opcheck_triton():
 @pytest.mark.parametrize("T", [1, 257, 3000])
 def test_gpu_matches_reference(backend, T):
     r, v = _inputs((5, T), seed=9)
-    for kind, m in _masks((5, T), seed=9).items():
+    for kind, m in all_masks((5, T), seed=9).items():
         adv, ret = rk.gae(r.cuda(), v.cuda(), m.cuda(), gamma=0.75, lam=0.5, backend=backend)
         ea, er = reference.gae(r, v, m, 0.75, 0.5)
         torch.testing.assert_close(adv.cpu(), ea, rtol=1e-12, atol=1e-12)

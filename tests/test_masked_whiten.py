@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
 
 BACKENDS = cpu_backends("masked_whiten")
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -17,13 +17,7 @@ KINDS = ["right", "left", "holes", "random", "full", "none", "one"]
 
 
 def _masks(shape, seed):
-    T = shape[-1] if shape else 1
-    R = math.prod(shape[:-1]) if shape else 1
-    g = torch.Generator().manual_seed(seed)
-    ms = {k: m.reshape(shape) for k, m in ragged_masks(R, T, g).items()}
-    ms["random"] = torch.rand(shape, generator=g) > 0.5
-    ms["full"] = torch.ones(shape, dtype=torch.bool)
-    ms["none"] = torch.zeros(shape, dtype=torch.bool)
+    ms = all_masks(shape, seed)
     one = torch.zeros(shape, dtype=torch.bool).reshape(-1)
     one[-1] = True  # n = 1: the unbiased variance divides by 1
     ms["one"] = one.reshape(shape)

@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
 
 BACKENDS = cpu_backends("token_rewards")
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -15,14 +14,6 @@ SHAPES = [(1,), (257,), (3, 1), (4, 257), (2, 3, 5)]
 KINDS = ["right", "left", "holes", "random", "full", "none"]
 
 
-def _masks(shape, seed):
-    T, R = shape[-1], math.prod(shape[:-1])
-    g = torch.Generator().manual_seed(seed)
-    ms = {k: m.reshape(shape) for k, m in ragged_masks(R, T, g).items()}
-    ms["random"] = torch.rand(shape, generator=g) > 0.5
-    ms["full"] = torch.ones(shape, dtype=torch.bool)
-    ms["none"] = torch.zeros(shape, dtype=torch.bool)
-    return ms
 
 
 def _inputs(shape, dtype=torch.float64, seed=0):
@@ -70,7 +61,7 @@ CONFIGS = [
 def test_matches_reference_fp64(backend, shape, kind, cfg):
     kw = CONFIGS[cfg]
     score, logp, ref, dense = _inputs(shape, seed=shape[-1] + cfg)
-    m = _masks(shape, seed=shape[-1])[kind]
+    m = all_masks(shape, seed=shape[-1])[kind]
     out = _check(backend, score, m, logp if "kl_coef" in kw else None, ref if "kl_coef" in kw else None,
                  dense if "dense_coef" in kw else None, kw, 1e-12)
     assert out.dtype == torch.float64
@@ -102,7 +93,7 @@ def test_hand_computed(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_style_coefficients(backend):
     score, logp, ref, dense = _inputs((4, 257), seed=1)
-    m = _masks((4, 257), seed=1)["holes"]
+    m = all_masks((4, 257), seed=1)["holes"]
     kw = dict(kl_coef=0.05, kl_estimator="k3", dense_coef=0.1, dense_clip=0.3)
     # Triton receives float scalars as fp32 on GPU (0.05, 0.1, 0.3 round at ~1e-8 relative)
     _check(backend, score, m, logp, ref, dense, kw, 1e-7 if backend == "triton" else 1e-12)
@@ -112,7 +103,7 @@ def test_default_style_coefficients(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_compute_in_fp32(backend, dtype):
     score, logp, ref, dense = _inputs((3, 129), dtype, seed=2)
-    m = _masks((3, 129), seed=2)["right"]
+    m = all_masks((3, 129), seed=2)["right"]
     kw = dict(kl_coef=0.1, kl_estimator="k3", dense_coef=0.5, dense_clip=1.0, score_position="eos+1")
     out = rk.token_rewards(score, m, logp=logp, ref_logp=ref, dense=dense, backend=backend, **kw)
     assert out.dtype == torch.float32
@@ -122,7 +113,7 @@ def test_low_precision_inputs_compute_in_fp32(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_promote_to_fp64(backend):
     score, logp, ref, dense = _inputs((3, 17), seed=3)
-    m = _masks((3, 17), seed=3)["holes"]
+    m = all_masks((3, 17), seed=3)["holes"]
     kw = dict(kl_coef=0.25)
     out = rk.token_rewards(score, m, logp=logp.float(), ref_logp=ref.float(), backend=backend, **kw)
     assert out.dtype == torch.float64  # the score is fp64
@@ -132,7 +123,7 @@ def test_mixed_dtypes_promote_to_fp64(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous(backend):
     score, logp, ref, dense = _inputs((6, 40), torch.float32, seed=4)
-    m = _masks((40, 6), seed=4)["random"].T
+    m = all_masks((40, 6), seed=4)["random"].T
     lp, rf, dn = (t.T.contiguous().T for t in (logp, ref, dense))  # same values, column-major strides
     assert not lp.is_contiguous() and not m.is_contiguous()
     kw = dict(kl_coef=0.5, kl_estimator="k2", dense_coef=1.5)
@@ -156,18 +147,18 @@ def test_triton_tiles(monkeypatch):
     monkeypatch.setattr(tr, "MAX_BLOCK", 16)  # T = 257 spans 17 tiles
     score, logp, ref, dense = _inputs((5, 257), seed=6)
     for pos in ("last", "eos+1"):
-        for m in _masks((5, 257), seed=6).values():
+        for m in all_masks((5, 257), seed=6).values():
             _check("triton", score, m, logp, ref, dense, dict(kl_coef=0.5, dense_coef=0.25, score_position=pos), 1e-12)
 
 
 @settings(max_examples=25, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), T=st.integers(1, 40), kind=st.sampled_from(KINDS),
        cfg=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 10 ** 6))
-def test_property_random_shapes_and_masks(lead, T, kind, cfg, seed):
+def test_property_random_shapes_andall_masks(lead, T, kind, cfg, seed):
     shape = tuple(lead) + (T,)
     kw = CONFIGS[cfg]
     score, logp, ref, dense = _inputs(shape, seed=seed)
-    m = _masks(shape, seed)[kind]
+    m = all_masks(shape, seed)[kind]
     for backend in BACKENDS:
         _check(backend, score, m, logp, ref, dense if "dense_coef" in kw else None, kw, 1e-12)
 
@@ -175,7 +166,7 @@ def test_property_random_shapes_and_masks(lead, T, kind, cfg, seed):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
 def test_deterministic_cpu_any_thread_count():
     score, logp, ref, dense = _inputs((64, 999), torch.float32, seed=7)
-    m = _masks((64, 999), seed=7)["holes"]
+    m = all_masks((64, 999), seed=7)["holes"]
     kw = dict(kl_coef=0.1, kl_estimator="k3", dense_coef=0.5, dense_clip=1.0)
     first = rk.token_rewards(score, m, logp=logp, ref_logp=ref, dense=dense, backend="cpu", **kw)
     n = torch.get_num_threads()
@@ -215,7 +206,7 @@ def test_bad_input():
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
 def test_opcheck_and_compile():
     score, logp, ref, dense = _inputs((4, 9), torch.float32, seed=9)
-    m = _masks((4, 9), seed=9)["holes"]
+    m = all_masks((4, 9), seed=9)["holes"]
     op = torch.ops.rlhf_kernels.token_rewards.default
     torch.library.opcheck(op, (score, m, logp, ref, 0.1, 2, dense, 0.5, 1.0, True))
     torch.library.opcheck(op, (score, m, None, None, 0.0, 0, None, 1.0, 0.0, False))
@@ -228,7 +219,7 @@ def test_opcheck_and_compile():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
 def test_opcheck_triton_op():
     score, logp, ref, dense = _inputs((2, 9), torch.float32, seed=10)
-    m = _masks((2, 9), seed=10)["holes"]
+    m = all_masks((2, 9), seed=10)["holes"]
     # test_aot_dispatch_dynamic is left out: under the interpreter it hands functional tensors to Triton,
     # which reads their (absent) storage; on a GPU the full opcheck runs in test_gpu_opcheck
     torch.library.opcheck(torch.ops.rlhf_kernels.token_rewards_triton.default,
@@ -239,7 +230,7 @@ def test_opcheck_triton_op():
 @needs_gpu
 def test_gpu_opcheck():
     score, logp, ref, dense = (t.cuda() for t in _inputs((2, 9), torch.float32, seed=10))
-    m = _masks((2, 9), seed=10)["holes"].cuda()
+    m = all_masks((2, 9), seed=10)["holes"].cuda()
     for op in (torch.ops.rlhf_kernels.token_rewards.default, torch.ops.rlhf_kernels.token_rewards_triton.default):
         torch.library.opcheck(op, (score, m, logp, ref, 0.1, 2, dense, 0.5, 1.0, True))
 
@@ -249,7 +240,7 @@ def test_gpu_opcheck():
 @pytest.mark.parametrize("T", [1, 257, 3000])
 def test_gpu_matches_reference(backend, T):
     score, logp, ref, dense = _inputs((5, T), seed=11)
-    for m in _masks((5, T), seed=11).values():
+    for m in all_masks((5, T), seed=11).values():
         for kw in CONFIGS:
             out = rk.token_rewards(score.cuda(), m.cuda(), logp=logp.cuda(), ref_logp=ref.cuda(),
                                    dense=dense.cuda() if "dense_coef" in kw else None, backend=backend, **kw)
