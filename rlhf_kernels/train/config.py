@@ -115,7 +115,7 @@ class DPOConfig(RunConfig):
 # steps, lr, max_grad_norm, anneal_lr, save_every, eval_every, device, progress; the LM keys are unused.
 @dataclass
 class CartPoleConfig(RunConfig):
-    steps: int = 50                   # PPO iterations, each envs × horizon environment steps
+    steps: int = 60                   # PPO iterations, each envs × horizon environment steps
     lr: float = 2.5e-3
     max_grad_norm: Optional[float] = 0.5
     envs: int = 16                    # CartPoles stepped side by side (rows of the batch)
