@@ -86,9 +86,8 @@ class ClassicPPO:
         obs = torch.empty(H, N, cartpole.OBS_DIM)
         final_obs = torch.empty(H, N, cartpole.OBS_DIM)
         actions = torch.empty(H, N, dtype=torch.long)
-        rewards, terminated, truncated = torch.empty(H, N), torch.empty(H, N, dtype=torch.bool), torch.empty(
-            H, N, dtype=torch.bool)
-        episode_returns, ended = torch.empty(H, N), torch.empty(H, N, dtype=torch.bool)
+        rewards, episode_returns = torch.empty(H, N), torch.empty(H, N)
+        terminated, truncated, ended = (torch.empty(H, N, dtype=torch.bool) for _ in range(3))
         o = env.obs()
         for t in range(H):
             obs[t] = o
