@@ -1,4 +1,5 @@
-"""gae on CPU: the rk cpu kernel vs the per-timestep Python loop TRL/OpenRLHF run, and the eager reference.
+"""gae on CPU: the rk cpu kernel vs the per-timestep Python loop TRL/OpenRLHF run, and the eager reference;
+and with dones (rows of several episodes) vs the loop classic-RL trainers run.
 
 Floor: read rewards and values (4 B each, fp32), read the mask (1 B), write advantages and returns
 (4 B each): 17 bytes per position, a handful of FLOPs. The kernel makes one reverse pass per row.
@@ -37,6 +38,22 @@ def python_loop_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, adv + values
 
 
+def python_loop_gae_dones(rewards, values, dones, gamma=0.99, lam=0.95):
+    """The per-timestep loop classic-RL trainers run over rows holding several episodes, every step
+    valid: (1 − done) cuts the bootstrap and the running λ-return (written for this benchmark)."""
+    keep = 1.0 - dones.to(values.dtype)
+    T = rewards.shape[-1]
+    running = torch.zeros_like(rewards[:, 0])
+    out = [None] * T
+    for t in range(T - 1, -1, -1):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * keep[:, t] * next_v - values[:, t]
+        running = delta + gamma * lam * keep[:, t] * running
+        out[t] = running
+    adv = torch.stack(out, dim=1)
+    return adv, adv + values
+
+
 def _inputs(B, T):
     g = torch.Generator().manual_seed(0)
     r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
@@ -66,6 +83,22 @@ def run(quick=False, csv_dir=None, bandwidth=None):
         texts.append(table(f"gae, {B}x{T} fp32, right-padded (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", rows, cols))
         if csv_dir:
             write_csv(f"{csv_dir}/gae_{B}x{T}.csv", rows, cols)
+    B, T = 64, 1024  # classic RL: every step valid, an episode ending at ~1% of the steps
+    r, v, _ = _inputs(B, T)
+    full = torch.ones(B, T, dtype=torch.bool)
+    dones = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) < 0.01
+    exp = reference.gae(r.double(), v.double(), full, 0.99, 0.95, dones)[0]
+    for got in (python_loop_gae_dones(r, v, dones)[0], rk.gae(r, v, full, gamma=0.99, dones=dones, backend="cpu")[0]):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4)
+    fns = {"python loop with dones": lambda: python_loop_gae_dones(r, v, dones),
+           "rk cpu": lambda: rk.gae(r, v, full, gamma=0.99, dones=dones, backend="cpu")}
+    res = interleaved(fns, repeats=5 if quick else 9)
+    rows = timing_rows(res, "python loop with dones", 18 * B * T, bandwidth)  # + 1 byte of dones per position
+    dcols = ["impl", "median", "spread", "speedup vs python loop with dones", "GB/s"]
+    texts.append(table(f"gae with dones, {B}x{T} fp32, all valid, γ = 0.99 (copy bandwidth {bandwidth / 1e9:.1f} GB/s)",
+                       rows, dcols))
+    if csv_dir:
+        write_csv(f"{csv_dir}/gae_dones_{B}x{T}.csv", rows, dcols)
     if not quick:
         B, T = 64, 64
         r, v, mask = _inputs(B, T)

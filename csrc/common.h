@@ -245,10 +245,13 @@ template <typename T> RK_HD T dpo_loss_dh(T h, T beta, int64_t type, T eps) {
 }
 
 // ---- GAE: one step of the reverse recursion over valid positions ----
-// next_v / next_a hold V and A of the next valid position (0 past the row's end).
-template <typename T> RK_HD T gae_step(T r, T v, T gamma, T lam, T& next_v, T& next_a) {
-  T delta = r + gamma * next_v - v;
-  T a = delta + gamma * lam * next_a;
+// next_v / next_a hold V and A of the next valid position (0 past the row's end). `done` marks the last
+// step of an episode: the recursion is cut there, δ = r − v and A = δ (what follows belongs to the next
+// episode). With done false the arithmetic is exactly the single-episode step.
+template <typename T> RK_HD T gae_step(T r, T v, bool done, T gamma, T lam, T& next_v, T& next_a) {
+  const T nv = done ? T(0) : next_v, na = done ? T(0) : next_a;
+  T delta = r + gamma * nv - v;
+  T a = delta + gamma * lam * na;
   next_v = v;
   next_a = a;
   return a;
@@ -257,13 +260,15 @@ template <typename T> RK_HD T gae_step(T r, T v, T gamma, T lam, T& next_v, T& n
 
 // GAE as a scan: each position is a map of the state (A, V) = (advantage, value) of the next valid
 // position to its own state. Valid t: A ← (r_t − v_t) + γλ·A + γ·V, V ← v_t. Masked t: identity.
+// Valid and done t: A ← r_t − v_t, V ← v_t (the cut forgets the state after it).
 // Any composition keeps the form A ← α·A + β·V + p, V ← κ·V + q (κ is 1 or 0), so a row is a
 // reverse scan of these 5-tuples; the parallel backends (warp shuffles, Triton) use it.
 template <typename T> struct GaeMap {
   T alpha, beta, p, kappa, q;
 };
-template <typename T> RK_HD GaeMap<T> gae_map(T r, T v, bool valid, T gamma, T lam) {
+template <typename T> RK_HD GaeMap<T> gae_map(T r, T v, bool valid, bool done, T gamma, T lam) {
   if (!valid) return {T(1), T(0), T(0), T(1), T(0)};
+  if (done) return {T(0), T(0), r - v, T(0), v};
   return {gamma * lam, gamma, r - v, T(0), v};
 }
 // The map "apply `later`, then `earlier`" (earlier ∘ later).

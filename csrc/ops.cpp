@@ -24,7 +24,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // score[R], mask[R, T] (uint8); logp/ref_logp/dense[R, T] or empty
   m.def("token_rewards(Tensor score, Tensor mask, Tensor? logp, Tensor? ref_logp, float kl_coef, int kl_estimator, "
         "Tensor? dense, float dense_coef, float dense_clip, bool score_after_eos) -> Tensor");
-  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  // dones[R, T] (bool or uint8, like mask) or None: a done position ends its episode, cutting the recursion
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, Tensor? dones, float gamma, float lam) -> (Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
   // [R, T] inputs -> loss[], clipfrac[], approx_kl[], token weight per row [R] (saved for backward)
   m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "

@@ -9,6 +9,14 @@
 
 namespace rk {
 
+// A per-position flag tensor (a mask, gae's dones) read as one byte per element, 0 or not.
+inline void check_flags(const char* op, const char* name, const at::Tensor& flags, const at::Tensor& x) {
+  TORCH_CHECK(flags.scalar_type() == at::kBool || flags.scalar_type() == at::kByte, op, ": ", name,
+              " must be bool or uint8, got ", flags.scalar_type());
+  TORCH_CHECK(flags.sizes() == x.sizes(), op, ": ", name, " must have the shape of the inputs");
+  TORCH_CHECK(flags.device() == x.device(), op, ": ", name, " must be on the inputs' device");
+}
+
 inline void check_rows(const char* op, const at::Tensor& x, std::initializer_list<at::Tensor> same,
                        const at::Tensor& mask) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
@@ -18,10 +26,7 @@ inline void check_rows(const char* op, const at::Tensor& x, std::initializer_lis
     TORCH_CHECK(t.sizes() == x.sizes(), op, ": all inputs must share one shape");
     TORCH_CHECK(t.device() == x.device(), op, ": all inputs must be on one device");
   }
-  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte, op,
-              ": mask must be bool or uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the inputs");
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on the inputs' device");
+  check_flags(op, "mask", mask, x);
 }
 
 // bool and uint8 masks are both one byte per element, 0 or not.

@@ -88,7 +88,10 @@ def token_rewards(score, mask, logp=None, ref_logp=None, kl_coef=0.0, kl_estimat
     return r + torch.where(onehot, score.to(dt).unsqueeze(-1), torch.zeros_like(r))
 
 
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, mask, gamma=1.0, lam=0.95, dones=None):
+    # dones: at a valid done position the next valid position belongs to another episode, so its V and A
+    # are cut (δ_t = r_t + γ(1−d_t)V_next − V_t, A_t = δ_t + γλ(1−d_t)A_next); a masked position has no
+    # step, so a done there has no effect.
     mask = mask.bool()
     dt = compute_dtype(rewards, values)
     r, v = rewards.to(dt), values.to(dt)
@@ -97,8 +100,12 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     next_a = torch.zeros_like(r[..., 0])
     for t in reversed(range(r.shape[-1])):
         m = mask[..., t]
-        delta = r[..., t] + gamma * next_v - v[..., t]
-        a = delta + gamma * lam * next_a
+        nv, na = next_v, next_a
+        if dones is not None:
+            cut = dones[..., t].bool()
+            nv, na = torch.where(cut, 0.0, next_v), torch.where(cut, 0.0, next_a)
+        delta = r[..., t] + gamma * nv - v[..., t]
+        a = delta + gamma * lam * na
         adv[..., t] = torch.where(m, a, torch.zeros_like(a))
         next_v = torch.where(m, v[..., t], next_v)
         next_a = torch.where(m, a, next_a)

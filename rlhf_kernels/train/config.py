@@ -111,13 +111,41 @@ class DPOConfig(RunConfig):
     eval_every: int = 10
 
 
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rto": RTOConfig}
+# --- classic-RL PPO on CartPole (issue 6 item 9; train/classic.py). Of RunConfig it uses out, seed,
+# steps, lr, max_grad_norm, anneal_lr, save_every, eval_every, device, progress; the LM keys are unused.
+@dataclass
+class CartPoleConfig(RunConfig):
+    steps: int = 60                   # PPO iterations, each envs × horizon environment steps
+    lr: float = 2.5e-3
+    max_grad_norm: Optional[float] = 0.5
+    envs: int = 16                    # CartPoles stepped side by side (rows of the batch)
+    horizon: int = 128                # steps per row and iteration; a row holds several episodes
+    max_episode_steps: int = 500      # CartPole-v1's cap; reaching it truncates the episode
+    truncation: str = "bootstrap"     # "bootstrap": fold γ·V(final state) into the capped step; "done": treat as terminal
+    epochs: int = 4
+    minibatches: int = 4
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip_low: float = 0.2
+    vf_clip: Optional[float] = None   # returns reach ~100 here, so ε_v = 0.2 would only slow the critic
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    whiten_advantages: bool = True
+    hidden: int = 64                  # width of the two tanh layers of the actor and of the critic
+    eval_every: int = 10
+    eval_episodes: int = 32
+    greedy_eval: bool = False         # evaluate the argmax action instead of sampling the policy
+
+
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rto": RTOConfig,
+           "cartpole": CartPoleConfig}
 
 CHOICES = {
     "logprob_impl": ("fused", "naive"), "critic_init": ("reward", "policy"), "kl_estimator": ("k1", "k2", "k3"),
     "score_position": ("last", "eos+1"), "no_eos_penalty": ("replace", "subtract", "none"),
     "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"),
     "loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "truncation": ("bootstrap", "done"),
 }
 
 
@@ -205,6 +233,13 @@ def check(cfg):
                               f"micro_batch_size ({cfg.micro_batch_size})")
         if cfg.dual_clip is not None and cfg.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {cfg.dual_clip}")
+    elif isinstance(cfg, CartPoleConfig):
+        for key in ("envs", "horizon", "max_episode_steps", "eval_episodes", "hidden"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        if (cfg.envs * cfg.horizon) % cfg.minibatches:
+            raise ConfigError(f"envs × horizon ({cfg.envs * cfg.horizon}) must be divisible by minibatches "
+                              f"({cfg.minibatches})")
     elif cfg.batch_size % cfg.micro_batch_size:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by micro_batch_size "
                           f"({cfg.micro_batch_size})")

@@ -1,7 +1,8 @@
 """Triton kernel of rk.gae: one program per row, an associative scan of affine maps per tile.
 
 Each position maps the state (A, V) of the next valid position to its own (csrc/common.h GaeMap):
-valid t: A ← (r_t − v_t) + γλ·A + γ·V, V ← v_t; masked t: identity. Compositions keep the form
+valid t: A ← (r_t − v_t) + γλ·A + γ·V, V ← v_t; valid and done t: A ← r_t − v_t, V ← v_t (the
+episode boundary forgets the state after it); masked t: identity. Compositions keep the form
 A ← α·A + β·V + p, V ← κ·V + q, so a tile is one scan of 5-tuples, and the state carried from the
 tiles after it enters through α, β, κ. Tiles are walked from the row end backwards.
 
@@ -27,7 +28,8 @@ def _then(a1, b1, p1, k1, q1, a2, b2, p2, k2, q2):
 
 
 @triton.jit
-def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, lam, BLOCK: tl.constexpr):
+def _gae_kernel(r_ptr, v_ptr, m_ptr, d_ptr, adv_ptr, ret_ptr, T, gamma, lam, DONES: tl.constexpr,
+                BLOCK: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * T
     dt = r_ptr.dtype.element_ty
     g = _scalar(gamma, dt)
@@ -43,8 +45,12 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, lam, BLOCK: tl.
         r = tl.load(r_ptr + base + t, mask=ok, other=0.0)
         v = tl.load(v_ptr + base + t, mask=ok, other=0.0)
         m = tl.load(m_ptr + base + t, mask=ok, other=0) != 0
+        gt, ct = g + zero, c + zero  # γ and γλ of each position, 0 where an episode ends
+        if DONES:
+            done = tl.load(d_ptr + base + t, mask=ok, other=0) != 0
+            gt, ct = tl.where(done, zero, gt), tl.where(done, zero, ct)
         alpha, beta, p, kappa, q = tl.associative_scan(
-            (tl.where(m, c + zero, one), tl.where(m, g + zero, zero), tl.where(m, r - v, zero),
+            (tl.where(m, ct, one), tl.where(m, gt, zero), tl.where(m, r - v, zero),
              tl.where(m, zero, one), tl.where(m, v, zero)), 0, _then)
         a = alpha * carry_a + beta * carry_v + p
         tl.store(adv_ptr + base + t, tl.where(m, a, zero), mask=ok)
@@ -54,7 +60,7 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, gamma, lam, BLOCK: tl.
         carry_a = tl.sum(tl.where(first, a, zero), 0)
 
 
-def gae(rewards, values, mask, gamma, lam):
+def gae(rewards, values, mask, dones, gamma, lam):
     adv = torch.empty(rewards.shape, dtype=rewards.dtype, device=rewards.device)
     ret = torch.empty_like(adv)
     if rewards.numel() == 0:
@@ -62,5 +68,8 @@ def gae(rewards, values, mask, gamma, lam):
     T = rewards.shape[-1]
     R = rewards.numel() // T
     block = min(MAX_BLOCK, triton.next_power_of_2(T))
-    wrap_triton(_gae_kernel)[(R,)](rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, lam, BLOCK=block)
+    m = mask.view(torch.uint8)
+    d = m if dones is None else dones.view(torch.uint8)  # unread without dones
+    wrap_triton(_gae_kernel)[(R,)](rewards, values, m, d, adv, ret, T, gamma, lam, DONES=dones is not None,
+                                   BLOCK=block)
     return adv, ret
