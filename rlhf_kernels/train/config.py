@@ -87,7 +87,7 @@ class PPOConfig(RunConfig):
     eval_every: int = 10
     # PPO-max (ALGORITHMS.md §2), A2C as PPO (§5), reference EMA (§1.12), presets; all off by default
     preset: str = ""                  # a name in PRESETS, applied under the config file and the overrides
-    reward_norm: str = "none"         # running moments of the score: "scale" r/σ, "normalize" (r−μ)/σ (then score_clip)
+    reward_norm: str = "none"         # running score moments: "scale" r/σ, "normalize" (r−μ)/σ, then score_clip
     advantage_whiten_level: str = "batch"  # "batch" (N+) or "minibatch" (PPO-max: whiten each minibatch)
     advantage_clip: Optional[float] = None  # clamp(A, ±c) after whitening (PPO-max code default 0.5)
     critic_pretrain_steps: int = 0    # the first N of `steps` iterations update the critic only
@@ -140,7 +140,8 @@ CHOICES = {
 PRESETS = {
     # PPO-max, Secrets of RLHF Part I §5.4 (ALGORITHMS.md §2)
     "ppo-max": {
-        "reward_norm": "normalize",        # "normalize and clip the current group of rewards based on historical mean and variance"
+        "reward_norm": "normalize",        # "normalize and clip the current group of rewards based on
+                                           # historical mean and variance"
         "score_clip": 0.8,                 # δ of that clip: the "relaxed" one of the paper's sweep (0.3, 0.8)
         "kl_coef": 0.05,                   # token-level KL penalty, η = 0.05 as recommended in the paper
         "critic_init": "reward",           # "initialize the critic model with our reward model"
@@ -307,7 +308,8 @@ def check_ppo_extras(cfg):
     if cfg.ref_ema is not None and not 0 <= cfg.ref_ema <= 1:
         raise ConfigError(f"ref_ema must be in [0, 1] or null, got {cfg.ref_ema}")
     if cfg.reward_norm != "none" and cfg.batch_size < 2:
-        raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), got {cfg.batch_size}")
+        raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), "
+                          f"got {cfg.batch_size}")
 
 
 def to_dict(cfg):
