@@ -85,6 +85,19 @@ class PPOConfig(RunConfig):
     vf_coef: float = 0.1
     aggregation: str = "token-mean"
     eval_every: int = 10
+    # PPO-max (ALGORITHMS.md §2), A2C as PPO (§5), reference EMA (§1.12), presets; all off by default
+    preset: str = ""                  # a name in PRESETS, applied under the config file and the overrides
+    reward_norm: str = "none"         # running score moments: "scale" r/σ, "normalize" (r−μ)/σ, then score_clip
+    advantage_whiten_level: str = "batch"  # "batch" (N+) or "minibatch" (PPO-max: whiten each minibatch)
+    advantage_clip: Optional[float] = None  # clamp(A, ±c) after whitening (PPO-max code default 0.5)
+    critic_pretrain_steps: int = 0    # the first N of `steps` iterations update the critic only
+    ptx_coef: float = 0.0             # PPO-ptx: + coef·token-mean CE on SFT demonstrations (the pretraining corpus)
+    ptx_batch_size: int = 32          # demonstrations per optimizer step for the ptx loss
+    ptx_examples: int = 4000          # size of that corpus
+    optimizer: str = "adamw"          # "adamw" or "rmsprop" (A2C)
+    optimizer_eps: float = 1e-5       # eps of either optimizer (N+ AdamW 1e-5, SB3 A2C RMSprop 1e-5)
+    rmsprop_alpha: float = 0.99       # RMSprop smoothing constant (SB3 A2C)
+    ref_ema: Optional[float] = None   # η: θ_ref ← (1−η)θ_ref + η·θ_actor after each PPO iteration
 
 
 @dataclass
@@ -146,6 +159,50 @@ CHOICES = {
     "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"),
     "loss_type": ("sigmoid", "ipo", "hinge", "robust"),
     "truncation": ("bootstrap", "done"),
+    "reward_norm": ("none", "scale", "normalize"), "advantage_whiten_level": ("batch", "minibatch"),
+    "optimizer": ("adamw", "rmsprop"),
+}
+
+# Presets (PPO and RTO): settings applied before the config file and the overrides, which can
+# still change any of them. Each setting names its source in ALGORITHMS.md.
+PRESETS = {
+    # PPO-max, Secrets of RLHF Part I §5.4 (ALGORITHMS.md §2)
+    "ppo-max": {
+        "reward_norm": "normalize",        # "normalize and clip the current group of rewards based on
+                                           # historical mean and variance"
+        "score_clip": 0.8,                 # δ of that clip: the "relaxed" one of the paper's sweep (0.3, 0.8)
+        "kl_coef": 0.05,                   # token-level KL penalty, η = 0.05 as recommended in the paper
+        "critic_init": "reward",           # "initialize the critic model with our reward model"
+        "critic_pretrain_steps": 5,        # "and pre-train it before applying PPO"; 5 of 30 iterations here
+        "max_grad_norm": 1.0,              # "global gradient clipping" (DeepSpeed gradient_clipping 1.0)
+        "batch_size": 128,                 # "a small size of the experience buffer": 128 rollouts per buffer,
+        "minibatches": 4,                  # train batch 32 (128 / 4),
+        "epochs": 1,                       # one pass, then the buffer is cleared (MOSS num_rollouts / batch_size)
+        "ptx_coef": 0.1,                   # "add pre-train language model loss" (PPO-ptx); the paper gives no weight
+        "vf_clip": 0.2,                    # "simultaneously clip the value function loss" (value_clip 0.2)
+        "vf_coef": 1.0,                    # MOSS vf_loss_weight
+        "whiten_advantages": True,         # advantage normalization, at the minibatch level as in the MOSS code
+        "advantage_whiten_level": "minibatch",
+        "advantage_clip": None,            # off: App. B.1 warns against advantage clip together with value clip
+        "gamma": 1.0, "lam": 0.95,         # GAE as in the MOSS code
+        "clip_low": 0.2,                   # pg_clip
+    },
+    # A2C as a special case of PPO, Huang et al. 2022 (ALGORITHMS.md §5): one full-batch step per
+    # rollout, so the ratio is 1 where the gradient is taken and the clipped loss is A2C's
+    "a2c": {
+        "epochs": 1,                       # K = 1 update epoch
+        "minibatches": 1,                  # update on the whole batch
+        "whiten_advantages": False,        # normalize_advantage=False
+        "advantage_clip": None,
+        "whiten_rewards": False,
+        "lam": 1.0,                        # gae_lambda = 1 (n-step returns)
+        "vf_clip": None,                   # clip_range_vf=None
+        "anneal_lr": False,                # no LR annealing
+        "dual_clip": None,                 # (the trainer has no entropy bonus: entropy coefficient 0)
+        "optimizer": "rmsprop",            # RMSprop, alpha 0.99, eps 1e-5, weight_decay 0 (SB3 A2C)
+        "rmsprop_alpha": 0.99,
+        "optimizer_eps": 1e-5,
+    },
 }
 
 
@@ -205,6 +262,7 @@ def build(kind, file=None, overrides=None):
     valid = [f.name for f in dataclasses.fields(cls)]
     values = {}
     layers = ([(read_file(file), f"config file {file}")] if file else []) + [(overrides or {}, "override")]
+    layers = _preset_layer(cls, layers) + layers
     for settings, source in layers:
         for key, value in settings.items():
             key = str(key).replace("-", "_")
@@ -214,6 +272,22 @@ def build(kind, file=None, overrides=None):
     cfg = cls(**values)
     check(cfg)
     return cfg
+
+
+def _preset_layer(cls, layers):
+    """[(settings, source)] of the preset named by the last layer that sets `preset`, or []."""
+    name = ""
+    for settings, source in layers:
+        for key, value in settings.items():
+            if str(key).replace("-", "_") == "preset":
+                if "preset" not in {f.name for f in dataclasses.fields(cls)}:
+                    return []  # the key check in build() reports it as unknown for this trainer
+                name = "" if value is None else str(value)
+    if not name:
+        return []
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return [(PRESETS[name], f"preset {name}")]
 
 
 def check(cfg):
@@ -233,6 +307,7 @@ def check(cfg):
                               f"micro_batch_size ({cfg.micro_batch_size})")
         if cfg.dual_clip is not None and cfg.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {cfg.dual_clip}")
+        check_ppo_extras(cfg)
     elif isinstance(cfg, CartPoleConfig):
         for key in ("envs", "horizon", "max_episode_steps", "eval_episodes", "hidden"):
             if getattr(cfg, key) < 1:
@@ -250,8 +325,30 @@ def check(cfg):
             raise ConfigError(f"{key} must be in [0, 0.5), got {getattr(cfg, key)}")
 
 
+def check_ppo_extras(cfg):
+    """The PPO-max, A2C and reference-EMA keys (ALGORITHMS.md §2, §5, §1.12)."""
+    if cfg.advantage_clip is not None and cfg.advantage_clip <= 0:
+        raise ConfigError(f"advantage_clip must be > 0 or null, got {cfg.advantage_clip}")
+    if not 0 <= cfg.critic_pretrain_steps < cfg.steps:
+        raise ConfigError(f"critic_pretrain_steps must be in [0, steps={cfg.steps}), got {cfg.critic_pretrain_steps}")
+    if cfg.ptx_coef < 0:
+        raise ConfigError(f"ptx_coef must be >= 0, got {cfg.ptx_coef}")
+    for key in ("ptx_batch_size", "ptx_examples"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.optimizer_eps <= 0:
+        raise ConfigError(f"optimizer_eps must be > 0, got {cfg.optimizer_eps}")
+    if not 0 <= cfg.rmsprop_alpha < 1:
+        raise ConfigError(f"rmsprop_alpha must be in [0, 1), got {cfg.rmsprop_alpha}")
+    if cfg.ref_ema is not None and not 0 <= cfg.ref_ema <= 1:
+        raise ConfigError(f"ref_ema must be in [0, 1] or null, got {cfg.ref_ema}")
+    if cfg.reward_norm != "none" and cfg.batch_size < 2:
+        raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), "
+                          f"got {cfg.batch_size}")
+
+
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ConfigError", "CONFIGS", "build", "read_file", "to_dict"]
+__all__ = ["ConfigError", "CONFIGS", "PRESETS", "build", "read_file", "to_dict"]

@@ -7,6 +7,8 @@ optional dense reward, score at the last token or one past it), optionally white
 rk.gae (returns before advantage whitening), whiten advantages with rk.masked_whiten, then
 `epochs` × `minibatches` clipped policy + value updates (rk.ppo_policy_loss, rk.ppo_value_loss)
 with gradient accumulation over micro-batches, grad-norm clipping and linear LR annealing.
+Optional, off by default: the PPO-max tricks (ppo_max.py), the reference EMA (ref_ema.py) and the
+RMSprop optimizer of A2C (optim.py); `--preset ppo-max` / `--preset a2c` set them (config.PRESETS).
 """
 import copy
 
@@ -14,8 +16,9 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models, rollout, tasks
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+from . import models, ppo_max, ref_ema, rollout, tasks
+from .optim import make_ppo_optimizer
+from .runlog import Run, clip_and_step, finish, loop, step_generator
 
 
 class AdaptiveKL:
@@ -70,9 +73,15 @@ class PPO:
         else:  # critic_init="policy", or no reward model to start from
             self.critic = models.ScalarModel(copy.deepcopy(self.policy)).to(dev)
         self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
-        self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr), (self.critic.parameters(), cfg.critic_lr)])
+        self.optimizer = make_ppo_optimizer(cfg, [(self.policy.parameters(), cfg.lr),
+                                                  (self.critic.parameters(), cfg.critic_lr)])
         self.state = {"kl_coef": cfg.kl_coef}
         self.kl_ctl = AdaptiveKL(cfg)
+        # PPO-max (ppo_max.py) and the reference EMA (ref_ema.py); both off by default
+        self.moments = ppo_max.RunningMoments()
+        self.ptx_data = ppo_max.ptx_corpus(cfg) if cfg.ptx_coef > 0 else None
+        if cfg.ref_ema is not None:
+            ref_ema.check_compatible(self.ref, self.policy)
 
     # rollout -------------------------------------------------------------------------------------
     def logprobs(self, model, s, rows, entropy=False):
@@ -106,6 +115,7 @@ class PPO:
         dense = self.dense_reward(s, order)
         raw_score = self.score(s)
         score = rollout.penalize_no_eos(raw_score, s.has_eos, cfg.no_eos_penalty, cfg.penalty_value)
+        score = ppo_max.normalize_score(score, self.moments, cfg.reward_norm)
         if cfg.score_clip is not None:
             score = score.clamp(-cfg.score_clip, cfg.score_clip)
         rewards = self.rewards(score, s.mask, old_logp, ref_logp, dense)
@@ -113,7 +123,7 @@ class PPO:
         if cfg.whiten_rewards:
             rewards = rk.masked_whiten(rewards, vmask, shift_mean=False)
         advantages, returns = rk.gae(rewards, values, vmask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages and cfg.advantage_whiten_level == "batch":
             advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
         kl_seq = torch.where(s.mask, old_logp - ref_logp, torch.zeros_like(old_logp)).sum(1)
         stats = {"gold_reward": tasks.gold_reward(s.responses.cpu()).mean().item(),
@@ -121,6 +131,8 @@ class PPO:
                  "entropy": (entropy.sum() / s.mask.sum()).item(), "no_eos": (~s.has_eos).float().mean().item(),
                  "response_len": s.mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
                  "return_mean": (returns.sum() / vmask.sum()).item()}
+        if cfg.reward_norm != "none":
+            stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if dense is not None:
             stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
         return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
@@ -140,21 +152,24 @@ class PPO:
         mb_size = cfg.batch_size // cfg.minibatches
         sums = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
         n_mb, first_dev = 0, None
+        critic_only = ppo_max.actor_frozen(cfg, step)
+        g_ptx = step_generator(cfg, step, salt=ppo_max.PTX_SALT)
         for epoch in range(cfg.epochs):
             order = ex["order"] if epoch == 0 else torch.randperm(cfg.batch_size, generator=g).to(cfg.device)
             for mb in order.split(mb_size):
+                advantages = ppo_max.minibatch_advantages(ex["advantages"], mb, s.mask, cfg)
                 for micro in mb.split(cfg.micro_batch_size):
                     logp = self.logprobs(self.policy, s, micro)
                     v = self.values(s, micro)
                     mask, vmask = s.mask[micro], ex["vmask"][micro]
-                    pg, pst = rk.ppo_policy_loss(logp, ex["old_logp"][micro], ex["advantages"][micro], mask,
+                    pg, pst = rk.ppo_policy_loss(logp, ex["old_logp"][micro], advantages[micro], mask,
                                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                                  dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
                     vf, vst = rk.ppo_value_loss(v, ex["values"][micro], ex["returns"][micro], vmask,
                                                 clip=cfg.vf_clip, aggregation=cfg.aggregation)
                     wp = micro_weight(cfg.aggregation, mask, s.mask[mb])
                     wv = micro_weight(cfg.aggregation, vmask, ex["vmask"][mb])
-                    loss = wp * pg + cfg.vf_coef * wv * vf
+                    loss = (0.0 if critic_only else wp * pg) + cfg.vf_coef * wv * vf
                     self.run.check_finite(step, policy_loss=pg, value_loss=vf)
                     loss.backward()
                     if first_dev is None:  # the rollout forward and this one must agree exactly
@@ -163,12 +178,18 @@ class PPO:
                     for k, val in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", pst["clipfrac"]),
                                    ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                         sums[k] += float(val.detach()) * (wv if k.startswith("vf") else wp)
+                if self.ptx_data is not None and not critic_only:
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ppo_max.ptx_backward(self, step, g_ptx)
                 n_mb += 1
                 params = list(self.policy.parameters()) + list(self.critic.parameters())
                 sums.setdefault("grad_norm", 0.0)
                 sums["grad_norm"] += clip_and_step(self.run, step, self.optimizer, params, cfg.max_grad_norm)
+        if cfg.ref_ema is not None and not critic_only:
+            ref_ema.ema_update(self.ref, self.policy, cfg.ref_ema)
         self.kl_ctl.update(self.state, ex["kl"], cfg.batch_size)
         metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_dev_first_minibatch": first_dev}
+        if cfg.critic_pretrain_steps:
+            metrics["critic_only"] = float(critic_only)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["eval_gold_reward"] = rollout.evaluate_cfg(self.policy, cfg)["gold_reward"]
         tokens = int(s.attn.sum()) * (1 + cfg.epochs)
@@ -176,7 +197,12 @@ class PPO:
 
     def train(self):
         self.run = Run(self.cfg, self.kind)
-        loop(self.run, {"policy": self.policy, "critic": self.critic}, self.optimizer, self.step, self.state)
+        modules = {"policy": self.policy, "critic": self.critic}
+        if self.cfg.reward_norm != "none":
+            modules["reward_moments"] = self.moments
+        if self.cfg.ref_ema is not None:  # the reference moves, so it is part of the state
+            modules["ref"] = self.ref
+        loop(self.run, modules, self.optimizer, self.step, self.state)
         models.save_lm(self.policy, self.run.dir / "model")
         self.critic.save(self.run.dir / "critic")
         return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg)})

@@ -1,6 +1,8 @@
 """RTO (ALGORITHMS.md §3): PPO whose per-token reward adds the DPO policy's dense token reward
 clip(β1·(log π_dpo − log π_dpo_ref), ±clip) to the KL penalty −β2·KL and the reward-model score at
 the last token, all assembled by rk.token_rewards."""
+import copy
+
 import rlhf_kernels as rk
 
 from . import models, rollout
@@ -24,6 +26,8 @@ class RTO(PPO):
         self.dpo = models.freeze(models.load_lm(cfg.dpo_model, cfg.device))
         same_ref = not cfg.dpo_ref or cfg.dpo_ref == (cfg.ref or cfg.policy)
         self.dpo_ref = self.ref if same_ref else models.freeze(models.load_lm(cfg.dpo_ref, cfg.device))
+        if same_ref and cfg.ref_ema is not None:  # the PPO reference moves; the DPO ratio's must not
+            self.dpo_ref = copy.deepcopy(self.ref)
 
     def dense_reward(self, s, order):
         """log π_dpo − log π_dpo_ref per response token (0 at masked positions)."""
