@@ -123,7 +123,7 @@ class RRHFConfig(RunConfig):
     length_penalty: float = 1.0       # α in p_i = Σ_t log π / ‖y_i‖^α (1: length-normalised)
     rrhf_weight: float = 1.0          # L = rrhf_weight·L_rank + L_ft (paper and train.sh: 1)
     sft_aggregation: str = "padded-mean"  # L_ft: "padded-mean" (source code), "token-sum" (paper), "token-mean"
-    steps: int = 60
+    steps: int = 30
     lr: float = 1e-3
     eval_every: int = 10
 
