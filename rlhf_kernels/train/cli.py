@@ -7,7 +7,7 @@ from .config import CONFIGS, ConfigError, build
 from .runlog import CheckpointError, TrainingDiverged
 
 USAGE = """usage:
-  rlhf-kernels train {sft,rm,ppo,dpo,rto,cartpole} [--config FILE] [--key=value ...] --out DIR
+  rlhf-kernels train {sft,rm,ppo,dpo,rto,rrhf,cartpole} [--config FILE] [--key=value ...] --out DIR
   rlhf-kernels demo [--out DIR] [--seed N]
   rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
@@ -37,7 +37,8 @@ def parse_options(args):
 
 def trainer(kind):
     import importlib
-    module = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "rto": "rto", "cartpole": "classic"}[kind]
+    module = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo", "rto": "rto", "rrhf": "rrhf",
+              "cartpole": "classic"}[kind]
     return importlib.import_module(f"rlhf_kernels.train.{module}").train
 
 

@@ -152,12 +152,31 @@ class CartPoleConfig(RunConfig):
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rto": RTOConfig,
            "cartpole": CartPoleConfig}
+# RRHF (ALGORITHMS.md §6, issue 6 item 4) --------------------------------------------------------
+@dataclass
+class RRHFConfig(RunConfig):
+    policy: str = "tiny-llama"        # initial policy (a saved SFT model dir)
+    reward_model: str = "gold"        # a saved RM dir, or "gold" for the programmatic reward
+    batch_size: int = 16              # prompts per step (each with samples + demonstrations candidates)
+    micro_batch_size: int = 4         # prompts per micro-batch; a prompt's candidates stay together
+    samples: int = 4                  # k responses per prompt sampled from the current policy (paper: 4)
+    demonstrations: int = 2           # SFT demonstrations per prompt as extra candidates (paper: the 2 HH responses)
+    length_penalty: float = 1.0       # α in p_i = Σ_t log π / ‖y_i‖^α (1: length-normalised)
+    rrhf_weight: float = 1.0          # L = rrhf_weight·L_rank + L_ft (paper and train.sh: 1)
+    sft_aggregation: str = "padded-mean"  # L_ft: "padded-mean" (source code), "token-sum" (paper), "token-mean"
+    steps: int = 30
+    lr: float = 1e-3
+    eval_every: int = 10
+
+
+CONFIGS["rrhf"] = RRHFConfig  # RRHF (issue 6 item 4)
 
 CHOICES = {
     "logprob_impl": ("fused", "naive"), "critic_init": ("reward", "policy"), "kl_estimator": ("k1", "k2", "k3"),
     "score_position": ("last", "eos+1"), "no_eos_penalty": ("replace", "subtract", "none"),
     "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"),
     "loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "sft_aggregation": ("padded-mean", "token-sum", "token-mean"),  # RRHF
     "truncation": ("bootstrap", "done"),
     "reward_norm": ("none", "scale", "normalize"), "advantage_whiten_level": ("batch", "minibatch"),
     "optimizer": ("adamw", "rmsprop"),
@@ -320,6 +339,14 @@ def check(cfg):
                           f"({cfg.micro_batch_size})")
     if isinstance(cfg, RTOConfig) and not cfg.dpo_model:
         raise ConfigError("rto needs dpo_model (a saved DPO policy directory)")
+    if isinstance(cfg, RRHFConfig):
+        if cfg.samples < 1 or cfg.demonstrations < 0 or cfg.samples + cfg.demonstrations < 2:
+            raise ConfigError(f"rrhf ranks at least 2 candidates per prompt: samples must be >= 1 and "
+                              f"demonstrations >= 0 with samples + demonstrations >= 2, got samples={cfg.samples}, "
+                              f"demonstrations={cfg.demonstrations}")
+        for key in ("length_penalty", "rrhf_weight"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("label_noise",):
         if hasattr(cfg, key) and not 0 <= getattr(cfg, key) < 0.5:
             raise ConfigError(f"{key} must be in [0, 0.5), got {getattr(cfg, key)}")
