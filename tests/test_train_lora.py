@@ -162,8 +162,8 @@ def ppo_cfg(tmp_path, name="run", **keys):
     return config.build("ppo", None, {**PPO_FAST, **LORA, "lr": 1e-2, "out": str(tmp_path / name), **keys})
 
 
-def test_ppo_reference_is_the_policy_with_adapters_off(tmp_path):
-    cfg = ppo_cfg(tmp_path)
+def test_ppo_reference_saving_and_resume(tmp_path, monkeypatch):
+    cfg = ppo_cfg(tmp_path, "straight")
     base = base_model(seed=cfg.seed)
     before = logprobs(base)
     trainer = ppo.PPO(cfg)
@@ -182,14 +182,14 @@ def test_ppo_reference_is_the_policy_with_adapters_off(tmp_path):
     assert (logprobs(policy) - before).abs().max() > 1e-3  # ... while the policy has
     assert policy.get_output_embeddings().weight.grad is None
     assert result["lora_trainable_params"] == sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    assert len(metrics(tmp_path / "run")) == 2 and (tmp_path / "run" / "curves.png").stat().st_size > 0
+    assert len(metrics(tmp_path / "straight")) == 2 and (tmp_path / "straight" / "curves.png").stat().st_size > 0
 
     # the saved model/ is the merged policy, a plain model that load_lm reads; adapter/ is the adapter alone
     saved = models.load_lm(result["model"])
     assert not lora.is_peft(saved)
     assert torch.allclose(logprobs(saved), logprobs(policy), atol=1e-5)
     from peft import PeftModel
-    again = PeftModel.from_pretrained(base_model(seed=cfg.seed), str(tmp_path / "run" / "model" / lora.ADAPTER_DIR))
+    again = PeftModel.from_pretrained(base_model(seed=cfg.seed), str(tmp_path / "straight" / "model" / lora.ADAPTER_DIR))
     assert torch.allclose(logprobs(again), logprobs(policy), atol=1e-6)
 
     # no second copy: the reference reads the policy's own base weights
@@ -197,29 +197,27 @@ def test_ppo_reference_is_the_policy_with_adapters_off(tmp_path):
         policy.get_base_model().model.layers[0].self_attn.v_proj.base_layer.weight.mul_(2.0)
     assert not torch.allclose(logprobs(ref), before, atol=1e-4)
 
-
-def test_ppo_resume_gives_the_same_run(tmp_path, monkeypatch):
-    ppo.train(ppo_cfg(tmp_path, "straight", steps=3))
+    # resume: a run stopped after step 1 and restarted gives the same metrics and the same model
     original = ppo.PPO.step
 
-    def crash_at_3(self, step):
-        if step == 3:
+    def crash_at_2(self, step):
+        if step == 2:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(ppo.PPO, "step", crash_at_3)
+    monkeypatch.setattr(ppo.PPO, "step", crash_at_2)
     with pytest.raises(KeyboardInterrupt):
-        ppo.train(ppo_cfg(tmp_path, "resumed", steps=3))
-    assert len(metrics(tmp_path / "resumed")) == 2
+        ppo.train(ppo_cfg(tmp_path, "resumed"))
+    assert len(metrics(tmp_path / "resumed")) == 1
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert any(".lora_B." in k for k in ck["models"]["policy"])  # the adapter state is checkpointed
     monkeypatch.setattr(ppo.PPO, "step", original)
-    ppo.train(ppo_cfg(tmp_path, "resumed", steps=3))
+    ppo.train(ppo_cfg(tmp_path, "resumed"))
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "resumed")
     a, b = (models.load_lm(str(tmp_path / d / "model")).state_dict() for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="different settings.*lora_r"):  # LoRA and full runs do not mix
-        ppo.train(ppo_cfg(tmp_path, "resumed", steps=4, lora_r=0))
+        ppo.train(ppo_cfg(tmp_path, "resumed", steps=3, lora_r=0))
 
 
 def test_cli_sft_dpo_rto_with_lora(tmp_path):
@@ -234,9 +232,9 @@ def test_cli_sft_dpo_rto_with_lora(tmp_path):
     for k in base:
         assert torch.equal(base[k], tuned[k]) == (k.rsplit(".", 2)[-2] not in LLAMA_PROJ), k
     assert main(["train", "dpo", *opts, f"--policy={sft}", "--pairs=16", "--lora_r=4", "--out", str(tmp_path / "dpo")]) == 0
-    rto = {**PPO_FAST, "policy": sft, "dpo_model": tmp_path / "dpo" / "model", "lora-r": 4}
+    rto = {**PPO_FAST, "steps": 1, "policy": sft, "dpo_model": tmp_path / "dpo" / "model", "lora-r": 4}
     assert main(["train", "rto", *[f"--{k}={v}" for k, v in rto.items()], "--out", str(tmp_path / "rto")]) == 0
-    for stage in ("sft", "dpo", "rto"):
+    for stage, steps in (("sft", 2), ("dpo", 2), ("rto", 1)):
         d = tmp_path / stage
-        assert [r["step"] for r in metrics(d)] == [1, 2] and (d / "checkpoint.pt").exists()
+        assert [r["step"] for r in metrics(d)] == list(range(1, steps + 1)) and (d / "checkpoint.pt").exists()
         assert (d / "model" / lora.ADAPTER_DIR / "adapter_config.json").exists()
