@@ -31,6 +31,11 @@ class RunConfig:
     logprob_impl: str = "fused"       # "fused": rk.linear_logprobs on hidden states; "naive": logits + log_softmax
     device: str = "cpu"
     progress: bool = True
+    # LoRA through peft (lora.py, ALGORITHMS.md §11): sft/ppo/dpo/rto then train adapters only
+    lora_r: int = 0                   # adapter rank; 0 = off (full fine-tuning)
+    lora_alpha: float = 16.0          # adapter output scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0         # N+ detail 7: off; > 0 drops adapter inputs in the update forwards only
+    lora_target_modules: str = "all-linear"  # peft: every Linear/Conv1D but the LM head; or "q_proj,v_proj,..."
 
 
 @dataclass
@@ -347,6 +352,7 @@ def check(cfg):
         for key in ("length_penalty", "rrhf_weight"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    check_lora(cfg)
     for key in ("label_noise",):
         if hasattr(cfg, key) and not 0 <= getattr(cfg, key) < 0.5:
             raise ConfigError(f"{key} must be in [0, 0.5), got {getattr(cfg, key)}")
@@ -372,6 +378,19 @@ def check_ppo_extras(cfg):
     if cfg.reward_norm != "none" and cfg.batch_size < 2:
         raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), "
                           f"got {cfg.batch_size}")
+def check_lora(cfg):
+    if cfg.lora_r < 0:
+        raise ConfigError(f"lora_r must be >= 0 (0 = LoRA off), got {cfg.lora_r}")
+    if cfg.lora_r == 0:
+        return
+    if isinstance(cfg, RMConfig):
+        raise ConfigError("lora_r: LoRA applies to the policy trainers (sft, ppo, dpo, rto), not rm")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.lora_target_modules.strip(" ,"):
+        raise ConfigError("lora_target_modules must be 'all-linear' or a comma-separated list of module names")
 
 
 def to_dict(cfg):

@@ -3,7 +3,7 @@ tokens (rk.linear_logprobs), reference log-probs computed once before training, 
 (`reference_free`)."""
 import torch
 
-from . import models, rollout
+from . import lora, models, rollout
 from .reward import pair_set
 from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
 
@@ -28,7 +28,7 @@ def reference_logprobs(ref, chosen, rejected, cfg, batch=256):
 def train(cfg):
     run = Run(cfg, "dpo")
     torch.manual_seed(cfg.seed)
-    policy = models.load_lm(cfg.policy, cfg.device)
+    policy = lora.wrap(models.load_lm(cfg.policy, cfg.device), cfg)  # lora_r > 0: adapters only train
     chosen, rejected = pair_set(cfg.pairs, cfg.seed, cfg.label_noise)
     if cfg.reference_free:
         ref_c = ref_r = torch.zeros(cfg.pairs, device=cfg.device)
@@ -62,4 +62,4 @@ def train(cfg):
 
     loop(run, {"policy": policy}, opt, step_fn)
     models.save_lm(policy, run.dir / "model")
-    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg)})
+    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg), **lora.summary(policy)})

@@ -8,7 +8,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import tasks
+from . import lora, tasks
 
 TINY = ("tiny-llama", "tiny-gpt2")
 HEAD_FILE = "scalar_head.safetensors"
@@ -49,9 +49,12 @@ def load_lm(spec, device="cpu", vocab_size=len(tasks.WORDS)):
 
 def load_reference(spec, policy, device="cpu"):
     """The reference model: `spec` if given, else a copy of the initial policy (a copy rather than a
-    second load, so that a policy built from a tiny config gets the very same weights)."""
+    second load, so that a policy built from a tiny config gets the very same weights); for a LoRA
+    policy, the policy itself with its adapters disabled (lora.AdaptersOff: no copy)."""
     import copy
-    return load_lm(spec, device) if spec else copy.deepcopy(policy)
+    if spec:
+        return load_lm(spec, device)
+    return lora.AdaptersOff(policy) if lora.is_peft(policy) else copy.deepcopy(policy)
 
 
 def disable_dropout(model):
@@ -76,7 +79,9 @@ def check_lm(model, vocab_size, name="model"):
 def hidden_states(model, ids, attn):
     """Final hidden states [B, T, H] (after the final norm) without computing any logits."""
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    return model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    body, context = lora.body(model)  # a LoRA policy (or its adapters-off reference) is wrapped by peft
+    with context:
+        return body(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
 
 
 def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused", entropy=False):
@@ -168,7 +173,7 @@ def save_dir(path, write):
 
 
 def save_lm(model, path):
-    save_dir(path, model.save_pretrained)
+    save_dir(path, lambda tmp: lora.save_pretrained(model, tmp))  # LoRA: merged weights + adapter/
 
 
 def freeze(model):

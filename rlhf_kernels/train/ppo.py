@@ -16,7 +16,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models, ppo_max, ref_ema, rollout, tasks
+from . import lora, models, ppo_max, ref_ema, rollout, tasks
 from .optim import make_ppo_optimizer
 from .runlog import Run, clip_and_step, finish, loop, step_generator
 
@@ -63,7 +63,7 @@ class PPO:
         self.cfg = cfg
         dev = cfg.device
         torch.manual_seed(cfg.seed)
-        self.policy = models.load_lm(cfg.policy, dev)
+        self.policy = lora.wrap(models.load_lm(cfg.policy, dev), cfg)  # lora_r > 0: adapters only train
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
         self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
@@ -71,7 +71,7 @@ class PPO:
             for p in self.critic.parameters():
                 p.requires_grad_(True)
         else:  # critic_init="policy", or no reward model to start from
-            self.critic = models.ScalarModel(copy.deepcopy(self.policy)).to(dev)
+            self.critic = models.ScalarModel(lora.base_copy(self.policy)).to(dev)  # LoRA: a full critic
         self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
         self.optimizer = make_ppo_optimizer(cfg, [(self.policy.parameters(), cfg.lr),
                                                   (self.critic.parameters(), cfg.critic_lr)])
@@ -205,7 +205,8 @@ class PPO:
         loop(self.run, modules, self.optimizer, self.step, self.state)
         models.save_lm(self.policy, self.run.dir / "model")
         self.critic.save(self.run.dir / "critic")
-        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg)})
+        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg),
+                                 **lora.summary(self.policy)})
 
 
 def train(cfg):

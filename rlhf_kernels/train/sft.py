@@ -2,7 +2,7 @@
 tokens (through rk.linear_logprobs), prompts not trained on."""
 import torch
 
-from . import models, rollout, tasks
+from . import lora, models, rollout, tasks
 from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
 
 
@@ -32,7 +32,7 @@ def nll_step(run, step, policy, data, idx, cfg):
 def train(cfg):
     run = Run(cfg, "sft")
     torch.manual_seed(cfg.seed)
-    policy = models.load_lm(cfg.model, cfg.device)
+    policy = lora.wrap(models.load_lm(cfg.model, cfg.device), cfg)  # lora_r > 0: adapters only train
     data = demonstration_set(cfg.examples, cfg.seed)
     opt = make_optimizer([(policy.parameters(), cfg.lr)])
 
@@ -46,4 +46,4 @@ def train(cfg):
 
     loop(run, {"policy": policy}, opt, step_fn)
     models.save_lm(policy, run.dir / "model")
-    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg)})
+    return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg), **lora.summary(policy)})
