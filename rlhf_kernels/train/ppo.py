@@ -14,7 +14,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models, rollout, tasks
+from . import calibration, models, rollout, tasks
 from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
 
 
@@ -60,7 +60,8 @@ class PPO:
         self.cfg = cfg
         dev = cfg.device
         torch.manual_seed(cfg.seed)
-        self.policy = models.load_lm(cfg.policy, dev)
+        self.task = tasks.get(cfg.task)
+        self.policy = models.load_lm(cfg.policy, dev, len(self.task.WORDS))
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
         self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
@@ -72,6 +73,8 @@ class PPO:
         self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
         self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr), (self.critic.parameters(), cfg.critic_lr)])
         self.state = {"kl_coef": cfg.kl_coef}
+        if cfg.ppo_c:
+            self.state["ppo_c_rbar"] = cfg.ppo_c_rbar_init
         self.kl_ctl = AdaptiveKL(cfg)
 
     # rollout -------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ class PPO:
 
     def score(self, s):
         if self.rm is None:
-            return tasks.gold_reward(s.responses.cpu()).to(s.prompts.device)
+            return self.task.gold_reward(s.responses.cpu()).to(s.prompts.device)
         with torch.no_grad():
             return self.rm.score(s.ids, s.attn)
 
@@ -104,7 +107,9 @@ class PPO:
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
         values = rollout.chunked(lambda r: self.values(s, r), order, mb)
         dense = self.dense_reward(s, order)
-        raw_score = self.score(s)
+        raw_score, calib_stats = self.score(s), {}
+        if cfg.ppo_c:  # PPO-C: the content is scored without its confidence, then adjusted by it
+            raw_score, calib_stats = calibration.ppo_c_score(self.score, s, self.state, cfg)
         score = rollout.penalize_no_eos(raw_score, s.has_eos, cfg.no_eos_penalty, cfg.penalty_value)
         if cfg.score_clip is not None:
             score = score.clamp(-cfg.score_clip, cfg.score_clip)
@@ -116,11 +121,12 @@ class PPO:
         if cfg.whiten_advantages:
             advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
         kl_seq = torch.where(s.mask, old_logp - ref_logp, torch.zeros_like(old_logp)).sum(1)
-        stats = {"gold_reward": tasks.gold_reward(s.responses.cpu()).mean().item(),
+        stats = {"gold_reward": self.task.gold_reward(s.responses.cpu()).mean().item(),
                  "score": raw_score.float().mean().item(), "kl": kl_seq.mean().item(),
                  "entropy": (entropy.sum() / s.mask.sum()).item(), "no_eos": (~s.has_eos).float().mean().item(),
                  "response_len": s.mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
-                 "return_mean": (returns.sum() / vmask.sum()).item()}
+                 "return_mean": (returns.sum() / vmask.sum()).item(), **self.task.metrics(s.responses.cpu()),
+                 **calib_stats}
         if dense is not None:
             stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
         return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
@@ -170,7 +176,8 @@ class PPO:
         self.kl_ctl.update(self.state, ex["kl"], cfg.batch_size)
         metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_dev_first_minibatch": first_dev}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["eval_gold_reward"] = rollout.evaluate_cfg(self.policy, cfg)["gold_reward"]
+            ev = rollout.evaluate_cfg(self.policy, cfg)
+            metrics.update({f"eval_{k}": ev[k] for k in ("gold_reward", *self.task.METRICS)})
         tokens = int(s.attn.sum()) * (1 + cfg.epochs)
         return metrics, tokens
 
