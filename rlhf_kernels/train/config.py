@@ -45,6 +45,7 @@ class SFTConfig(RunConfig):
     steps: int = 200
     lr: float = 3e-3
     eval_every: int = 50
+    task: str = "sentiment"           # confidence task (PPO-C/PPO-M): "sentiment" (default) or "confidence"
 
 
 @dataclass
@@ -55,6 +56,12 @@ class RMConfig(RunConfig):
     steps: int = 100
     lr: float = 1e-3
     normalize: bool = True            # N+ detail 15: subtract the mean score on SFT demonstrations
+    # PPO-M, calibrated reward modelling (ALGORITHMS.md §8; crm.py)
+    task: str = "sentiment"           # "sentiment" (default) or "confidence" (confidence.py)
+    calibrated: bool = False          # train with the CRM loss on content ⊕ high/low confidence
+    crm_loss: str = "sigmoid"         # "sigmoid" (source default), "combined" (+ plain pair), "variant_1" (+ (cwh, rwl))
+    crm_low_max: int = 3              # low confidences are uniform on 0..crm_low_max
+    crm_high_min: int = 7             # high confidences are uniform on crm_high_min..10
 
 
 @dataclass
@@ -103,6 +110,13 @@ class PPOConfig(RunConfig):
     optimizer_eps: float = 1e-5       # eps of either optimizer (N+ AdamW 1e-5, SB3 A2C RMSprop 1e-5)
     rmsprop_alpha: float = 0.99       # RMSprop smoothing constant (SB3 A2C)
     ref_ema: Optional[float] = None   # η: θ_ref ← (1−η)θ_ref + η·θ_actor after each PPO iteration
+    # PPO-C, calibrated reward calculation (ALGORITHMS.md §8; calibration.py)
+    task: str = "sentiment"           # "sentiment" (default) or "confidence" (confidence.py)
+    ppo_c: bool = False               # score the content without its confidence, then adjust by the confidence
+    ppo_c_alpha: float = 0.1          # EMA rate of the running reward mean r̄
+    ppo_c_w: float = 2.0              # adjustment weight w (the paper's script; code default 0.5)
+    ppo_c_adjustment: str = "difference"  # "difference" (script) or "threshold" (code default)
+    ppo_c_rbar_init: float = 0.0      # r̄_0: the stored mean of a normalised RM, 0 once its offset is subtracted
 
 
 @dataclass
@@ -181,6 +195,8 @@ CHOICES = {
     "score_position": ("last", "eos+1"), "no_eos_penalty": ("replace", "subtract", "none"),
     "aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"),
     "loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "task": ("sentiment", "confidence"), "crm_loss": ("sigmoid", "combined", "variant_1"),
+    "ppo_c_adjustment": ("difference", "threshold"),
     "sft_aggregation": ("padded-mean", "token-sum", "token-mean"),  # RRHF
     "truncation": ("bootstrap", "done"),
     "reward_norm": ("none", "scale", "normalize"), "advantage_whiten_level": ("batch", "minibatch"),
@@ -353,6 +369,7 @@ def check(cfg):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     check_lora(cfg)
+    check_calibration(cfg)
     for key in ("label_noise",):
         if hasattr(cfg, key) and not 0 <= getattr(cfg, key) < 0.5:
             raise ConfigError(f"{key} must be in [0, 0.5), got {getattr(cfg, key)}")
@@ -391,6 +408,17 @@ def check_lora(cfg):
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not cfg.lora_target_modules.strip(" ,"):
         raise ConfigError("lora_target_modules must be 'all-linear' or a comma-separated list of module names")
+def check_calibration(cfg):
+    """PPO-C / PPO-M settings: both need the confidence task."""
+    if getattr(cfg, "ppo_c", False) or getattr(cfg, "calibrated", False):
+        key = "ppo_c" if getattr(cfg, "ppo_c", False) else "calibrated"
+        if cfg.task != "confidence":
+            raise ConfigError(f"{key} needs task=confidence (responses that state a confidence), got task={cfg.task!r}")
+    if isinstance(cfg, PPOConfig) and not 0 < cfg.ppo_c_alpha <= 1:
+        raise ConfigError(f"ppo_c_alpha must be in (0, 1], got {cfg.ppo_c_alpha}")
+    if isinstance(cfg, RMConfig) and not 0 <= cfg.crm_low_max < cfg.crm_high_min <= 10:
+        raise ConfigError(f"need 0 <= crm_low_max < crm_high_min <= 10, got crm_low_max={cfg.crm_low_max}, "
+                          f"crm_high_min={cfg.crm_high_min}")
 
 
 def to_dict(cfg):

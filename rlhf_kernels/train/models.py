@@ -33,7 +33,7 @@ def load_lm(spec, device="cpu", vocab_size=len(tasks.WORDS)):
     hf_logging.disable_progress_bar()
     attn = attn_implementation(device)
     if spec in TINY:
-        model = AutoModelForCausalLM.from_config(tasks.model_config(spec), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(tasks.model_config(spec, vocab_size), attn_implementation=attn)
     else:
         if not Path(spec, "config.json").is_file():
             raise FileNotFoundError(f"model {spec!r} is neither one of {', '.join(TINY)} nor a saved model "

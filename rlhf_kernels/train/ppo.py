@@ -16,7 +16,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import lora, models, ppo_max, ref_ema, rollout, tasks
+from . import calibration, lora, models, ppo_max, ref_ema, rollout, tasks
 from .optim import make_ppo_optimizer
 from .runlog import Run, clip_and_step, finish, loop, step_generator
 
@@ -63,7 +63,8 @@ class PPO:
         self.cfg = cfg
         dev = cfg.device
         torch.manual_seed(cfg.seed)
-        self.policy = lora.wrap(models.load_lm(cfg.policy, dev), cfg)  # lora_r > 0: adapters only train
+        self.task = tasks.get(cfg.task)
+        self.policy = lora.wrap(models.load_lm(cfg.policy, dev, len(self.task.WORDS)), cfg)  # lora_r > 0: adapters only train
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
         self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
@@ -76,6 +77,8 @@ class PPO:
         self.optimizer = make_ppo_optimizer(cfg, [(self.policy.parameters(), cfg.lr),
                                                   (self.critic.parameters(), cfg.critic_lr)])
         self.state = {"kl_coef": cfg.kl_coef}
+        if cfg.ppo_c:
+            self.state["ppo_c_rbar"] = cfg.ppo_c_rbar_init
         self.kl_ctl = AdaptiveKL(cfg)
         # PPO-max (ppo_max.py) and the reference EMA (ref_ema.py); both off by default
         self.moments = ppo_max.RunningMoments()
@@ -93,7 +96,7 @@ class PPO:
 
     def score(self, s):
         if self.rm is None:
-            return tasks.gold_reward(s.responses.cpu()).to(s.prompts.device)
+            return self.task.gold_reward(s.responses.cpu()).to(s.prompts.device)
         with torch.no_grad():
             return self.rm.score(s.ids, s.attn)
 
@@ -113,7 +116,9 @@ class PPO:
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
         values = rollout.chunked(lambda r: self.values(s, r), order, mb)
         dense = self.dense_reward(s, order)
-        raw_score = self.score(s)
+        raw_score, calib_stats = self.score(s), {}
+        if cfg.ppo_c:  # PPO-C: the content is scored without its confidence, then adjusted by it
+            raw_score, calib_stats = calibration.ppo_c_score(self.score, s, self.state, cfg)
         score = rollout.penalize_no_eos(raw_score, s.has_eos, cfg.no_eos_penalty, cfg.penalty_value)
         score = ppo_max.normalize_score(score, self.moments, cfg.reward_norm)
         if cfg.score_clip is not None:
@@ -126,11 +131,12 @@ class PPO:
         if cfg.whiten_advantages and cfg.advantage_whiten_level == "batch":
             advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
         kl_seq = torch.where(s.mask, old_logp - ref_logp, torch.zeros_like(old_logp)).sum(1)
-        stats = {"gold_reward": tasks.gold_reward(s.responses.cpu()).mean().item(),
+        stats = {"gold_reward": self.task.gold_reward(s.responses.cpu()).mean().item(),
                  "score": raw_score.float().mean().item(), "kl": kl_seq.mean().item(),
                  "entropy": (entropy.sum() / s.mask.sum()).item(), "no_eos": (~s.has_eos).float().mean().item(),
                  "response_len": s.mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
-                 "return_mean": (returns.sum() / vmask.sum()).item()}
+                 "return_mean": (returns.sum() / vmask.sum()).item(), **self.task.metrics(s.responses.cpu()),
+                 **calib_stats}
         if cfg.reward_norm != "none":
             stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if dense is not None:
@@ -191,7 +197,8 @@ class PPO:
         if cfg.critic_pretrain_steps:
             metrics["critic_only"] = float(critic_only)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["eval_gold_reward"] = rollout.evaluate_cfg(self.policy, cfg)["gold_reward"]
+            ev = rollout.evaluate_cfg(self.policy, cfg)
+            metrics.update({f"eval_{k}": ev[k] for k in ("gold_reward", *self.task.METRICS)})
         tokens = int(s.attn.sum()) * (1 + cfg.epochs)
         return metrics, tokens
 

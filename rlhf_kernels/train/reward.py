@@ -9,10 +9,10 @@ from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_gener
 from .sft import demonstration_set
 
 
-def pair_set(n, seed, label_noise):
+def pair_set(n, seed, label_noise, task=tasks):
     """(chosen Samples, rejected Samples) of n preference pairs labelled by the gold reward."""
     g = torch.Generator().manual_seed(seed + 1)
-    prompts, chosen, rejected = tasks.preference_pairs(n, g, label_noise)
+    prompts, chosen, rejected = task.preference_pairs(n, g, label_noise)
     out = []
     for resp in (chosen, rejected):
         r, mask, has_eos = rollout.truncate_after_eos(resp)
@@ -37,12 +37,16 @@ def accuracy(rm, chosen, rejected, device, batch=256):
 
 
 def train(cfg):
+    if cfg.calibrated:  # PPO-M's calibrated reward model (ALGORITHMS.md §8)
+        from .crm import train as train_crm
+        return train_crm(cfg)
     run = Run(cfg, "rm")
+    task = tasks.get(cfg.task)
     torch.manual_seed(cfg.seed)
-    rm = models.ScalarModel(models.load_lm(cfg.model, cfg.device)).to(cfg.device)
+    rm = models.ScalarModel(models.load_lm(cfg.model, cfg.device, len(task.WORDS))).to(cfg.device)
     rm.lm.get_output_embeddings().weight.requires_grad_(False)  # the LM head plays no part in a score
-    chosen, rejected = pair_set(cfg.pairs, cfg.seed, cfg.label_noise)
-    held_c, held_r = pair_set(256, cfg.seed + 7, 0.0)
+    chosen, rejected = pair_set(cfg.pairs, cfg.seed, cfg.label_noise, task)
+    held_c, held_r = pair_set(256, cfg.seed + 7, 0.0, task)
     opt = make_optimizer([(rm.parameters(), cfg.lr)])
 
     def step_fn(step):
@@ -65,7 +69,7 @@ def train(cfg):
     loop(run, {"rm": rm}, opt, step_fn)
     if cfg.normalize:
         rm.offset.zero_()
-        rm.offset.fill_(mean_score(rm, demonstration_set(512, cfg.seed + 3), cfg.device).item())
+        rm.offset.fill_(mean_score(rm, demonstration_set(512, cfg.seed + 3, task), cfg.device).item())
     rm.save(run.dir / "model")
     return finish(run, {"model": str(run.dir / "model"), "eval_accuracy": accuracy(rm, held_c, held_r, cfg.device),
                         "offset": rm.offset.item()})

@@ -81,19 +81,21 @@ def chunked(fn, order, size):
 
 
 @torch.no_grad()
-def evaluate(policy, *, n, seed, temperature, max_new_tokens, batch=128):
+def evaluate(policy, *, n, seed, temperature, max_new_tokens, batch=128, task=tasks):
     """Mean gold reward of the policy's samples on a fixed prompt set (same prompts and sampling
-    seed for every model compared), with the share of responses lacking <eos> and their length."""
+    seed for every model compared), with the share of responses lacking <eos>, their length and
+    the task's own metrics (task.metrics, e.g. calibration on the confidence task)."""
     g = torch.Generator().manual_seed(seed)
     prompts = tasks.prompts(n, g).to(policy.device)
-    gold, no_eos, length = [], [], []
+    responses, no_eos, length = [], [], []
     for i, p in enumerate(prompts.split(batch)):
         s = sample(policy, p, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
-        gold.append(tasks.gold_reward(s.responses.cpu()))
+        responses.append(s.responses.cpu())
         no_eos.append((~s.has_eos).float().cpu())
         length.append(s.mask.sum(1).float().cpu())
-    return {"gold_reward": torch.cat(gold).mean().item(), "no_eos": torch.cat(no_eos).mean().item(),
-            "response_len": torch.cat(length).mean().item()}
+    responses = torch.cat(responses)
+    return {"gold_reward": task.gold_reward(responses).mean().item(), "no_eos": torch.cat(no_eos).mean().item(),
+            "response_len": torch.cat(length).mean().item(), **task.metrics(responses)}
 
 
 EVAL_SEED = 424_242
@@ -102,4 +104,4 @@ EVAL_SEED = 424_242
 def evaluate_cfg(policy, cfg, n=None):
     """`evaluate` on the shared eval prompt set with the run's sampling settings."""
     return evaluate(policy, n=n or cfg.eval_prompts, seed=EVAL_SEED, temperature=cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens)
+                    max_new_tokens=cfg.max_new_tokens, task=tasks.get(getattr(cfg, "task", "sentiment")))

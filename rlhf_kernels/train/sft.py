@@ -6,10 +6,10 @@ from . import lora, models, rollout, tasks
 from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
 
 
-def demonstration_set(n, seed):
+def demonstration_set(n, seed, task=tasks):
     g = torch.Generator().manual_seed(seed)
-    prompts = tasks.prompts(n, g)
-    responses, mask, has_eos = rollout.truncate_after_eos(tasks.demonstrations(n, g))
+    prompts = task.prompts(n, g)
+    responses, mask, has_eos = rollout.truncate_after_eos(task.demonstrations(n, g))
     return rollout.Samples(prompts, responses, mask, has_eos)
 
 
@@ -32,8 +32,9 @@ def nll_step(run, step, policy, data, idx, cfg):
 def train(cfg):
     run = Run(cfg, "sft")
     torch.manual_seed(cfg.seed)
-    policy = lora.wrap(models.load_lm(cfg.model, cfg.device), cfg)  # lora_r > 0: adapters only train
-    data = demonstration_set(cfg.examples, cfg.seed)
+    task = tasks.get(cfg.task)
+    policy = lora.wrap(models.load_lm(cfg.model, cfg.device, len(task.WORDS)), cfg)  # lora_r > 0: adapters only train
+    data = demonstration_set(cfg.examples, cfg.seed, task)
     opt = make_optimizer([(policy.parameters(), cfg.lr)])
 
     def step_fn(step):

@@ -21,19 +21,19 @@ P_POSITIVE = 0.35         # share of positive words in SFT demonstrations
 PROMPT_LEN = 4
 
 
-def tokenizer():
-    """A word-level `PreTrainedTokenizerFast` over WORDS (built by the `tokenizers` library)."""
+def tokenizer(words=WORDS):
+    """A word-level `PreTrainedTokenizerFast` over `words` (built by the `tokenizers` library)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def model_config(arch):
+def model_config(arch, vocab_size=len(WORDS)):
     """A tiny Transformers config for `arch` ("tiny-llama" or "tiny-gpt2"), dropout off (N+ detail 7)."""
     from transformers import GPT2Config, LlamaConfig
-    ids = dict(vocab_size=len(WORDS), pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    ids = dict(vocab_size=vocab_size, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     if arch == "tiny-llama":
         return LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4, max_position_embeddings=64, attention_dropout=0.0,
@@ -106,3 +106,27 @@ def preference_pairs(n, generator, label_noise=0.0):
 def decode(tokens, tok=None):
     tok = tok or tokenizer()
     return [tok.decode([t for t in row if t != PAD]) for row in tokens.tolist()]
+
+
+METRICS = ()  # names of the task-specific metrics `metrics` returns
+
+
+def metrics(responses):
+    """Task-specific evaluation metrics beyond the gold reward: none for this task (see confidence.py)."""
+    return {}
+
+
+# The tasks a trainer's `task` key selects; each is a module with this module's interface
+# (WORDS, prompts, demonstrations, gold_reward, preference_pairs, model_config, tokenizer, metrics).
+TASKS = ("sentiment", "confidence")
+
+
+def get(name):
+    """The task module for config key `task`: "sentiment" is this module, "confidence" confidence.py."""
+    if name == "sentiment":
+        import sys
+        return sys.modules[__name__]
+    if name == "confidence":
+        from . import confidence
+        return confidence
+    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
