@@ -9,6 +9,7 @@ from .runlog import CheckpointError, TrainingDiverged
 USAGE = """usage:
   rlhf-kernels train {sft,rm,ppo,dpo,rto,rrhf,cartpole} [--config FILE] [--key=value ...] --out DIR
   rlhf-kernels demo [--out DIR] [--seed N]
+  rlhf-kernels generate --policy=DIR [--mcts --critic=DIR [--reward_model=DIR] [--simulations=S] ...] [--out FILE]
   rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
 
@@ -64,6 +65,12 @@ def main(argv=None):
                 raise ConfigError(f"demo takes --out, --seed and --progress, not {', '.join(sorted(unknown))}")
             run_demo(opts.get("out", "runs/demo"), seed=int(opts.get("seed", 0)),
                      progress=opts.get("progress", "true").lower() != "false")
+            return 0
+        if argv[0] == "generate":  # PPO-MCTS and plain decoding (generate.py)
+            from .config import build_generate
+            from .generate import run as run_generate
+            file, overrides = parse_options(argv[1:])
+            print(json.dumps(run_generate(build_generate(file, overrides)), indent=2))
             return 0
         raise ConfigError(f"unknown command {argv[0]!r}\n{USAGE}")
     except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:

@@ -425,4 +425,81 @@ def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ConfigError", "CONFIGS", "PRESETS", "build", "read_file", "to_dict"]
+# --- PPO-MCTS value-guided decoding: `rlhf-kernels generate` (generate.py, mcts.py; ALGORITHMS.md §9) ------
+# Not a trainer (no run directory, no checkpoint), so it is not in CONFIGS; build_generate reads it.
+@dataclass
+class GenerateConfig:
+    policy: str = ""                  # saved policy dir (a PPO run's model/) or a tiny arch name
+    critic: str = ""                  # saved value model (a PPO run's critic/): V(prefix) at its last position
+    mcts: bool = False                # value-guided search; else plain greedy / sampled decoding
+    reward_model: str = ""            # saved RM: value of terminal <eos> nodes = reward_gain·RM + reward_bias
+    ref: str = ""                     # reference policy of the KL step penalty (needed when kl_coef > 0)
+    simulations: int = 10             # S per generated token (released code's default)
+    c_puct: float = 8.0
+    top_k: int = 10                   # children kept per node (the k highest priors)
+    te: float = 1.0                   # prior temperature: P = softmax(z / te)
+    td: float = 1.0                   # decision temperature: π(a) ∝ N(root, a)^(1/td)
+    anneal_td: bool = True            # td·(1 − t/max_new_tokens) at token t
+    do_sample: bool = False           # sample the decision (MCTS: from N^(1/td); else: at `temperature`)
+    top_p: float = 1.0                # nucleus filter of the sampled MCTS decision
+    kl_coef: float = 0.0              # > 0: backup Q = γ·V(s') + klpen(s, a)
+    klpen: str = "logratio"           # "logratio": −β·log(π/π_ref)(a|s) (paper); "probdiff": −β·(π − π_ref)(a|s) (code)
+    clamp_kl: bool = False            # clamp the log-ratio / probability difference at >= 0 (code's clamp_kl)
+    gamma: float = 1.0
+    reward_gain: float = 1.0
+    reward_bias: float = 0.0
+    no_eos_value: Optional[float] = -1.0  # value of a node at max_new_tokens without <eos> (PPO's default
+    #                                   penalty_value under no_eos_penalty=replace); none: the critic's V
+    temperature: float = 1.0          # sampling temperature of plain (non-MCTS) sampled decoding
+    max_new_tokens: int = 10
+    prompts: int = 128                # held-out prompts, drawn with prompt_seed
+    prompt_seed: int = 424_242        # rollout.EVAL_SEED: the prompts every trainer evaluates on
+    seed: int = 0                     # sampling seed
+    batch_size: int = 128             # prompts decoded (and searched) together
+    out: str = ""                     # JSON file for the summary and every response
+    device: str = "cpu"
+    progress: bool = True
+
+
+CHOICES["klpen"] = ("logratio", "probdiff")
+
+
+def build_generate(file=None, overrides=None):
+    """GenerateConfig from defaults, then `file`, then `overrides`, checked like a trainer config."""
+    valid = [f.name for f in dataclasses.fields(GenerateConfig)]
+    values = {}
+    layers = ([(read_file(file), f"config file {file}")] if file else []) + [(overrides or {}, "override")]
+    for settings, source in layers:
+        for key, value in settings.items():
+            key = str(key).replace("-", "_")
+            if key not in valid:
+                raise ConfigError(f"{source}: unknown key {key!r} for 'generate'; valid keys: {', '.join(valid)}")
+            values[key] = _coerce(GenerateConfig, key, value, source)
+    cfg = GenerateConfig(**values)
+    check_generate(cfg)
+    return cfg
+
+
+def check_generate(cfg):
+    for key in ("simulations", "top_k", "max_new_tokens", "prompts", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("c_puct", "te", "td", "temperature", "reward_gain"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if not 0 < cfg.gamma <= 1:
+        raise ConfigError(f"gamma must be in (0, 1], got {cfg.gamma}")
+    if cfg.kl_coef < 0:
+        raise ConfigError(f"kl_coef must be >= 0, got {cfg.kl_coef}")
+    if not cfg.policy:
+        raise ConfigError("generate needs policy (a saved model directory, e.g. runs/ppo/model)")
+    if cfg.mcts and not cfg.critic:
+        raise ConfigError("generate --mcts needs critic (the PPO run's value model, e.g. runs/ppo/critic)")
+    if cfg.mcts and cfg.kl_coef > 0 and not cfg.ref:
+        raise ConfigError("generate --mcts with kl_coef > 0 needs ref (the PPO run's reference policy, "
+                          "e.g. runs/sft/model)")
+
+
+__all__ = ["ConfigError", "CONFIGS", "PRESETS", "build", "build_generate", "read_file", "to_dict"]
