@@ -2,6 +2,7 @@
 table per op (also `rlhf-kernels bench ...` from a source checkout)."""
 import argparse
 import importlib
+import time
 
 from bench.common import TABLES, machine, measure_ceilings
 
@@ -25,7 +26,11 @@ def main(argv=None):
     ceilings = measure_ceilings(a.quick)  # once, so every table is read against the same ceilings
     print(f"ceilings measured in this run: {ceilings}\n", flush=True)
     for name in a.only or ALL:
+        wall, cpu = time.perf_counter(), time.process_time()
         importlib.import_module(f"bench.bench_{name}").run(quick=a.quick, csv_dir=a.csv, ceilings=ceilings)
+        # CPU time too: on a shared machine it, not the wall time, says what an idle run would take
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"({name}: {wall:.0f} s wall, {cpu:.0f} s CPU in this process)\n", flush=True)
     if a.plot:
         from bench.plot import plot_all
         for path in plot_all(TABLES, a.plot):

@@ -39,6 +39,17 @@ def _trl(name):
     return getattr(u, name)
 
 
+def _contenders(wrap, eager, compiled, trl_name, rk_fn, names):
+    """{name: wrap(fn)} for the eager and compiled baseline, TRL's helper `trl_name` (a skipped row
+    when TRL is missing) and rk's kernels `rk_fn(logits, tokens, backend)`; and the skipped rows."""
+    fns = {f"{names} (eager)": wrap(eager), f"{names} (torch.compile)": wrap(compiled)}
+    trl, skipped = peers({f"TRL {trl_name}": lambda: wrap(_trl(trl_name))})
+    fns.update(trl)
+    for label, b in rk_backends("logprobs_from_logits").items():
+        fns[label] = wrap(lambda x, t, b=b: rk_fn(x, t, b))
+    return fns, skipped
+
+
 def run(quick=False, csv_dir=None, ceilings=None):
     B, T, V = (2, 128, 32000) if quick else (8, 512, 32000)
     N = B * T
@@ -48,45 +59,41 @@ def run(quick=False, csv_dir=None, ceilings=None):
     g1, g2 = (torch.randn(B, T, generator=g).to(DEVICE) for _ in range(2))
     repeats = 3 if quick else 7
     nbytes = 3 * N * V * 4
-    ours = rk_backends("logprobs_from_logits")
     compiled = torch.compile(log_softmax_gather)
     texts = []
+
+    def logp(x, t, b):
+        return rk.logprobs_from_logits(x, t, validate=False, backend=b)
+
+    # the kernels' answer must be the baseline's before they are timed
+    with torch.no_grad():
+        for b in rk_backends("logprobs_from_logits").values():
+            torch.testing.assert_close(logp(logits, tokens, b), log_softmax_gather(logits, tokens),
+                                       rtol=1e-5, atol=1e-4)
 
     # log-probs alone
     def step(fn):
         return lambda: torch.autograd.grad(fn(logits, tokens), logits, g1)
 
-    fns = {"log_softmax + gather (eager)": step(log_softmax_gather),
-           "log_softmax + gather (torch.compile)": step(compiled)}
-    trl, skipped = peers({"TRL selective_log_softmax": lambda: step(_trl("selective_log_softmax"))})
-    fns.update(trl)
-    for label, b in ours.items():
-        fns[label] = step(lambda x, t, b=b: rk.logprobs_from_logits(x, t, validate=False, backend=b))
-        # the kernel's answer must be the baseline's before it is timed
-        with torch.no_grad():
-            torch.testing.assert_close(rk.logprobs_from_logits(logits, tokens, backend=b),
-                                       log_softmax_gather(logits, tokens), rtol=1e-5, atol=1e-4)
+    base = "log_softmax + gather"
+    fns, skipped = _contenders(step, log_softmax_gather, compiled, "selective_log_softmax", logp, base)
     # not a contender: one read (forward) plus one read and a write into a fresh [N, V] tensor
     # (backward), page faults of the new allocation included; no kernel can beat it
     fns["floor: logits.sum() + logits.clone()"] = lambda: (logits.detach().sum(), logits.detach().clone())
     res, peaks = measure(fns, repeats=repeats)
     texts.append(report(f"logprobs_from_logits forward+backward, {N}x{V} fp32 ({B}x{T} rows; floor "
                         f"{nbytes / 1e9:.2f} GB moved; the gradient alone is {N * V * 4 / 2 ** 20:.0f} MiB)",
-                        res, "log_softmax + gather (eager)", ceilings, csv_name="logprobs_from_logits",
+                        res, f"{base} (eager)", ceilings, csv_name="logprobs_from_logits",
                         csv_dir=csv_dir, nbytes=nbytes, peaks=peaks, skipped=skipped))
 
     # log-probs and entropy, both differentiated
     def step2(fn):
         return lambda: torch.autograd.grad(fn(logits, tokens), logits, (g1, g2))
 
-    fns = {"log_softmax, gather, entropy (eager)": step2(with_entropy),
-           "log_softmax, gather, entropy (torch.compile)": step2(torch.compile(with_entropy))}
-    trl, skipped = peers({"TRL selective_log_softmax_and_entropy":
-                          lambda: step2(_trl("selective_log_softmax_and_entropy"))})
-    fns.update(trl)
-    for label, b in ours.items():
-        fns[label] = step2(lambda x, t, b=b: rk.logprobs_from_logits(x, t, return_entropy=True, validate=False,
-                                                                      backend=b))
+    fns, skipped = _contenders(step2, with_entropy, torch.compile(with_entropy), "selective_log_softmax_and_entropy",
+                               lambda x, t, b: rk.logprobs_from_logits(x, t, return_entropy=True, validate=False,
+                                                                       backend=b),
+                               "log_softmax, gather, entropy")
     res, peaks = measure(fns, repeats=repeats)
     texts.append(report(f"logprobs_from_logits with entropy, forward+backward, {N}x{V} fp32", res,
                         "log_softmax, gather, entropy (eager)", ceilings, csv_name="logprobs_from_logits_entropy",
@@ -99,15 +106,10 @@ def run(quick=False, csv_dir=None, ceilings=None):
                 fn(logits, tokens)
         return f
 
-    fns = {"log_softmax + gather (eager)": fwd(log_softmax_gather),
-           "log_softmax + gather (torch.compile)": fwd(compiled)}
-    trl, skipped = peers({"TRL selective_log_softmax": lambda: fwd(_trl("selective_log_softmax"))})
-    fns.update(trl)
-    for label, b in ours.items():
-        fns[label] = fwd(lambda x, t, b=b: rk.logprobs_from_logits(x, t, validate=False, backend=b))
+    fns, skipped = _contenders(fwd, log_softmax_gather, compiled, "selective_log_softmax", logp, base)
     res, peaks = measure(fns, repeats=repeats)
     texts.append(report(f"logprobs_from_logits forward only, {N}x{V} fp32 (floor {N * V * 4 / 1e9:.2f} GB read)",
-                        res, "log_softmax + gather (eager)", ceilings, csv_name="logprobs_from_logits_forward",
+                        res, f"{base} (eager)", ceilings, csv_name="logprobs_from_logits_forward",
                         csv_dir=csv_dir, nbytes=N * V * 4, peaks=peaks, skipped=skipped))
     return "\n".join(texts)
 
