@@ -216,10 +216,9 @@ def report(title, results, baseline, ceilings, *, csv_name, csv_dir=None, nbytes
     return text
 
 
-def measure(fns, *, repeats, warmup=1, peak=True):
-    """Timings of `fns` (see `interleaved`) and, when `peak`, each one's peak memory."""
-    res = interleaved(fns, repeats=repeats, warmup=warmup)
-    return res, ({k: peak_bytes(fn) for k, fn in fns.items()} if peak else {})
+def measure(fns, *, repeats, warmup=1):
+    """Timings of `fns` (see `interleaved`) and each one's peak memory."""
+    return interleaved(fns, repeats=repeats, warmup=warmup), {k: peak_bytes(fn) for k, fn in fns.items()}
 
 
 def script_main(run):
