@@ -2,8 +2,9 @@
 table per op (also `rlhf-kernels bench ...` from a source checkout)."""
 import argparse
 import importlib
+import time
 
-from bench.common import TABLES, copy_bandwidth, machine
+from bench.common import TABLES, machine, measure_ceilings
 
 ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
        "ppo_policy_loss", "ppo_value_loss", "dpo_loss", "train_step"]
@@ -21,10 +22,15 @@ def main(argv=None):
             import matplotlib  # noqa: F401  (checked up front: a missing plotter must not cost a whole run)
         except ImportError as e:
             p.error(f"--plot needs matplotlib ({e}); pip install matplotlib")
-    print(f"machine: {machine()}\n", flush=True)
-    bw = copy_bandwidth()
+    print(f"machine: {machine()}", flush=True)
+    ceilings = measure_ceilings(a.quick)  # once, so every table is read against the same ceilings
+    print(f"ceilings measured in this run: {ceilings}\n", flush=True)
     for name in a.only or ALL:
-        importlib.import_module(f"bench.bench_{name}").run(quick=a.quick, csv_dir=a.csv, bandwidth=bw)
+        wall, cpu = time.perf_counter(), time.process_time()
+        importlib.import_module(f"bench.bench_{name}").run(quick=a.quick, csv_dir=a.csv, ceilings=ceilings)
+        # CPU time too: on a shared machine it, not the wall time, says what an idle run would take
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"({name}: {wall:.0f} s wall, {cpu:.0f} s CPU in this process)\n", flush=True)
     if a.plot:
         from bench.plot import plot_all
         for path in plot_all(TABLES, a.plot):

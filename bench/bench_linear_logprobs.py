@@ -1,12 +1,14 @@
-"""linear_logprobs forward+backward on CPU: rk's tiled kernel vs the compute floor, the naive
-composition and torch's chunked linear_cross_entropy; then agreement with Liger-Kernel and Cut
-Cross-Entropy.
+"""linear_logprobs forward+backward: rk's tiled kernels vs the compute floor, the naive composition
+(eager and torch.compile), torch's chunked linear_cross_entropy and Cut Cross-Entropy (its
+torch_compile implementation, the one that runs on a CPU); then agreement with Liger-Kernel's fused
+linear cross entropy (Triton, so run under the interpreter and never timed here) and CCE.
 
 Floor: the three GEMMs any exact method runs — logits h·Wᵀ, d(hidden) = dZ·W, d(weight) = dZᵀ·h,
 2·N·V·H FLOPs each. A method that never stores the [N, V] logits recomputes them in backward (a
 fourth GEMM), so 4/3 = 1.33× the floor is its practical limit. Bytes that must move (hidden, weight
-in; their gradients out: 2·(N + V)·H elements) are negligible next to 6·N·V·H FLOPs: compute bound.
-Extra peak memory: the naive composition holds the fp32 logits, their log-softmax and gradient
+in; their gradients out: 2·(N + V)·H elements) are negligible next to 6·N·V·H FLOPs: compute bound,
+so GFLOP/s counts those 6·N·V·H against the fp32 GEMM ceiling.
+Peak memory: the naive composition holds the fp32 logits, their log-softmax and gradient
 ([N, V] each, 1 GiB at N=2048, V=128256); rk holds the weight gradient [V, H] and budget-capped tiles.
 """
 import json
@@ -19,9 +21,8 @@ import torch.nn.functional as F
 
 import rlhf_kernels as rk
 
-from bench.common import fmt_time, interleaved, peak_bytes, script_main, table, write_csv
+from bench.common import DEVICE, interleaved, peak_bytes, peers, report, rk_backends, script_main, table
 
-MIB = 2 ** 20
 FULL, QUICK = (2048, 256, 128256), (256, 256, 8192)
 
 
@@ -30,29 +31,42 @@ def _lce(**kw):
     return None if opts is None or not hasattr(F, "linear_cross_entropy") else opts(**kw)
 
 
-FLOOR, NAIVE, RK = "3 bare GEMMs (floor)", "naive (matmul, log_softmax, gather)", "rk cpu"
+FLOOR, NAIVE = "3 bare GEMMs (floor)", "naive (matmul, log_softmax, gather)"
+NAIVE_COMPILED = "naive (torch.compile)"
+CCE = "Cut Cross-Entropy (impl=torch_compile)"
 LCE_DEFAULT = "torch linear_cross_entropy (LinearCrossEntropyOptions())"
 LCE_256 = "torch linear_cross_entropy (batch_chunk_size=256)"
 
 
-def _contenders(h, w, tok, slow_ok):
-    """{name: log-prob function} for hidden h, weight w (both requiring grad) and tokens; the floor
-    is separate. `slow_ok`: include torch's default chunking (tens of times the floor here)."""
-    low = h.dtype != torch.float32
-
+def _naive(tok, low):
     def naive(h, w):
         logits = h @ w.T
         return torch.log_softmax(logits.float() if low else logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    return naive
 
-    fns = {NAIVE: naive}
+
+def _cce(tok):
+    from cut_cross_entropy import linear_cross_entropy as cce
+    return lambda h, w: -cce(h, w, tok, reduction="none", impl="torch_compile").float()
+
+
+def _contenders(h, w, tok, slow_ok):
+    """({name: log-prob function}, {peer: reason skipped}) for hidden h, weight w (both requiring
+    grad) and tokens; the floor is separate. `slow_ok`: include torch's default chunking (tens of
+    times the floor here)."""
+    naive = _naive(tok, h.dtype != torch.float32)
+    fns = {NAIVE: naive, NAIVE_COMPILED: torch.compile(naive)}
     lce_default, lce_256 = _lce(), _lce(chunking_method=None, batch_chunk_size=256)
     if lce_default is not None and slow_ok:
         fns[LCE_DEFAULT] = lambda h, w: -F.linear_cross_entropy(h, w, tok, reduction="none",
                                                                 options=lce_default).float()
     if lce_256 is not None:
         fns[LCE_256] = lambda h, w: -F.linear_cross_entropy(h, w, tok, reduction="none", options=lce_256).float()
-    fns[RK] = lambda h, w: rk.linear_logprobs(h, w, tok, backend="cpu")
-    return fns
+    cce, skipped = peers({CCE: lambda: _cce(tok)}, trial=lambda f: torch.autograd.grad(f(h, w).sum(), (h, w)))
+    fns.update(cce)
+    for label, b in rk_backends("linear_logprobs").items():
+        fns[label] = lambda h, w, b=b: rk.linear_logprobs(h, w, tok, backend=b)
+    return fns, skipped
 
 
 def _reference_logp(h, w, tok, rows=128):
@@ -64,18 +78,18 @@ def _reference_logp(h, w, tok, rows=128):
     return torch.cat(out)
 
 
-def _table(N, H, V, dtype, quick, csv_dir):
+def _table(N, H, V, dtype, quick, csv_dir, ceilings):
     g0 = torch.Generator().manual_seed(0)
-    h = torch.randn(N, H, generator=g0).to(dtype).requires_grad_(True)
-    w = (torch.randn(V, H, generator=g0) / H ** 0.5).to(dtype).requires_grad_(True)
-    tok = torch.randint(0, V, (N,), generator=g0)
-    g = torch.randn(N, generator=g0)
+    h = torch.randn(N, H, generator=g0).to(DEVICE, dtype).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g0) / H ** 0.5).to(DEVICE, dtype).requires_grad_(True)
+    tok = torch.randint(0, V, (N,), generator=g0).to(DEVICE)
+    g = torch.randn(N, generator=g0).to(DEVICE)
     # torch's default chunking runs at tens of times the floor on this CPU (its aspect-ratio rule gives
     # 4-row chunks at V/H = 501; over 100x in bf16): timed once at full size in fp32, skipped in bf16
     slow_ok = dtype == torch.float32
-    fns = _contenders(h, w, tok, slow_ok)
+    fns, skipped = _contenders(h, w, tok, slow_ok)
     hd, wd = h.detach(), w.detach()
-    buf = {"z": torch.empty(N, V, dtype=dtype), "dh": torch.empty_like(hd), "dw": torch.empty_like(wd)}
+    buf = {"z": torch.empty(N, V, dtype=dtype, device=DEVICE), "dh": torch.empty_like(hd), "dw": torch.empty_like(wd)}
 
     def floor():
         torch.mm(hd, wd.T, out=buf["z"])
@@ -89,27 +103,20 @@ def _table(N, H, V, dtype, quick, csv_dir):
     res.update(interleaved(once, repeats=1, warmup=0))
     buf.clear()  # the floor's [N, V] buffer must not sit in the peaks measured next
     ref = _reference_logp(hd, wd, tok)
-    floor_t, naive_t = res[FLOOR][0], res[NAIVE][0]
-    rows = []
-    for name, (med, lo, hi) in res.items():
-        row = {"impl": name, "median": fmt_time(med) + (" (1 run)" if name in once else ""),
-               "spread": f"{fmt_time(lo)} – {fmt_time(hi)}", "× floor": f"{med / floor_t:.2f}",
-               "speedup vs naive": f"{naive_t / med:.2f}x"}
-        if name != FLOOR:
-            if name not in once:
-                with torch.no_grad():
-                    row["max |Δlogp| vs fp64"] = f"{(fns[name](hd, wd).double() - ref).abs().max():.1e}"
-            row["extra peak MiB"] = "-" if name in once else f"{peak_bytes(steps[name]) / MIB:.0f}"
-        rows.append(row)
-    cols = ["impl", "median", "spread", "× floor", "speedup vs naive", "extra peak MiB", "max |Δlogp| vs fp64"]
-    gflop = 6 * N * V * H / 1e9
+    floor_t = res[FLOOR][0]
+    extra, peaks = {}, {}
+    for name, (med, *_rest) in res.items():
+        extra[name] = {"× floor": f"{med / floor_t:.2f}"}
+        if name in fns and name not in once:
+            with torch.no_grad():
+                extra[name]["max abs Δlogp vs fp64"] = f"{(fns[name](hd, wd).double() - ref).abs().max():.1e}"
+            peaks[name] = peak_bytes(steps[name])
     name = str(dtype).replace("torch.", "")
-    text = table(f"linear_logprobs forward+backward, N={N} H={H} V={V} {name} (floor = 3 {name} GEMMs = "
-                 f"{gflop:.0f} GFLOP at {gflop / floor_t:.0f} GFLOP/s; rk budget "
-                 f"{os.environ.get('RLHF_KERNELS_CHUNK_BYTES', '256 MiB (default)')})", rows, cols)
-    if csv_dir:
-        write_csv(f"{csv_dir}/linear_logprobs_{name}.csv", rows, cols)
-    return text
+    return report(f"linear_logprobs forward+backward, N={N} H={H} V={V} {name} (floor = 3 {name} GEMMs = "
+                  f"{6 * N * V * H / 1e9:.0f} GFLOP; rk budget "
+                  f"{os.environ.get('RLHF_KERNELS_CHUNK_BYTES', '256 MiB (default)')})", res, NAIVE, ceilings,
+                  csv_name=f"linear_logprobs_{name}", csv_dir=csv_dir, flops=6 * N * V * H, peaks=peaks,
+                  skipped=skipped, extra=extra)
 
 
 def _agreement():
@@ -181,13 +188,16 @@ def agreement_table():
                  ["peer", "max abs diff"])
 
 
-def run(quick=False, csv_dir=None, bandwidth=None):
+def run(quick=False, csv_dir=None, ceilings=None):
     N, H, V = QUICK if quick else FULL
-    texts = [_table(N, H, V, torch.float32, quick, csv_dir), _table(N, H, V, torch.bfloat16, quick, csv_dir)]
+    texts = [_table(N, H, V, dtype, quick, csv_dir, ceilings) for dtype in (torch.float32, torch.bfloat16)]
     if not quick:
         texts.append(agreement_table())
     return "\n".join(texts)
 
 
 if __name__ == "__main__":
-    script_main(run)
+    if sys.argv[1:] == ["--agreement-json"]:  # the child process of agreement_table()
+        print(json.dumps(_agreement()))
+    else:
+        script_main(run)

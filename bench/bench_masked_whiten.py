@@ -1,5 +1,6 @@
-"""masked_whiten on CPU: rk cpu vs the eager reference, torch.compile of it, and the TRL-style
-composition (masked mean, masked unbiased variance, then the whitening, one torch op at a time).
+"""masked_whiten: rk's kernels vs the eager reference, torch.compile of it, and the composition TRL's
+PPO trainer used (masked mean, masked unbiased variance, then the whitening, one torch op at a time;
+written here, as TRL 1.16 no longer ships a PPO trainer or its masked_whiten helper).
 
 Floor: the statistics are needed before the first output, so a tensor larger than the caches is read
 twice: 2 × (4 B of x + 1 B of mask) + 4 B written = 14 bytes per element (9 if it stays in cache).
@@ -11,11 +12,11 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
+from bench.common import DEVICE, measure, report, rk_backends, script_main
 
 
 def trl_style_whiten(x, mask, shift_mean=True):
-    """Masked mean, then masked variance with Bessel's correction, as TRL's helpers compose them."""
+    """Masked mean, then masked variance with Bessel's correction, as TRL's helpers composed them."""
     m = mask.to(x.dtype)
     n = m.sum()
     mean = (x * m).sum() / n
@@ -26,29 +27,24 @@ def trl_style_whiten(x, mask, shift_mean=True):
     return out * m
 
 
-def run(quick=False, csv_dir=None, bandwidth=None):
-    bandwidth = bandwidth or copy_bandwidth()
+def run(quick=False, csv_dir=None, ceilings=None):
     compiled = torch.compile(reference.masked_whiten)
-    cols = ["impl", "median", "spread", "speedup vs reference (eager)", "GB/s"]
     texts = []
     for B, T in [(64, 1024)] + ([] if quick else [(256, 4096), (1024, 4096)]):
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(B, T, generator=g) * 2 + 1
-        mask = torch.arange(T) < torch.randint(T // 4, T + 1, (B,), generator=g)[:, None]
-        fast = lambda: rk.masked_whiten(x, mask, unbiased=True, backend="cpu")  # noqa: E731
+        x = (torch.randn(B, T, generator=g) * 2 + 1).to(DEVICE)
+        mask = (torch.arange(T) < torch.randint(T // 4, T + 1, (B,), generator=g)[:, None]).to(DEVICE)
         exp = reference.masked_whiten(x.double(), mask, True, True)
-        torch.testing.assert_close(fast().double(), exp, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(trl_style_whiten(x, mask).double(), exp, rtol=1e-4, atol=1e-4)
         fns = {"reference (eager)": lambda: reference.masked_whiten(x, mask, True, True),
                "reference (torch.compile)": lambda: compiled(x, mask, True, True),
-               "TRL-style composition": lambda: trl_style_whiten(x, mask),
-               "rk cpu": fast}
-        res = interleaved(fns, repeats=5 if quick else 9)
-        rows = timing_rows(res, "reference (eager)", 14 * B * T, bandwidth)
-        texts.append(table(f"masked_whiten unbiased, {B}x{T} fp32 (copy bandwidth {bandwidth / 1e9:.1f} GB/s)",
-                           rows, cols))
-        if csv_dir:
-            write_csv(f"{csv_dir}/masked_whiten_{B}x{T}.csv", rows, cols)
+               "TRL-style composition": lambda: trl_style_whiten(x, mask)}
+        for label, b in rk_backends("masked_whiten").items():
+            fns[label] = lambda b=b: rk.masked_whiten(x, mask, unbiased=True, backend=b)
+            torch.testing.assert_close(fns[label]().double(), exp, rtol=1e-5, atol=1e-5)
+        res, peaks = measure(fns, repeats=5 if quick else 9)
+        texts.append(report(f"masked_whiten unbiased, {B}x{T} fp32", res, "reference (eager)", ceilings,
+                            csv_name=f"masked_whiten_{B}x{T}", csv_dir=csv_dir, nbytes=14 * B * T, peaks=peaks))
     return "\n".join(texts)
 
 

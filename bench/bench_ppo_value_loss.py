@@ -12,44 +12,39 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, peak_bytes, script_main, table, timing_rows, write_csv
+from bench.common import DEVICE, measure, report, rk_backends, script_main
 
 BYTES_PER_TOKEN = 30
 
 
 def _inputs(B, T):
     g = torch.Generator().manual_seed(0)
-    values = torch.randn(B, T, generator=g).requires_grad_(True)
-    old = values.detach() + torch.randn(B, T, generator=g) * 0.3
-    returns = values.detach() + torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    old = values + torch.randn(B, T, generator=g) * 0.3
+    returns = values + torch.randn(B, T, generator=g)
     lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
     mask = torch.arange(T) < lengths[:, None]
-    return values, old, returns, mask
+    values, old, returns, mask = (t.to(DEVICE) for t in (values, old, returns, mask))
+    return values.requires_grad_(True), old, returns, mask
 
 
-def run(quick=False, csv_dir=None, bandwidth=None):
-    shapes = [(64, 1024)] if quick else [(64, 1024), (256, 4096)]
-    bandwidth = bandwidth or copy_bandwidth()
+def run(quick=False, csv_dir=None, ceilings=None):
     compiled = torch.compile(reference.ppo_value_loss)
     texts = []
-    for B, T in shapes:
+    for B, T in [(64, 1024)] + ([] if quick else [(256, 4096)]):
         values, old, returns, mask = _inputs(B, T)
 
         def step(fn):
             return lambda: torch.autograd.grad(fn(values, old, returns, mask)[0], values)
 
         fns = {"reference (eager)": step(lambda *a: reference.ppo_value_loss(*a, 0.2, "token-mean")),
-               "reference (torch.compile)": step(lambda *a: compiled(*a, 0.2, "token-mean")),
-               "rk cpu": step(lambda *a: rk.ppo_value_loss(*a, backend="cpu"))}
-        res = interleaved(fns, repeats=20 if quick else 30, warmup=3)
-        rows = timing_rows(res, "reference (eager)", BYTES_PER_TOKEN * B * T, bandwidth)
-        for row, fn in zip(rows, fns.values()):
-            row["peak memory"] = f"{peak_bytes(fn) / 2 ** 20:.2f} MiB"
-        cols = ["impl", "median", "spread", "speedup vs reference (eager)", "GB/s", "peak memory"]
-        texts.append(table(f"ppo_value_loss token-mean clip=0.2, forward+backward, {B}x{T} fp32, "
-                           f"{torch.get_num_threads()} threads (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", rows, cols))
-        if csv_dir:
-            write_csv(f"{csv_dir}/ppo_value_loss_{B}x{T}.csv", rows, cols)
+               "reference (torch.compile)": step(lambda *a: compiled(*a, 0.2, "token-mean"))}
+        for label, b in rk_backends("ppo_value_loss").items():
+            fns[label] = step(lambda *a, b=b: rk.ppo_value_loss(*a, backend=b))
+        res, peaks = measure(fns, repeats=20 if quick else 30, warmup=3)
+        texts.append(report(f"ppo_value_loss token-mean clip=0.2, forward+backward, {B}x{T} fp32", res,
+                            "reference (eager)", ceilings, csv_name=f"ppo_value_loss_{B}x{T}", csv_dir=csv_dir,
+                            nbytes=BYTES_PER_TOKEN * B * T, peaks=peaks))
     return "\n".join(texts)
 
 

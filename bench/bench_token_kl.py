@@ -1,36 +1,34 @@
-"""token_kl forward+backward: the cpu kernel vs the eager reference and torch.compile of it."""
+"""token_kl forward+backward: rk's kernels vs the eager reference and torch.compile of it.
+
+Floor (fp32): forward reads logp and ref and writes kl; backward reads the upstream gradient, logp
+and ref and writes two gradients: 8 × 4 bytes per token.
+"""
 
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import copy_bandwidth, interleaved, script_main, table, timing_rows, write_csv
+from bench.common import DEVICE, measure, report, rk_backends, script_main
 
 
-def run(quick=False, csv_dir=None, bandwidth=None):
+def run(quick=False, csv_dir=None, ceilings=None):
     B, T = (64, 1024) if quick else (256, 4096)
-    logp = (-torch.rand(B, T) * 5).requires_grad_(True)
-    ref = -torch.rand(B, T) * 5
-    g = torch.randn(B, T)
+    logp = (-torch.rand(B, T, device=DEVICE) * 5).requires_grad_(True)
+    ref = -torch.rand(B, T, device=DEVICE) * 5
+    g = torch.randn(B, T, device=DEVICE)
     compiled = torch.compile(reference.token_kl)
 
     def step(fn):
         return lambda: torch.autograd.backward(fn(logp, ref, "k3"), g)
 
     fns = {"reference (eager)": step(lambda a, b, e: reference.token_kl(a, b, e)),
-           "reference (torch.compile)": step(lambda a, b, e: compiled(a, b, e)),
-           "rk cpu": step(lambda a, b, e: rk.token_kl(a, b, estimator=e, backend="cpu"))}
-    res = interleaved(fns, repeats=5 if quick else 9)
-    # floor: fwd reads logp, ref, writes kl; bwd reads grad, logp, ref, writes two grads (fp32)
-    nbytes = 4 * B * T * (3 + 5)
-    bandwidth = bandwidth or copy_bandwidth()
-    cols = ["impl", "median", "spread", "speedup vs reference (eager)", "GB/s"]
-    rows = timing_rows(res, "reference (eager)", nbytes, bandwidth)
-    text = table(f"token_kl k3, forward+backward, {B}x{T} fp32 (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", rows, cols)
-    if csv_dir:
-        write_csv(f"{csv_dir}/token_kl.csv", rows, cols)
-    return text
+           "reference (torch.compile)": step(lambda a, b, e: compiled(a, b, e))}
+    for label, b in rk_backends("token_kl").items():
+        fns[label] = step(lambda x, y, e, b=b: rk.token_kl(x, y, estimator=e, backend=b))
+    res, peaks = measure(fns, repeats=5 if quick else 9)
+    return report(f"token_kl k3, forward+backward, {B}x{T} fp32", res, "reference (eager)", ceilings,
+                  csv_name="token_kl", csv_dir=csv_dir, nbytes=4 * B * T * (3 + 5), peaks=peaks)
 
 
 if __name__ == "__main__":

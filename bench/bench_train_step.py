@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rlhf_kernels as rk
 from rlhf_kernels.train.models import hidden_states, token_logprobs
 
-from bench.common import fmt_time, interleaved, peak_bytes, script_main, table, write_csv
+from bench.common import DEVICE, measure, report, script_main
 
 
 def _setup(B, T, V, H, seed=0):
@@ -23,12 +23,12 @@ def _setup(B, T, V, H, seed=0):
     cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2 * T,
                       tie_word_embeddings=False)
-    policy = LlamaForCausalLM(cfg)
-    value_head = torch.nn.Linear(H, 1)
+    policy = LlamaForCausalLM(cfg).to(DEVICE)
+    value_head = torch.nn.Linear(H, 1).to(DEVICE)
     prompt = T // 4
-    ids = torch.randint(0, V, (B, T))
+    ids = torch.randint(0, V, (B, T), device=DEVICE)
     attn = torch.ones_like(ids)
-    mask = torch.ones(B, T - prompt, dtype=torch.bool)
+    mask = torch.ones(B, T - prompt, dtype=torch.bool, device=DEVICE)
     mask[0, -(T // 8):] = False  # a shorter response, as in a real batch
     with torch.no_grad():
         old = token_logprobs(policy, ids, attn, prompt, mask, impl="fused")
@@ -38,7 +38,7 @@ def _setup(B, T, V, H, seed=0):
     return policy, value_head, ids, attn, prompt, mask, old, old_v, adv, ret
 
 
-def run(quick=False, csv_dir=None, bandwidth=None):
+def run(quick=False, csv_dir=None, ceilings=None):
     B, T, V, H = (2, 128, 32000, 32) if quick else (4, 512, 128256, 64)
     policy, value_head, ids, attn, prompt, mask, old, old_v, adv, ret = _setup(B, T, V, H)
     params = list(policy.parameters()) + list(value_head.parameters())
@@ -55,19 +55,16 @@ def run(quick=False, csv_dir=None, bandwidth=None):
             (pg + 0.1 * vf).backward()
         return f
 
-    fns = {"naive (logits + log_softmax)": step("naive"), "fused (rk.linear_logprobs)": step("fused")}
-    res = interleaved(fns, repeats=3 if quick else 5)
-    mem = {k: peak_bytes(fn) for k, fn in fns.items()}
-    base_t, base_m = res["naive (logits + log_softmax)"][0], mem["naive (logits + log_softmax)"]
-    rows = [{"impl": k, "median": fmt_time(med), "spread": f"{fmt_time(lo)} – {fmt_time(hi)}",
-             "speedup vs naive": f"{base_t / med:.2f}x", "peak memory": f"{mem[k] / 2**20:.0f} MiB",
-             "memory vs naive": f"{mem[k] / base_m:.2f}x"} for k, (med, lo, hi) in res.items()]
-    cols = ["impl", "median", "spread", "speedup vs naive", "peak memory", "memory vs naive"]
-    text = table(f"PPO train step (policy + value, fwd + bwd), B={B} T={T} V={V} H={H} fp32, "
-                 f"{sum(p.numel() for p in params) / 1e6:.1f}M params", rows, cols)
-    if csv_dir:
-        write_csv(f"{csv_dir}/train_step.csv", rows, cols)
-    return text
+    naive = "naive (logits + log_softmax)"
+    fns = {naive: step("naive"), "fused (rk.linear_logprobs)": step("fused")}
+    res, peaks = measure(fns, repeats=3 if quick else 5)
+    extra = {k: {"memory vs naive": f"{peaks[k] / peaks[naive]:.2f}x"} for k in fns}
+    n_resp = B * (T - prompt)
+    return report(f"PPO train step (policy + value, fwd + bwd), B={B} T={T} V={V} H={H} fp32, "
+                  f"{sum(p.numel() for p in params) / 1e6:.1f}M params (GFLOP/s: the head's 6·N·V·H, "
+                  f"N = {n_resp} response tokens)",
+                  res, naive, ceilings, csv_name="train_step", csv_dir=csv_dir, flops=6 * n_resp * V * H,
+                  peaks=peaks, extra=extra)
 
 
 if __name__ == "__main__":

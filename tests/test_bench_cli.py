@@ -43,3 +43,37 @@ def test_plot_skips_tables_without_timings(tmp_path):
     agreement = ("agree", [{"peer": "x", "max abs diff": "skipped: ImportError"}], ["peer", "max abs diff"])
     paths = plot_all([timed, agreement], str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["t.png"]
+
+
+def test_a_missing_peer_is_a_skipped_row_not_an_error(monkeypatch, capsys):
+    from bench import common
+    from bench.bench_logprobs_from_logits import _trl
+
+    monkeypatch.setitem(__import__("sys").modules, "trl", None)  # as if TRL were not installed
+    fns, skipped = common.peers({"TRL selective_log_softmax": lambda: _trl("selective_log_softmax"),
+                                 "fails when run": lambda: (lambda: 1 / 0),
+                                 "works": lambda: (lambda: None)})
+    assert list(fns) == ["works"]
+    assert skipped["TRL selective_log_softmax"].startswith("skipped: ModuleNotFoundError")
+    assert skipped["fails when run"].startswith("skipped: ZeroDivisionError")
+    ceil = common.Ceilings(copy=10e9, gemm=100e9)
+    res = {"ref": (2e-3, 1e-3, 3e-3, 5), "fast": (1e-3, 1e-3, 2e-3, 5)}
+    text = common.report("t", res, "ref", ceil, csv_name="t", nbytes=10 ** 7, peaks={"ref": 2 ** 21, "fast": None},
+                         skipped=skipped, extra={"fast": {"max |Δ|": "1e-7"}})
+    lines = text.splitlines()
+    assert lines[2] == ("| impl | median | spread | speedup vs ref | peak MiB | GB/s (% of copy) | max \\|Δ\\| |")
+    assert "| ref | 2.000 ms | 1.000 ms – 3.000 ms | 1.00x | 2.0 | 5 (50%) |  |" in lines
+    assert "| fast | 1.000 ms | 1.000 ms – 2.000 ms | 2.00x | - | 10 (100%) | 1e-7 |" in lines
+    assert any(ln.startswith("| TRL selective_log_softmax | skipped: ModuleNotFoundError") for ln in lines)
+    # every row has as many cells as the header: no bare | inside a cell
+    assert {ln.replace("\\|", "").count("|") for ln in lines if ln.startswith("|")} == {8}
+
+
+def test_cpu_rows_are_the_cpu_kernels():
+    import rlhf_kernels as rk
+    from bench.common import DEVICE, rk_backends
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the GPU path times triton and cuda")
+    built = rk.available_backends()["cpu"] == "available"
+    assert rk_backends("gae") == ({"rk cpu": "cpu"} if built else {})  # never the interpreted triton
