@@ -14,7 +14,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models, rollout, tasks
+from . import ensemble, models, rollout, tasks
 from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
 
 
@@ -62,9 +62,9 @@ class PPO:
         torch.manual_seed(cfg.seed)
         self.policy = models.load_lm(cfg.policy, dev)
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
-        self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
+        self.rm = None if cfg.reward_model == "gold" else models.freeze(ensemble.load_reward(cfg, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
-            self.critic = copy.deepcopy(self.rm)  # N+: value model initialised from the reward model
+            self.critic = copy.deepcopy(ensemble.first_member(self.rm))  # N+: value model initialised from the RM
             for p in self.critic.parameters():
                 p.requires_grad_(True)
         else:  # critic_init="policy", or no reward model to start from
@@ -123,6 +123,7 @@ class PPO:
                  "return_mean": (returns.sum() / vmask.sum()).item()}
         if dense is not None:
             stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
+        stats.update(getattr(self.rm, "stats", {}))  # a reward-model ensemble: member mean and spread
         return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
                     returns=returns, vmask=vmask, stats=stats, kl=kl_seq.mean().item())
 
