@@ -10,6 +10,8 @@ USAGE = """usage:
   rlhf-kernels train {sft,rm,ppo,dpo,rto,rrhf,cartpole} [--config FILE] [--key=value ...] --out DIR
   rlhf-kernels demo [--out DIR] [--seed N]
   rlhf-kernels generate --policy=DIR [--mcts --critic=DIR [--reward_model=DIR] [--simulations=S] ...] [--out FILE]
+  rlhf-kernels bon --policy=DIR --reward_model=DIR[,DIR...] [--n=16] [--ensemble_reduce=mean|wco|uwo] --out DIR
+  rlhf-kernels experiment overoptimization [--key=value ...] --out DIR
   rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
 
@@ -72,7 +74,22 @@ def main(argv=None):
             file, overrides = parse_options(argv[1:])
             print(json.dumps(run_generate(build_generate(file, overrides)), indent=2))
             return 0
+        if argv[0] in ("bon", "experiment"):  # reward-model ensembles (ALGORITHMS.md §7)
+            return ensemble_command(argv)
         raise ConfigError(f"unknown command {argv[0]!r}\n{USAGE}")
     except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
         print(f"rlhf-kernels: error: {e}", file=sys.stderr)
         return 2
+
+
+def ensemble_command(argv):
+    """`bon` and `experiment overoptimization`: their keys are BoNConfig's and OveroptConfig's."""
+    if argv[0] == "bon":
+        from .bon import run_bon
+        run_bon(build("bon", *parse_options(argv[1:])))
+        return 0
+    if len(argv) < 2 or argv[1] != "overoptimization":
+        raise ConfigError(f"experiment needs a name: overoptimization\n{USAGE}")
+    from .overopt import run_experiment
+    run_experiment(build("overoptimization", *parse_options(argv[2:])))
+    return 0

@@ -62,6 +62,10 @@ class RMConfig(RunConfig):
     crm_loss: str = "sigmoid"         # "sigmoid" (source default), "combined" (+ plain pair), "variant_1" (+ (cwh, rwl))
     crm_low_max: int = 3              # low confidences are uniform on 0..crm_low_max
     crm_high_min: int = 7             # high confidences are uniform on crm_high_min..10
+    # reward-model ensembles (ALGORITHMS.md §7): k > 1 trains out/member_0..k-1, seeds seed..seed+k-1,
+    # all on the same preference data (data_seed; None: seed)
+    ensemble: int = 1
+    data_seed: Optional[int] = None
 
 
 @dataclass
@@ -117,6 +121,11 @@ class PPOConfig(RunConfig):
     ppo_c_w: float = 2.0              # adjustment weight w (the paper's script; code default 0.5)
     ppo_c_adjustment: str = "difference"  # "difference" (script) or "threshold" (code default)
     ppo_c_rbar_init: float = 0.0      # r̄_0: the stored mean of a normalised RM, 0 once its offset is subtracted
+    # reward-model ensembles (ALGORITHMS.md §7): used when reward_model names several RMs
+    # (comma-separated dirs, or a dir written by `train rm --ensemble=k`)
+    ensemble_reduce: str = "mean"     # "mean", "wco" (min over members) or "uwo" (mean − λ·variance)
+    uwo_lambda: float = 0.1           # λ of UWO (Coste et al.'s PPO config)
+    uwo_unbiased: bool = False        # variance /(k−1) (their PPO code) instead of /k (paper, BoN code)
 
 
 @dataclass
@@ -190,6 +199,43 @@ class RRHFConfig(RunConfig):
 
 CONFIGS["rrhf"] = RRHFConfig  # RRHF (issue 6 item 4)
 
+
+# reward-model ensembles (ALGORITHMS.md §7): `rlhf-kernels bon` and `rlhf-kernels experiment overoptimization`
+@dataclass
+class BoNConfig(RunConfig):
+    policy: str = "tiny-llama"        # the policy to sample from (a saved SFT model dir)
+    reward_model: str = ""            # proxy: a saved RM dir, comma-separated dirs or an ensemble dir
+    n: int = 16                       # largest n; gold and proxy are reported at n = 1, 2, 4, ..., n
+    ensemble_reduce: str = "mean"
+    uwo_lambda: float = 0.5           # Coste et al.'s BoN default
+    uwo_unbiased: bool = False
+    eval_prompts: int = 128
+
+
+@dataclass
+class OveroptConfig(PPOConfig):
+    """The PPO keys apply to every PPO run of the experiment; the rest set up its SFT and proxy RMs."""
+    policy: str = ""                  # "": train an SFT policy in out/sft (reused when present)
+    reward_model: str = ""            # "": train the proxy ensemble in out/rms (reused when present)
+    runs: str = "single,wco,uwo"      # PPO runs, any of single (member 0 alone), mean, wco, uwo
+    sft_steps: int = 150
+    members: int = 3
+    rm_pairs: int = 300
+    rm_label_noise: float = 0.3
+    rm_steps: int = 40
+    rm_lr: float = 1e-3
+    steps: int = 40
+    batch_size: int = 32
+    minibatches: int = 2
+    micro_batch_size: int = 16
+    kl_coef: float = 0.01             # Coste et al.: a small KL penalty
+    uwo_lambda: float = 0.5
+    eval_every: int = 5
+    eval_prompts: int = 128
+
+
+COMMANDS = {"bon": BoNConfig, "overoptimization": OveroptConfig}
+
 CHOICES = {
     "logprob_impl": ("fused", "naive"), "critic_init": ("reward", "policy"), "kl_estimator": ("k1", "k2", "k3"),
     "score_position": ("last", "eos+1"), "no_eos_penalty": ("replace", "subtract", "none"),
@@ -244,6 +290,7 @@ PRESETS = {
         "optimizer_eps": 1e-5,
     },
 }
+CHOICES["ensemble_reduce"] = ("mean", "wco", "uwo")  # reward-model ensembles
 
 
 def read_file(path):
@@ -296,9 +343,9 @@ def _coerce(cls, key, value, source):
 
 def build(kind, file=None, overrides=None):
     """The config of algorithm `kind` from defaults, then `file`, then `overrides` (key -> value/str)."""
-    if kind not in CONFIGS:
+    if kind not in CONFIGS and kind not in COMMANDS:
         raise ConfigError(f"unknown trainer {kind!r}; expected one of {', '.join(CONFIGS)}")
-    cls = CONFIGS[kind]
+    cls = CONFIGS.get(kind) or COMMANDS[kind]
     valid = [f.name for f in dataclasses.fields(cls)]
     values = {}
     layers = ([(read_file(file), f"config file {file}")] if file else []) + [(overrides or {}, "override")]
@@ -373,6 +420,24 @@ def check(cfg):
     for key in ("label_noise",):
         if hasattr(cfg, key) and not 0 <= getattr(cfg, key) < 0.5:
             raise ConfigError(f"{key} must be in [0, 0.5), got {getattr(cfg, key)}")
+    check_ensemble(cfg)
+
+
+def check_ensemble(cfg):
+    """Reward-model ensemble keys (ALGORITHMS.md §7)."""
+    for key in ("ensemble", "n", "members", "sft_steps", "rm_pairs", "rm_steps"):
+        if hasattr(cfg, key) and getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if getattr(cfg, "uwo_lambda", 0.0) < 0:
+        raise ConfigError(f"uwo_lambda must be >= 0, got {cfg.uwo_lambda}")
+    if isinstance(cfg, OveroptConfig):
+        if not 0 <= cfg.rm_label_noise < 0.5:
+            raise ConfigError(f"rm_label_noise must be in [0, 0.5), got {cfg.rm_label_noise}")
+        runs = [r.strip() for r in cfg.runs.split(",") if r.strip()]
+        bad = [r for r in runs if r not in ("single", "mean", "wco", "uwo")]
+        if bad or not runs or len(set(runs)) < len(runs):
+            raise ConfigError(f"runs must be distinct names among single, mean, wco, uwo (comma-separated), "
+                              f"got {cfg.runs!r}")
 
 
 def check_ppo_extras(cfg):

@@ -16,7 +16,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import calibration, lora, models, ppo_max, ref_ema, rollout, tasks
+from . import calibration, ensemble, lora, models, ppo_max, ref_ema, rollout, tasks
 from .optim import make_ppo_optimizer
 from .runlog import Run, clip_and_step, finish, loop, step_generator
 
@@ -66,9 +66,9 @@ class PPO:
         self.task = tasks.get(cfg.task)
         self.policy = lora.wrap(models.load_lm(cfg.policy, dev, len(self.task.WORDS)), cfg)  # lora_r > 0: adapters only train
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
-        self.rm = None if cfg.reward_model == "gold" else models.freeze(models.ScalarModel.load(cfg.reward_model, dev))
+        self.rm = None if cfg.reward_model == "gold" else models.freeze(ensemble.load_reward(cfg, dev))
         if cfg.critic_init == "reward" and self.rm is not None:
-            self.critic = copy.deepcopy(self.rm)  # N+: value model initialised from the reward model
+            self.critic = copy.deepcopy(ensemble.first_member(self.rm))  # N+: value model initialised from the RM
             for p in self.critic.parameters():
                 p.requires_grad_(True)
         else:  # critic_init="policy", or no reward model to start from
@@ -141,6 +141,7 @@ class PPO:
             stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if dense is not None:
             stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
+        stats.update(getattr(self.rm, "stats", {}))  # a reward-model ensemble: member mean and spread
         return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
                     returns=returns, vmask=vmask, stats=stats, kl=kl_seq.mean().item())
 

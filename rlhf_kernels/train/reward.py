@@ -37,6 +37,9 @@ def accuracy(rm, chosen, rejected, device, batch=256):
 
 
 def train(cfg):
+    if cfg.ensemble > 1:  # k members with different seeds (ensemble.py)
+        from .ensemble import train_members
+        return train_members(cfg)
     if cfg.calibrated:  # PPO-M's calibrated reward model (ALGORITHMS.md §8)
         from .crm import train as train_crm
         return train_crm(cfg)
@@ -45,8 +48,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     rm = models.ScalarModel(models.load_lm(cfg.model, cfg.device, len(task.WORDS))).to(cfg.device)
     rm.lm.get_output_embeddings().weight.requires_grad_(False)  # the LM head plays no part in a score
-    chosen, rejected = pair_set(cfg.pairs, cfg.seed, cfg.label_noise, task)
-    held_c, held_r = pair_set(256, cfg.seed + 7, 0.0, task)
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    chosen, rejected = pair_set(cfg.pairs, data_seed, cfg.label_noise, task)
+    held_c, held_r = pair_set(256, data_seed + 7, 0.0, task)
     opt = make_optimizer([(rm.parameters(), cfg.lr)])
 
     def step_fn(step):
@@ -69,7 +73,7 @@ def train(cfg):
     loop(run, {"rm": rm}, opt, step_fn)
     if cfg.normalize:
         rm.offset.zero_()
-        rm.offset.fill_(mean_score(rm, demonstration_set(512, cfg.seed + 3, task), cfg.device).item())
+        rm.offset.fill_(mean_score(rm, demonstration_set(512, data_seed + 3, task), cfg.device).item())
     rm.save(run.dir / "model")
     return finish(run, {"model": str(run.dir / "model"), "eval_accuracy": accuracy(rm, held_c, held_r, cfg.device),
                         "offset": rm.offset.item()})
