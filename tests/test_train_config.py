@@ -14,6 +14,10 @@ def test_defaults_and_overrides(tmp_path):
         (0.01, "k3", 0.28, 7, 3.0, True)
     assert cfg.kl_target is None
     assert config.build("dpo", None, {"loss_type": "ipo"}).loss_type == "ipo"
+    # YAML 1.1 reads exponent notation without a dot as a string; a float key still takes it
+    assert config.build("ppo", None, {"lr": "5e-3", "critic_lr": "1E-4"}).lr == 0.005
+    f.write_text("lr: 3e-4\n")
+    assert config.build("ppo", f).lr == 3e-4
 
 
 def test_json_file(tmp_path):

@@ -12,6 +12,7 @@ USAGE = """usage:
   rlhf-kernels generate --policy=DIR [--mcts --critic=DIR [--reward_model=DIR] [--simulations=S] ...] [--out FILE]
   rlhf-kernels bon --policy=DIR --reward_model=DIR[,DIR...] [--n=16] [--ensemble_reduce=mean|wco|uwo] --out DIR
   rlhf-kernels experiment overoptimization [--key=value ...] --out DIR
+  rlhf-kernels experiment calibration [--out DIR] [--seed N] [--full=true]
   rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
 
@@ -83,13 +84,17 @@ def main(argv=None):
 
 
 def ensemble_command(argv):
-    """`bon` and `experiment overoptimization`: their keys are BoNConfig's and OveroptConfig's."""
+    """`bon`, `experiment overoptimization` (BoNConfig's and OveroptConfig's keys) and `experiment calibration`."""
     if argv[0] == "bon":
         from .bon import run_bon
         run_bon(build("bon", *parse_options(argv[1:])))
         return 0
+    if len(argv) >= 2 and argv[1] == "calibration":  # PPO-C / PPO-M vs PPO (calibration_experiment.py)
+        from .calibration_experiment import main as calibration_main
+        calibration_main(argv[2:])
+        return 0
     if len(argv) < 2 or argv[1] != "overoptimization":
-        raise ConfigError(f"experiment needs a name: overoptimization\n{USAGE}")
+        raise ConfigError(f"experiment needs a name: overoptimization or calibration\n{USAGE}")
     from .overopt import run_experiment
     run_experiment(build("overoptimization", *parse_options(argv[2:])))
     return 0

@@ -330,6 +330,11 @@ def _coerce(cls, key, value, source):
             value = yaml.safe_load(value)
         except Exception as e:
             raise ConfigError(f"{source}: {key}={value!r} does not parse: {e}") from e
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if base is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
           isinstance(value, int) and not isinstance(value, bool) if base is int else isinstance(value, base))
@@ -345,7 +350,13 @@ def build(kind, file=None, overrides=None):
     """The config of algorithm `kind` from defaults, then `file`, then `overrides` (key -> value/str)."""
     if kind not in CONFIGS and kind not in COMMANDS:
         raise ConfigError(f"unknown trainer {kind!r}; expected one of {', '.join(CONFIGS)}")
-    cls = CONFIGS.get(kind) or COMMANDS[kind]
+    cfg = _fill(CONFIGS.get(kind) or COMMANDS[kind], kind, file, overrides)
+    check(cfg)
+    return cfg
+
+
+def _fill(cls, kind, file, overrides):
+    """An instance of `cls` from its defaults, a preset, `file`, then `overrides`, every key checked."""
     valid = [f.name for f in dataclasses.fields(cls)]
     values = {}
     layers = ([(read_file(file), f"config file {file}")] if file else []) + [(overrides or {}, "override")]
@@ -356,9 +367,7 @@ def build(kind, file=None, overrides=None):
             if key not in valid:
                 raise ConfigError(f"{source}: unknown key {key!r} for '{kind}'; valid keys: {', '.join(valid)}")
             values[key] = _coerce(cls, key, value, source)
-    cfg = cls(**values)
-    check(cfg)
-    return cfg
+    return cls(**values)
 
 
 def _preset_layer(cls, layers):
@@ -460,6 +469,8 @@ def check_ppo_extras(cfg):
     if cfg.reward_norm != "none" and cfg.batch_size < 2:
         raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), "
                           f"got {cfg.batch_size}")
+
+
 def check_lora(cfg):
     if cfg.lora_r < 0:
         raise ConfigError(f"lora_r must be >= 0 (0 = LoRA off), got {cfg.lora_r}")
@@ -473,6 +484,11 @@ def check_lora(cfg):
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not cfg.lora_target_modules.strip(" ,"):
         raise ConfigError("lora_target_modules must be 'all-linear' or a comma-separated list of module names")
+    if getattr(cfg, "ref_ema", None) is not None and not getattr(cfg, "ref", ""):
+        raise ConfigError("ref_ema with lora_r > 0: the reference is the policy with its adapters disabled, "
+                          "which has no weights of its own to average; pass --ref=DIR or turn ref_ema off")
+
+
 def check_calibration(cfg):
     """PPO-C / PPO-M settings: both need the confidence task."""
     if getattr(cfg, "ppo_c", False) or getattr(cfg, "calibrated", False):
@@ -531,16 +547,7 @@ CHOICES["klpen"] = ("logratio", "probdiff")
 
 def build_generate(file=None, overrides=None):
     """GenerateConfig from defaults, then `file`, then `overrides`, checked like a trainer config."""
-    valid = [f.name for f in dataclasses.fields(GenerateConfig)]
-    values = {}
-    layers = ([(read_file(file), f"config file {file}")] if file else []) + [(overrides or {}, "override")]
-    for settings, source in layers:
-        for key, value in settings.items():
-            key = str(key).replace("-", "_")
-            if key not in valid:
-                raise ConfigError(f"{source}: unknown key {key!r} for 'generate'; valid keys: {', '.join(valid)}")
-            values[key] = _coerce(GenerateConfig, key, value, source)
-    cfg = GenerateConfig(**values)
+    cfg = _fill(GenerateConfig, "generate", file, overrides)
     check_generate(cfg)
     return cfg
 
