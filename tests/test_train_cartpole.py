@@ -9,6 +9,8 @@ import torch
 from rlhf_kernels.train import cartpole, classic, config
 from rlhf_kernels.train.cli import main
 
+from train_helpers import interrupt_then_resume
+
 
 def test_dynamics_hand_computed_from_rest():
     # θ = 0, pushed right: temp = F/M = 100/11, θ̈ = −temp / (l(4/3 − m/M)) = −600/41,
@@ -94,18 +96,8 @@ def test_cli_run_and_resume(tmp_path, monkeypatch):
     assert {"episode_return", "episodes", "env_steps", "pg_loss", "vf_loss", "clipfrac", "approx_kl"} <= set(rows[0])
     assert json.loads((d / "result.json").read_text())["env_steps"] == 3 * 4 * 16
     # a run stopped after step 2 and resumed gives the same metrics: the environments are checkpointed too
-    original = classic.ClassicPPO.step
-
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(classic.ClassicPPO, "step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "cartpole", *SMALL, "--steps=3", "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(classic.ClassicPPO, "step", original)
-    assert main(["train", "cartpole", *SMALL, "--steps=3", "--out", str(tmp_path / "resumed")]) == 0
+    assert interrupt_then_resume(monkeypatch, classic.ClassicPPO, 3, lambda: main(
+        ["train", "cartpole", *SMALL, "--steps=3", "--out", str(tmp_path / "resumed")])) == 0
     assert _rows(tmp_path / "resumed") == rows
 
 

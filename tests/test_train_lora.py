@@ -12,7 +12,7 @@ import rlhf_kernels as rk
 from rlhf_kernels.train import config, lora, models, ppo, tasks
 from rlhf_kernels.train.cli import main, parse_options
 
-from train_helpers import FAST, PPO_FAST, metrics
+from train_helpers import FAST, PPO_FAST, interrupt_then_resume, metrics
 
 R, ALPHA = 4, 8.0
 LORA = {"lora_r": R, "lora_alpha": ALPHA}
@@ -198,21 +198,13 @@ def test_ppo_reference_saving_and_resume(tmp_path, monkeypatch):
     assert not torch.allclose(logprobs(ref), before, atol=1e-4)
 
     # resume: a run stopped after step 1 and restarted gives the same metrics and the same model
-    original = ppo.PPO.step
+    def checkpointed_after_step_1():
+        ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+        assert ck["step"] == 1 and len(metrics(tmp_path / "resumed")) == 1
+        assert any(".lora_B." in k for k in ck["models"]["policy"])  # the adapter state is checkpointed
 
-    def crash_at_2(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(ppo.PPO, "step", crash_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        ppo.train(ppo_cfg(tmp_path, "resumed"))
-    assert len(metrics(tmp_path / "resumed")) == 1
-    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert any(".lora_B." in k for k in ck["models"]["policy"])  # the adapter state is checkpointed
-    monkeypatch.setattr(ppo.PPO, "step", original)
-    ppo.train(ppo_cfg(tmp_path, "resumed"))
+    interrupt_then_resume(monkeypatch, ppo.PPO, 2, lambda: ppo.train(ppo_cfg(tmp_path, "resumed")),
+                          between=checkpointed_after_step_1)
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "resumed")
     a, b = (models.load_lm(str(tmp_path / d / "model")).state_dict() for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,7 +6,7 @@ import torch
 from rlhf_kernels.train import config, ppo
 from rlhf_kernels.train.runlog import CheckpointError, Run, TrainingDiverged
 
-from train_helpers import PPO_FAST, metrics
+from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 
 def make(tmp_path, name="run", **keys):
@@ -35,19 +35,11 @@ def test_ratio_exactly_one_on_first_minibatch(tmp_path, keys):
 def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
     keys = {"steps": 3, "kl_target": 1.0}  # adaptive KL: its state must survive the restart too
     ppo.train(make(tmp_path, "straight", **keys))
-    original = ppo.PPO.step
+    def two_steps_logged():
+        assert len(metrics(tmp_path / "resumed")) == 2
 
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(ppo.PPO, "step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        ppo.train(make(tmp_path, "resumed", **keys))
-    assert len(metrics(tmp_path / "resumed")) == 2
-    monkeypatch.setattr(ppo.PPO, "step", original)
-    ppo.train(make(tmp_path, "resumed", **keys))
+    interrupt_then_resume(monkeypatch, ppo.PPO, 3, lambda: ppo.train(make(tmp_path, "resumed", **keys)),
+                          between=two_steps_logged)
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert len(a) == 3 and a == b
     assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0

@@ -11,7 +11,7 @@ from rlhf_kernels.train import config, models, ppo, ppo_max
 from rlhf_kernels.train.cli import main
 from rlhf_kernels.train.runlog import Run
 
-from train_helpers import PPO_FAST, metrics
+from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 
 def make(tmp_path, name="run", **keys):
@@ -155,18 +155,7 @@ def test_resume_gives_the_same_metrics_with_running_moments_ptx_and_ref_ema(tmp_
     keys = {"steps": 3, "reward_norm": "scale", "ptx_coef": 0.2, "ptx_batch_size": 4, "ptx_examples": 64,
             "ref_ema": 0.5, "advantage_whiten_level": "minibatch", "advantage_clip": 1.0}
     ppo.train(make(tmp_path, "straight", **keys))
-    original = ppo.PPO.step
-
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(ppo.PPO, "step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        ppo.train(make(tmp_path, "resumed", **keys))
-    monkeypatch.setattr(ppo.PPO, "step", original)
-    ppo.train(make(tmp_path, "resumed", **keys))
+    interrupt_then_resume(monkeypatch, ppo.PPO, 3, lambda: ppo.train(make(tmp_path, "resumed", **keys)))
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert len(a) == 3 and a == b
     assert a[-1]["reward_running_std"] > 0 and a[-1]["ptx_loss"] > 0

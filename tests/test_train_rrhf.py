@@ -9,7 +9,7 @@ from rlhf_kernels.train import config, models, rrhf, tasks
 from rlhf_kernels.train.runlog import Run, clip_and_step
 from rlhf_kernels.train.cli import main
 
-from train_helpers import FAST, metrics
+from train_helpers import FAST, interrupt_then_resume, metrics
 
 RRHF_FAST = {**FAST, "steps": 2, "batch_size": 4, "micro_batch_size": 2, "samples": 2, "demonstrations": 1}
 
@@ -80,19 +80,12 @@ def test_candidates_are_grouped_by_prompt(tmp_path):
 def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
     keys = {**RRHF_FAST, "steps": 2}
     rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "straight")}))
-    original = rrhf.RRHF.step
+    def one_step_logged():
+        assert len(metrics(tmp_path / "resumed")) == 1
 
-    def crash_at_2(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(rrhf.RRHF, "step", crash_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "resumed")}))
-    assert len(metrics(tmp_path / "resumed")) == 1
-    monkeypatch.setattr(rrhf.RRHF, "step", original)
-    rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "resumed")}))
+    interrupt_then_resume(monkeypatch, rrhf.RRHF, 2,
+                          lambda: rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "resumed")})),
+                          between=one_step_logged)
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert len(a) == 2 and a == b
 
