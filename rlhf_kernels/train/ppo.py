@@ -116,9 +116,10 @@ class PPO:
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
         values = rollout.chunked(lambda r: self.values(s, r), order, mb)
         dense = self.dense_reward(s, order)
-        raw_score, calib_stats = self.score(s), {}
         if cfg.ppo_c:  # PPO-C: the content is scored without its confidence, then adjusted by it
             raw_score, calib_stats = calibration.ppo_c_score(self.score, s, self.state, cfg)
+        else:
+            raw_score, calib_stats = self.score(s), {}
         score = rollout.penalize_no_eos(raw_score, s.has_eos, cfg.no_eos_penalty, cfg.penalty_value)
         score = ppo_max.normalize_score(score, self.moments, cfg.reward_norm)
         if cfg.score_clip is not None:
