@@ -1,8 +1,9 @@
 """PPO-MCTS decoding (mcts.py, ALGORITHMS.md §9): PUCT selection, backup and child-Q initialisation
 on hand-built trees (numbers computed by hand), the decision temperature, the KV-cache path against
-a full re-encode, S=1 equals greedy, and `rlhf-kernels generate` end to end."""
+a full re-encode, S=1 equals greedy, `rlhf-kernels generate` and `experiment mcts` end to end."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,46 @@ def test_generate_bad_options(args, match, capsys):
 def test_missing_model_is_named(tmp_path, capsys):
     assert main(["generate", "--policy", str(tmp_path / "nope"), "--progress=false"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_mcts_experiment_sweep_table_plot_and_reuse(tmp_path, capsys, monkeypatch):
+    """`experiment mcts` decodes greedy, sampled and every (S, c_puct), writes table, summary and
+    plot, and a rerun with a wider sweep decodes only the new points."""
+    from rlhf_kernels.train import mcts_experiment
+    d = save_tiny(tmp_path)
+    out = tmp_path / "exp"
+    common = ["--policy", d["policy"], "--critic", d["critic"], "--reward_model", d["rm"], "--prompts=4",
+              "--batch_size=4", "--max_new_tokens=4", "--progress=false", "--out", str(out)]
+    assert main(["experiment", "mcts", *common, "--sweep_simulations=1,3", "--sweep_c_puct=8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())["decodings"]
+    assert list(summary) == ["greedy", "sampled", "mcts_S1_c8", "mcts_S3_c8"]
+    assert summary["mcts_S3_c8"]["simulations"] == 3 and summary["mcts_S3_c8"]["c_puct"] == 8
+    # one simulation per token is greedy decoding (test_one_simulation_is_greedy), so the rows agree
+    assert summary["mcts_S1_c8"]["gold_reward"] == summary["greedy"]["gold_reward"]
+    for name, row in summary.items():
+        saved = json.loads((out / "decode" / f"{name}.json").read_text())
+        assert saved["gold_reward"] == row["gold_reward"] and len(saved["samples"]) == 4
+    assert (out / "table.md").read_text().count("\n| ") == 5 and (out / "mcts.png").stat().st_size > 0
+    assert "| MCTS S=3, c_puct=8 |" in capsys.readouterr().out
+
+    decoded = []
+    real = mcts_experiment.decode
+    monkeypatch.setattr(mcts_experiment, "decode", lambda g: decoded.append(Path(g.out).stem) or real(g))
+    assert main(["experiment", "mcts", *common, "--sweep_simulations=1,3", "--sweep_c_puct=8,1"]) == 0
+    assert decoded == ["mcts_S1_c1", "mcts_S3_c1"]
+    assert len(json.loads((out / "summary.json").read_text())["decodings"]) == 6
+    # a changed setting that applies to every decoding invalidates every saved one
+    decoded.clear()
+    assert main(["experiment", "mcts", *common[:-2], "--out", str(out), "--sweep_simulations=1",
+                 "--sweep_c_puct=8", "--top_k=3"]) == 0
+    assert decoded == ["greedy", "sampled", "mcts_S1_c8"]
+
+
+@pytest.mark.parametrize("args,match", [(["--sweep_c_puct=0"], "sweep_c_puct must be a comma-separated list"),
+                                        (["--sweep_simulations=a,2"], "sweep_simulations"),
+                                        (["--policy=nope"], "make demo")])
+def test_mcts_experiment_bad_options(tmp_path, args, match, capsys):
+    d = save_tiny(tmp_path)
+    common = [f"--policy={d['policy']}", f"--critic={d['critic']}", "--out", str(tmp_path / "x")]
+    assert main(["experiment", "mcts", *common, *args]) == 2
+    assert match in capsys.readouterr().err

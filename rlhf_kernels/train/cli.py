@@ -13,6 +13,7 @@ USAGE = """usage:
   rlhf-kernels bon --policy=DIR --reward_model=DIR[,DIR...] [--n=16] [--ensemble_reduce=mean|wco|uwo] --out DIR
   rlhf-kernels experiment overoptimization [--key=value ...] --out DIR
   rlhf-kernels experiment calibration [--out DIR] [--seed N] [--full=true]
+  rlhf-kernels experiment mcts [--policy=DIR --critic=DIR --reward_model=DIR] [--sweep_simulations=10,30,50] [--sweep_c_puct=8,2,1] [--out DIR]
   rlhf-kernels bench [--quick] [--only NAME ...] [--csv DIR] [--plot DIR]   (from a source checkout)
 Keys are the fields of the trainer's config (rlhf_kernels/train/config.py); dashes or underscores."""
 
@@ -84,7 +85,8 @@ def main(argv=None):
 
 
 def ensemble_command(argv):
-    """`bon`, `experiment overoptimization` (BoNConfig's and OveroptConfig's keys) and `experiment calibration`."""
+    """`bon`, `experiment overoptimization` (BoNConfig's and OveroptConfig's keys), `experiment calibration`
+    and `experiment mcts`."""
     if argv[0] == "bon":
         from .bon import run_bon
         run_bon(build("bon", *parse_options(argv[1:])))
@@ -93,8 +95,12 @@ def ensemble_command(argv):
         from .calibration_experiment import main as calibration_main
         calibration_main(argv[2:])
         return 0
+    if len(argv) >= 2 and argv[1] == "mcts":  # PPO-MCTS vs greedy and sampled decoding (mcts_experiment.py)
+        from . import mcts_experiment
+        mcts_experiment.run_experiment(mcts_experiment.build(*parse_options(argv[2:])))
+        return 0
     if len(argv) < 2 or argv[1] != "overoptimization":
-        raise ConfigError(f"experiment needs a name: overoptimization or calibration\n{USAGE}")
+        raise ConfigError(f"experiment needs a name: overoptimization, calibration or mcts\n{USAGE}")
     from .overopt import run_experiment
     run_experiment(build("overoptimization", *parse_options(argv[2:])))
     return 0
