@@ -220,11 +220,11 @@ class OveroptConfig(PPOConfig):
     runs: str = "single,wco,uwo"      # PPO runs, any of single (member 0 alone), mean, wco, uwo
     sft_steps: int = 150
     members: int = 3
-    rm_pairs: int = 300
-    rm_label_noise: float = 0.3
+    rm_pairs: int = 150               # few, noisy pairs: proxies good enough to learn from, flawed
+    rm_label_noise: float = 0.35      # enough to be exploited (README: the measured run)
     rm_steps: int = 40
     rm_lr: float = 1e-3
-    steps: int = 40
+    steps: int = 150                  # long enough for the single proxy's gold reward to peak and fall
     batch_size: int = 32
     minibatches: int = 2
     micro_batch_size: int = 16
