@@ -277,11 +277,12 @@ def test_mcts_experiment_sweep_table_plot_and_reuse(tmp_path, capsys, monkeypatc
     summary = json.loads((out / "summary.json").read_text())["decodings"]
     assert list(summary) == ["greedy", "sampled", "mcts_S1_c8", "mcts_S3_c8"]
     assert summary["mcts_S3_c8"]["simulations"] == 3 and summary["mcts_S3_c8"]["c_puct"] == 8
-    # one simulation per token is greedy decoding (test_one_simulation_is_greedy), so the rows agree
-    assert summary["mcts_S1_c8"]["gold_reward"] == summary["greedy"]["gold_reward"]
+    saved = {name: json.loads((out / "decode" / f"{name}.json").read_text()) for name in summary}
     for name, row in summary.items():
-        saved = json.loads((out / "decode" / f"{name}.json").read_text())
-        assert saved["gold_reward"] == row["gold_reward"] and len(saved["samples"]) == 4
+        assert saved[name]["gold_reward"] == row["gold_reward"] and len(saved[name]["samples"]) == 4
+    # one simulation per token is greedy decoding (test_one_simulation_is_greedy): the same responses
+    responses = {name: [r["response"] for r in saved[name]["samples"]] for name in saved}
+    assert responses["mcts_S1_c8"] == responses["greedy"] != responses["sampled"]
     assert (out / "table.md").read_text().count("\n| ") == 5 and (out / "mcts.png").stat().st_size > 0
     assert "| MCTS S=3, c_puct=8 |" in capsys.readouterr().out
 

@@ -545,9 +545,9 @@ class GenerateConfig:
 CHOICES["klpen"] = ("logratio", "probdiff")
 
 
-def build_generate(file=None, overrides=None):
-    """GenerateConfig from defaults, then `file`, then `overrides`, checked like a trainer config."""
-    cfg = _fill(GenerateConfig, "generate", file, overrides)
+def build_generate(file=None, overrides=None, cls=None, kind="generate"):
+    """GenerateConfig (or its subclass `cls`) from defaults, then `file`, then `overrides`, checked."""
+    cfg = _fill(cls or GenerateConfig, kind, file, overrides)
     check_generate(cfg)
     return cfg
 

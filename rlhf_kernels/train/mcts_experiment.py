@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config import ConfigError, GenerateConfig, _fill, check_generate, to_dict
+from .config import ConfigError, GenerateConfig, build_generate, to_dict
 from .generate import run as decode
 from .plots import _pyplot, _save
 
@@ -39,20 +39,16 @@ def _numbers(cfg, key, kind):
 
 
 def build(file=None, overrides=None):
-    """The experiment's config from defaults, then `file`, then `overrides`, checked."""
-    cfg = _fill(MCTSExperimentConfig, "experiment mcts", file, overrides)
-    check(cfg)
-    return cfg
-
-
-def check(cfg):
+    """The experiment's config from defaults, then `file`, then `overrides`, checked as `generate`'s
+    plus the sweep lists and the model directories."""
+    cfg = build_generate(file, overrides, cls=MCTSExperimentConfig, kind="experiment mcts")
     _numbers(cfg, "sweep_simulations", int)
     _numbers(cfg, "sweep_c_puct", float)
-    check_generate(cfg)
     for key in ("policy", "critic"):
         if not Path(getattr(cfg, key)).exists():
             raise ConfigError(f"{key} {getattr(cfg, key)!r} does not exist: run `make demo` first (its PPO run "
                               f"is the default), or pass --policy, --critic and --reward_model")
+    return cfg
 
 
 def decodings(cfg):
