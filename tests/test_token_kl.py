@@ -170,3 +170,14 @@ def test_k3_matches_exact_across_the_series_switch(backend, dtype, rtol):
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(out.double(), val, rtol=rtol, atol=0)
     torch.testing.assert_close(lp.grad.double(), grad, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("token_rewards"))
+def test_token_rewards_k3_small_d_is_exact(backend):
+    # token_rewards' KL penalty goes through the same k3 (csrc/common.h kl_value, triton _kl)
+    logp, ref, d = _small_d_inputs(torch.float32, 1e-7, n=40, seed=11)
+    val, _ = _k3_exact(d)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    r = rk.token_rewards(torch.zeros(4), mask, logp=logp.view(4, 10), ref_logp=ref.view(4, 10), kl_coef=1.0,
+                         kl_estimator="k3", backend=backend)
+    torch.testing.assert_close(r.double().view(-1), -val, rtol=2e-6, atol=0)
