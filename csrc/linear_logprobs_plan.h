@@ -62,8 +62,12 @@ inline LinearPlan linear_plan_cpu(const LinearPlanArgs& a) {
   const int64_t avail = a.budget;
   // preferred: about 1 MiB of logits (stays in L2 between its GEMM and the fused pass), ≤ 512 rows
   p.nc = std::max<int64_t>(1, std::min<int64_t>(a.N, 512));
-  p.vc = std::max<int64_t>(1, std::min<int64_t>({a.V, std::max<int64_t>(16, (int64_t(1) << 18) / p.nc), 4096}));
+  const int64_t vc0 = std::max<int64_t>(1, std::min<int64_t>({a.V, std::max<int64_t>(16, (int64_t(1) << 18) / p.nc), 4096}));
+  p.vc = vc0;
   shrink_to_fit(p.nc, p.vc, avail, tile);
+  // halving overshoots: widen the chunk again as far as the budget allows (the tile is affine in vc)
+  const int64_t per_vc = tile(p.nc, 1) - tile(p.nc, 0);
+  if (avail > tile(p.nc, 0)) p.vc = std::max(p.vc, std::min(vc0, (avail - tile(p.nc, 0)) / per_vc));
   p.chunks = (a.V + p.vc - 1) / p.vc;
   const int64_t one = tile(p.nc, p.vc);
   const int64_t more = avail >= one ? (avail - one) / (one + per_extra_group) : 0;
