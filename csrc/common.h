@@ -136,7 +136,7 @@ template <typename T, int S> RK_HD T exp_series_tail(T x) {
                                  1.0 / 20922789888000.0, 1.0 / 355687428096000.0, 1.0 / 6402373705728000.0};
   constexpr int L = sizeof(T) <= 4 ? 11 : 18;
   T p = T(inv_fact[L]);
-RK_UNROLL
+  RK_UNROLL
   for (int n = L - 1; n >= S; --n) p = p * x + T(inv_fact[n]);
   return p;
 }
