@@ -12,6 +12,11 @@
 #else
 #define RK_HD inline
 #endif
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RK_UNROLL _Pragma("unroll")
+#else
+#define RK_UNROLL _Pragma("GCC unroll 24")
+#endif
 
 namespace rk {
 
@@ -121,20 +126,49 @@ template <typename T> RK_HD T logprob_entropy_grad(T z, T lse, T H, bool is_tok,
   return g_lp * ((is_tok ? T(1) : T(0)) - p) - g_H * ent;
 }
 
+// ---- e^x − 1 and e^x − 1 − x without cancellation near 0 ----
+// Σ_{n=S..L} x^(n−S) / n! by Horner (smallest term first). L leaves out terms below 2⁻²⁷ (float)
+// and 2⁻⁵⁵ (double) of the sum for |x| ≤ 1, the range the callers use it on.
+template <typename T, int S> RK_HD T exp_series_tail(T x) {
+  constexpr double inv_fact[] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
+                                 1.0 / 6227020800.0, 1.0 / 87178291200.0, 1.0 / 1307674368000.0,
+                                 1.0 / 20922789888000.0, 1.0 / 355687428096000.0, 1.0 / 6402373705728000.0};
+  constexpr int L = sizeof(T) <= 4 ? 11 : 18;
+  T p = T(inv_fact[L]);
+  RK_UNROLL
+  for (int n = L - 1; n >= S; --n) p = p * x + T(inv_fact[n]);
+  return p;
+}
+// e^x − 1: the series on |x| ≤ 1, where e^x − 1 would lose the low bits of a small result; e^x − 1
+// elsewhere (relative error ≤ ~2 ulp there). Branch-free selects, so the CPU loops calling it still
+// vectorise; the series runs on a clamped argument so the discarded branch stays finite.
+template <typename T> RK_HD T r_expm1(T x) {
+  const bool small = x >= T(-1) && x <= T(1);
+  const T series = x * exp_series_tail<T, 1>(small ? x : T(0));
+  return small ? series : r_exp(x) - T(1);
+}
+// e^x − 1 − x (k3's shape), the same way: x²·Σ x^(n−2)/n! on |x| ≤ 1.
+template <typename T> RK_HD T r_expm1_minus(T x) {
+  const bool small = x >= T(-1) && x <= T(1);
+  const T xs = small ? x : T(0);
+  const T series = xs * xs * exp_series_tail<T, 2>(xs);
+  return small ? series : (r_exp(x) - T(1)) - x;
+}
+
 // ---- token KL estimators (log r = ref − logp) ----
 template <typename T> RK_HD T kl_value(T logp, T ref, int64_t est) {
   T d = logp - ref;
   if (est == KL_K1) return d;
   if (est == KL_K2) return T(0.5) * d * d;
-  T lr = -d;
-  return r_exp(lr) - T(1) - lr;  // k3
+  return r_expm1_minus(-d);  // k3 = e^{−d} − 1 + d
 }
 // ∂kl/∂logp; ∂kl/∂ref is its negation for all three estimators.
 template <typename T> RK_HD T kl_dlogp(T logp, T ref, int64_t est) {
   T d = logp - ref;
   if (est == KL_K1) return T(1);
   if (est == KL_K2) return d;
-  return T(1) - r_exp(-d);  // k3: d/dlogp [e^{−d} − 1 + d]
+  return -r_expm1(-d);  // k3: d/dlogp [e^{−d} − 1 + d] = 1 − e^{−d}
 }
 // clamp ≤ 0 means no clamp; the gradient is zero where the clamp is active (as torch.clamp).
 template <typename T> RK_HD T clamp_sym(T x, T c) { return c > T(0) ? r_min(r_max(x, -c), c) : x; }

@@ -74,9 +74,33 @@ def _usable(name, device_type):
     return False
 
 
+# The backend `backend=None` runs an op's CUDA tensors on, first choice first; the reasons are in
+# docs/backends.md ("Default backend on CUDA tensors"). The second entry is the fallback when the
+# first is not usable here (an extension built without CUDA, or no triton).
+CUDA_DEFAULTS = {
+    "linear_logprobs": ("cuda", "triton"),
+    "logprobs_from_logits": ("cuda", "triton"),
+    "token_kl": ("cuda", "triton"),
+    "token_rewards": ("cuda", "triton"),
+    "gae": ("cuda", "triton"),
+    "masked_whiten": ("cuda", "triton"),
+    "ppo_policy_loss": ("cuda", "triton"),
+    "ppo_value_loss": ("cuda", "triton"),
+    "dpo_loss": ("cuda", "triton"),
+}
+CUDA_FALLBACK = ("cuda", "triton")  # an op without an entry
+
+
+def preference(op, device_type):
+    """The backends `backend=None` tries for `op` on `device_type` tensors, in order."""
+    if device_type == "cuda":
+        return CUDA_DEFAULTS.get(op, CUDA_FALLBACK) + ("reference",)
+    return ("cpu", "reference") if device_type == "cpu" else ("reference",)
+
+
 def choose(backend, device, op):
     """The backend `op` runs on for tensors on `device`: the explicit `backend`, else
-    $RLHF_KERNELS_BACKEND, else triton on CUDA and cpu (or reference) on CPU."""
+    $RLHF_KERNELS_BACKEND, else the first usable entry of `preference(op, device.type)`."""
     if backend is None:
         backend = os.environ.get("RLHF_KERNELS_BACKEND") or None
     if backend is not None:
@@ -86,8 +110,4 @@ def choose(backend, device, op):
             why = available_backends()[backend]
             raise ValueError(f"{op}: backend {backend!r} cannot run on {device.type} tensors here ({why})")
         return backend
-    if device.type == "cuda":
-        return "triton" if _usable("triton", "cuda") else ("cuda" if _usable("cuda", "cuda") else "reference")
-    if device.type == "cpu" and _C is not None:
-        return "cpu"
-    return "reference"
+    return next(b for b in preference(op, device.type) if _usable(b, device.type))

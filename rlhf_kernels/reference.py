@@ -4,6 +4,8 @@ These functions take already-validated arguments (the public functions in `rlhf_
 validate) and are written for clarity, not speed. Autograd flows through plain torch.
 Results are float32, or float64 when the inputs are float64.
 """
+import math
+
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -45,6 +47,16 @@ def linear_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, ignore_i
     return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy)
 
 
+def _expm1_minus(x):
+    """e^x − 1 − x, exact to rounding also near 0, where the direct form cancels (at |x| = 1e-9 it
+    has no correct digit even in float64): the Taylor series x²·Σ_{n≥2} x^(n−2)/n! on |x| ≤ 1 (terms
+    to n = 18 reach float64 precision there), expm1(x) − x elsewhere."""
+    small = x.abs() <= 1
+    xs = torch.where(small, x, torch.zeros_like(x))
+    series = xs * xs * sum(xs ** (n - 2) / math.factorial(n) for n in range(2, 19))
+    return torch.where(small, series, torch.expm1(x) - x)
+
+
 def token_kl(logp, ref_logp, estimator="k1", clamp=None):
     dt = compute_dtype(logp, ref_logp)
     d = logp.to(dt) - ref_logp.to(dt)
@@ -53,7 +65,7 @@ def token_kl(logp, ref_logp, estimator="k1", clamp=None):
     elif estimator == "k2":
         kl = 0.5 * d * d
     else:  # k3 with log r = ref − logp = −d
-        kl = torch.exp(-d) - 1 + d
+        kl = _expm1_minus(-d)  # e^{−d} − 1 + d
     if clamp is not None:
         kl = kl.clamp(-clamp, clamp)
     return kl

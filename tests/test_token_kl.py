@@ -122,3 +122,62 @@ def test_property_random_shapes(shape, estimator, clamp, seed):
     for backend in BACKENDS:
         out = rk.token_kl(logp, ref, estimator=estimator, clamp=clamp, backend=backend)
         torch.testing.assert_close(out, exp, rtol=1e-7, atol=1e-7)
+
+
+def _k3_exact(d):
+    """e^{−d} − 1 + d and its d-derivative 1 − e^{−d} to 40 digits (mpmath), as float64."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        v = [float(mpmath.exp(-mpmath.mpf(x)) - 1 + mpmath.mpf(x)) for x in d.tolist()]
+        g = [float(1 - mpmath.exp(-mpmath.mpf(x))) for x in d.tolist()]
+    return torch.tensor(v, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)
+
+
+def _small_d_inputs(dtype, scale, n=64, seed=0):
+    # logp and ref of the size of d itself, so that d = logp − ref is exact in `dtype`; the exact d
+    # is taken from the rounded inputs
+    g = torch.Generator().manual_seed(seed)
+    logp = (torch.rand(n, generator=g, dtype=torch.float64) * scale).to(dtype)
+    ref = (logp.double() - torch.randn(n, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return logp, ref, logp.double() - ref.double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+@pytest.mark.parametrize("scale", [1e-6, 1e-7, 1e-8, 1e-9])
+def test_k3_small_d_is_exact(backend, dtype, rtol, scale):
+    # k3 ≈ d²/2: the direct e^{−d} − 1 + d has no correct digit here (in float32 already at 1e-4)
+    logp, ref, d = _small_d_inputs(dtype, scale, seed=int(-torch.log10(torch.tensor(scale))))
+    val, grad = _k3_exact(d)
+    lp = logp.clone().requires_grad_(True)
+    out = rk.token_kl(lp, ref, estimator="k3", backend=backend)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out.double(), val, rtol=rtol, atol=0)
+    torch.testing.assert_close(lp.grad.double(), grad, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+def test_k3_matches_exact_across_the_series_switch(backend, dtype, rtol):
+    # both sides of |d| = 1 (series inside, direct form outside), and large |d|
+    d = torch.cat([torch.linspace(-3, 3, 241, dtype=torch.float64), torch.tensor([-1.0, 1.0, -30.0, 40.0]),
+                   torch.tensor([1.0, -1.0], dtype=torch.float64) * (1 + 1e-7)])
+    logp = d.to(dtype)
+    ref = torch.zeros_like(logp)
+    val, grad = _k3_exact(logp.double())
+    lp = logp.clone().requires_grad_(True)
+    out = rk.token_kl(lp, ref, estimator="k3", backend=backend)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out.double(), val, rtol=rtol, atol=0)
+    torch.testing.assert_close(lp.grad.double(), grad, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("token_rewards"))
+def test_token_rewards_k3_small_d_is_exact(backend):
+    # token_rewards' KL penalty goes through the same k3 (csrc/common.h kl_value, triton _kl)
+    logp, ref, d = _small_d_inputs(torch.float32, 1e-7, n=40, seed=11)
+    val, _ = _k3_exact(d)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    r = rk.token_rewards(torch.zeros(4), mask, logp=logp.view(4, 10), ref_logp=ref.view(4, 10), kl_coef=1.0,
+                         kl_estimator="k3", backend=backend)
+    torch.testing.assert_close(r.double().view(-1), -val, rtol=2e-6, atol=0)

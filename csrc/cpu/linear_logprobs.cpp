@@ -15,11 +15,12 @@
 //             d(W_c) += dZᵀ · h_r and d(b_c) += column sums of dZ (each vocabulary chunk belongs to
 //             one group: no atomics, fixed order, so results are bitwise reproducible for a fixed
 //             thread count).
-// bf16/fp16 inputs: hidden is cast to fp32 once, each weight chunk is cast to fp32 into a reused
-// buffer, and every GEMM runs in fp32 (CPU low-precision GEMMs are emulated and slower). fp64 inputs
-// run in fp64 throughout.
-// `chunk_bytes` caps the temporaries (tiles, cast weight chunks, per-group d(hidden) partials): it
-// limits the number of parallel groups and the tile size; one group always runs.
+// bf16/fp16 inputs: each hidden tile and weight chunk is cast to fp32 into a reused buffer and every
+// GEMM runs in fp32 (CPU low-precision GEMMs are emulated and slower). fp64 inputs run in fp64
+// throughout.
+// `chunk_bytes` bounds every temporary (tiles, cast chunks, d(W) chunks, per-group state and d(hidden)
+// partials): rk::linear_plan_cpu (linear_logprobs_plan.h) sizes the tile and the number of parallel
+// groups, and gives the exact extra memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "common.h"
+#include "linear_logprobs_plan.h"
 
 // Hot loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at load time.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -156,29 +158,12 @@ RK_CLONES void bwd_tile(double* Z, const double* b, double inv_t, const TileArgs
 
 constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
-struct Plan {
-  int64_t nc, vc;   // tile rows, tile vocabulary entries
-  int64_t chunks;   // vocabulary chunks
-  int64_t groups;   // groups of consecutive chunks run in parallel
-  int64_t first(int64_t g) const { return g * chunks / groups; }
-};
-
-// per_group_fixed: bytes each group needs besides its logits tile (cast weight chunk, d(W) chunk and
-// d(hidden) partial are given as per-vocab-entry and fixed parts by the caller).
-Plan make_plan(int64_t N, int64_t V, int64_t H, int64_t elem, int64_t budget, bool cast_w, bool dw_buf,
-               int64_t per_group_fixed) {
-  if (budget <= 0) budget = kDefaultBudget;
-  Plan p;
-  // a tile of about 1 MiB (fewer when the budget is tiny); at least 1 row and 16 entries
-  int64_t tile_elems = std::max<int64_t>(16, std::min<int64_t>(int64_t(1) << 18, budget / 4 / elem));
-  p.nc = std::max<int64_t>(1, std::min<int64_t>(N, 512));
-  p.vc = std::max<int64_t>(16, std::min<int64_t>({V, tile_elems / p.nc, 4096}));
-  p.vc = std::min(p.vc, V);
-  p.chunks = (V + p.vc - 1) / p.vc;
-  const int64_t per_group = elem * (p.nc * p.vc + (cast_w ? p.vc * H : 0) + (dw_buf ? p.vc * H : 0)) + per_group_fixed;
-  const int64_t fit = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_group));
-  p.groups = std::max<int64_t>(1, std::min<int64_t>({p.chunks, int64_t(at::get_num_threads()), fit}));
-  return p;
+rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int64_t budget, bool backward,
+                         bool need_h, bool need_w, bool need_b) {
+  const int64_t acc = hidden.scalar_type() == at::kDouble ? 8 : 4;
+  const int64_t store = weight.scalar_type() == at::kDouble || weight.scalar_type() == at::kFloat ? acc : 2;
+  return rk::linear_plan_cpu({hidden.size(0), weight.size(0), hidden.size(1), acc, store, backward, need_h, need_w,
+                              need_b, budget, int64_t(at::get_num_threads())});
 }
 
 int64_t budget_of(int64_t chunk_bytes) { return chunk_bytes > 0 ? chunk_bytes : kDefaultBudget; }
@@ -203,20 +188,29 @@ at::ScalarType acc_type(const at::Tensor& hidden) {
   return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Rows [r0, r0 + n) of src as a GEMM operand: a view, or (bf16/fp16 inputs) their fp32 copy in buf.
+at::Tensor operand(const at::Tensor& src, int64_t r0, int64_t n, at::Tensor& buf) {
+  const at::Tensor rows = src.narrow(0, r0, n);
+  return buf.defined() ? buf.narrow(0, 0, n).copy_(rows) : rows;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden, const at::Tensor& weight,
                                                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
                                                         double temperature, int64_t ignore_index, int64_t budget) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type(hidden);
-  const bool cast_w = weight.scalar_type() != acc;
+  const bool cast = weight.scalar_type() != acc;
   auto opts = hidden.options().dtype(acc);
   auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
   if (N == 0) return {logp, ent, lse};
-  const at::Tensor h = hidden.to(acc);
-  const Plan p = make_plan(N, V, H, sizeof(T), budget, cast_w, false, int64_t(sizeof(rk::LseState<T>)) * N);
-  std::vector<rk::LseState<T>> states(size_t(p.groups * N), rk::lse_init<T>());
-  std::vector<T> tgt(size_t(N), T(0));
+  const rk::LinearPlan p = make_plan(hidden, weight, budget, false, false, false, false);
+  // per-group row states and the target logits, through the torch allocator (counted by the plan)
+  at::Tensor state_buf = at::empty({p.groups * N * int64_t(sizeof(rk::LseState<T>))}, opts.dtype(at::kByte));
+  rk::LseState<T>* states = reinterpret_cast<rk::LseState<T>*>(state_buf.mutable_data_ptr<uint8_t>());
+  std::fill(states, states + p.groups * N, rk::lse_init<T>());
+  at::Tensor tgt_buf = at::zeros({N}, opts);
+  T* tgt = tgt_buf.mutable_data_ptr<T>();
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
   const T inv_t = T(1) / T(temperature);
@@ -225,19 +219,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: each worker needs its own
     for (int64_t g = g0; g < g1; ++g) {
       at::Tensor zbuf = at::empty({p.nc * p.vc}, opts);
-      at::Tensor wbuf = cast_w ? at::empty({p.vc, H}, opts) : at::Tensor();
-      rk::LseState<T>* st = states.data() + g * N;
+      at::Tensor wbuf = cast ? at::empty({p.vc, H}, opts) : at::Tensor();
+      at::Tensor hbuf = cast ? at::empty({p.nc, H}, opts) : at::Tensor();
+      rk::LseState<T>* st = states + g * N;
       for (int64_t c = p.first(g); c < p.first(g + 1); ++c) {
         const int64_t v0 = c * p.vc, vc = std::min(p.vc, V - v0);
-        at::Tensor w = weight.narrow(0, v0, vc);
-        if (cast_w) w = wbuf.narrow(0, 0, vc).copy_(w);
+        const at::Tensor w = operand(weight, v0, vc, wbuf);
         for (int64_t r0 = 0; r0 < N; r0 += p.nc) {
           const int64_t nr = std::min(p.nc, N - r0);
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
-          at::mm_out(z, h.narrow(0, r0, nr), w.t());
+          at::mm_out(z, operand(hidden, r0, nr, hbuf), w.t());
           const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
-          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta,
-                   st + r0, tgt.data() + r0);
+          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta, st + r0, tgt + r0);
         }
       }
     }
@@ -248,13 +241,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
   T* ls = lse.mutable_data_ptr<T>();
   at::parallel_for(0, N, 2048, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      rk::LseState<T> s = states[size_t(i)];
-      for (int64_t g = 1; g < p.groups; ++g) s = rk::lse_merge(s, states[size_t(g * N + i)]);
+      rk::LseState<T> s = states[i];
+      for (int64_t g = 1; g < p.groups; ++g) s = rk::lse_merge(s, states[g * N + i]);
       const T l = rk::lse_value(s);
       const int64_t t = tok[i];
       const bool valid = t != ignore_index;
       ls[i] = l;
-      lp[i] = !valid ? T(0) : (t >= 0 && t < V ? tgt[size_t(i)] - l : rk::r_nan<T>());
+      lp[i] = !valid ? T(0) : (t >= 0 && t < V ? tgt[i] - l : rk::r_nan<T>());
       en[i] = valid ? rk::lse_entropy(s) : T(0);
     }
   });
@@ -284,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type(hidden);
   auto opts = hidden.options().dtype(acc);
-  const bool cast_w = weight.scalar_type() != acc;
+  const bool cast = weight.scalar_type() != acc;
   at::Tensor grad_w = need_w ? at::empty({V, H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor grad_b = need_b ? at::zeros({V}, opts) : at::empty({0}, opts);
   if (!need_h && !need_w && !need_b) return {at::empty({0}, hidden.options()), grad_w, grad_b};
@@ -292,13 +285,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
     if (need_w) grad_w.zero_();
     return {at::empty({0, H}, hidden.options()), grad_w, grad_b};
   }
-  const at::Tensor h = hidden.to(acc);
   const at::Tensor glp = grad_logp.to(acc).contiguous();
   const at::Tensor gh = grad_entropy ? grad_entropy->to(acc).contiguous() : at::Tensor();
-  const bool dw_buf = need_w && cast_w;
-  const Plan p = make_plan(N, V, H, sizeof(T), budget, cast_w, dw_buf, need_h ? int64_t(sizeof(T)) * N * H : 0);
-  // one d(hidden) partial per group, summed in group order at the end
-  at::Tensor dh_parts = need_h ? at::zeros({p.groups, N, H}, opts) : at::Tensor();
+  const rk::LinearPlan p = make_plan(hidden, weight, budget, true, need_h, need_w, need_b);
+  // d(hidden): the first group accumulates into dh (the output itself for fp32/fp64 inputs), each
+  // further group into its own partial; summed in group order at the end
+  at::Tensor dh = need_h ? at::zeros({N, H}, opts) : at::Tensor();
+  at::Tensor dh_more = need_h && p.groups > 1 ? at::zeros({p.groups - 1, N, H}, opts) : at::Tensor();
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
   const T* lsep = lse.const_data_ptr<T>();
@@ -312,42 +305,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t g = g0; g < g1e; ++g) {
       at::Tensor zbuf = at::empty({p.nc * p.vc}, opts);
-      at::Tensor wbuf = cast_w ? at::empty({p.vc, H}, opts) : at::Tensor();
-      at::Tensor dwbuf = dw_buf ? at::empty({p.vc, H}, opts) : at::Tensor();
-      at::Tensor dh = need_h ? dh_parts.select(0, g) : at::Tensor();
+      at::Tensor wbuf = cast ? at::empty({p.vc, H}, opts) : at::Tensor();
+      at::Tensor hbuf = cast ? at::empty({p.nc, H}, opts) : at::Tensor();
+      // bf16/fp16: d(W) of a chunk accumulates in fp32 here and is cast into grad_w chunk by chunk
+      at::Tensor dwbuf = cast && need_w ? at::empty({p.vc, H}, opts) : at::Tensor();
+      at::Tensor dhg = !need_h ? at::Tensor() : (g == 0 ? dh : dh_more.select(0, g - 1));
       for (int64_t c = p.first(g); c < p.first(g + 1); ++c) {
         const int64_t v0 = c * p.vc, vc = std::min(p.vc, V - v0);
-        at::Tensor w = weight.narrow(0, v0, vc);
-        if (cast_w) w = wbuf.narrow(0, 0, vc).copy_(w);
-        at::Tensor dw = !need_w ? at::Tensor() : (dw_buf ? dwbuf.narrow(0, 0, vc) : grad_w.narrow(0, v0, vc));
+        const at::Tensor w = operand(weight, v0, vc, wbuf);
+        at::Tensor dw = !need_w ? at::Tensor() : (cast ? dwbuf.narrow(0, 0, vc) : grad_w.narrow(0, v0, vc));
         for (int64_t r0 = 0; r0 < N; r0 += p.nc) {
           const int64_t nr = std::min(p.nc, N - r0);
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
-          at::Tensor hr = h.narrow(0, r0, nr);
+          const at::Tensor hr = operand(hidden, r0, nr, hbuf);
           at::mm_out(z, hr, w.t());
           const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
           bwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta,
                    lsep + r0, entp + r0, g1 + r0, g2 ? g2 + r0 : nullptr, dbp ? dbp + v0 : nullptr);
-          if (need_h) dh.narrow(0, r0, nr).addmm_(z, w);
+          if (need_h) dhg.narrow(0, r0, nr).addmm_(z, w);
           if (need_w) {
             if (r0 == 0) at::mm_out(dw, z.t(), hr);
             else dw.addmm_(z.t(), hr);
           }
         }
-        if (dw_buf) grad_w.narrow(0, v0, vc).copy_(dw);
+        if (need_w && cast) grad_w.narrow(0, v0, vc).copy_(dw);
       }
     }
   });
 
-  at::Tensor grad_h;
-  if (need_h) {
-    grad_h = dh_parts.select(0, 0);
-    for (int64_t g = 1; g < p.groups; ++g) grad_h.add_(dh_parts.select(0, g));
-    grad_h = grad_h.to(hidden.scalar_type());
-  } else {
-    grad_h = at::empty({0}, hidden.options());
-  }
-  return {grad_h, grad_w, grad_b};
+  if (!need_h) return {at::empty({0}, hidden.options()), grad_w, grad_b};
+  for (int64_t g = 1; g < p.groups; ++g) dh.add_(dh_more.select(0, g - 1));
+  return {dh.to(hidden.scalar_type()), grad_w, grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
@@ -366,7 +354,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
                          ignore_index, need_h, need_w, need_b, budget);
 }
 
+// Test hook: the plan {nc, vc, chunks, groups, bytes, fixed} the cpu or cuda backend makes for a pass.
+std::vector<int64_t> linear_logprobs_plan(int64_t N, int64_t V, int64_t H, int64_t acc_bytes, int64_t store_bytes,
+                                          bool backward, bool need_h, bool need_w, bool need_b, int64_t budget,
+                                          int64_t threads, bool cuda) {
+  const rk::LinearPlanArgs a{N, V, H, acc_bytes, store_bytes, backward, need_h, need_w, need_b, budget_of(budget),
+                             threads};
+  const rk::LinearPlan p = cuda ? rk::linear_plan_cuda(a) : rk::linear_plan_cpu(a);
+  return {p.nc, p.vc, p.chunks, p.groups, p.bytes, p.fixed};
+}
+
 }  // namespace rk_linear_cpu
+
+TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
+  m.def(
+      "_linear_logprobs_plan(int N, int V, int H, int acc_bytes, int store_bytes, bool backward, bool need_hidden, "
+      "bool need_weight, bool need_bias, int budget, int threads, bool cuda) -> int[]",
+      &rk_linear_cpu::linear_logprobs_plan);
+}
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("linear_logprobs_fwd", &rk_linear_cpu::linear_logprobs_fwd);

@@ -1,15 +1,17 @@
 // CUDA kernels of rlhf_kernels::linear_logprobs_{fwd,bwd}: chunked cuBLAS GEMMs (through ATen) on
 // row × vocabulary chunks plus fused kernels over each logits chunk; no [N, V] buffer.
 //
-// A chunk holds Nc × Vc logits in the accumulation type (fp32, fp64 for fp64 inputs), sized so that
-// it (and, for bf16/fp16 inputs, its low-precision copy) fits in `chunk_bytes`. Chunks run in a
-// fixed order on the current stream (vocabulary outer, rows inner):
+// A chunk holds Nc × Vc logits in the accumulation type (fp32, fp64 for fp64 inputs), sized by
+// rk::linear_plan_cuda (linear_logprobs_plan.h) so that all of the pass's temporaries (the chunk, its
+// low-precision copy, the fp32 d(W)/d(hidden) GEMM partials, the per-row state) fit in `chunk_bytes`.
+// Chunks run in a fixed order on the current stream (vocabulary outer, rows inner):
 //   forward : Z = h_r · W_cᵀ; one block per row folds the chunk into that row's online
 //             log-sum-exp + entropy state (rk::LseState, a fixed-order tree merge in shared memory)
 //             and picks the target logit; a last kernel turns the states into logp, entropy, lse.
 //   backward: Z recomputed and turned in place into d(logits) by rk::logprob_entropy_grad / T
 //             (0 on ignored rows); d(hidden)_r += dZ · W_c; d(W_c) += dZᵀ · h_r; d(b_c) += column
-//             sums of dZ (one thread per column, rows in order). No atomics: deterministic.
+//             sums of dZ (at::sum_out: a tree reduction over the rows, fixed for a given shape).
+//             No atomics: deterministic.
 // bf16/fp16: the GEMMs take the inputs as they are and write fp32 (mm with out_dtype); d(logits)
 // is rounded to the input dtype for the two gradient GEMMs (as tensor-core kernels do), and the
 // gradients accumulate in fp32 before the final cast.
@@ -17,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,12 +32,12 @@
 #include <type_traits>
 
 #include "common.h"
+#include "linear_logprobs_plan.h"
 #include "cuda/launch.cuh"
 
 namespace {
 
 constexpr int kRowThreads = 256;  // threads per row block (power of two for the tree merge)
-constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
 inline unsigned row_blocks(int64_t nr) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(nr, 1), 65535));
@@ -120,34 +123,14 @@ __global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0,
   }
 }
 
-// db[j] += Σ_r dz[r, j], rows in order.
-template <typename T>
-__global__ void column_sum_kernel(const T* dz, int64_t nr, int64_t vc, T* db) {
-  for (int64_t j = rk::global_index(); j < vc; j += rk::grid_stride()) {
-    T acc = T(0);
-    for (int64_t r = 0; r < nr; ++r) acc += dz[r * vc + j];
-    db[j] += acc;
-  }
-}
+constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
-struct Chunks {
-  int64_t nc, vc;
-};
-
-// Logits chunk (plus its low-precision copy) within the budget; Vc a multiple of 128 where possible.
-Chunks plan(int64_t N, int64_t V, int64_t acc_bytes, int64_t low_bytes, int64_t budget) {
-  if (budget <= 0) budget = kDefaultBudget;
-  const int64_t per = acc_bytes + low_bytes;
-  Chunks c;
-  c.nc = std::max<int64_t>(1, std::min<int64_t>(N, 4096));
-  int64_t vc = budget / (per * c.nc);
-  if (vc < 128) {  // a small budget: fewer rows per chunk before fewer vocabulary entries
-    c.nc = std::max<int64_t>(1, std::min<int64_t>(c.nc, budget / (per * 128)));
-    vc = std::max<int64_t>(1, budget / (per * c.nc));
-  }
-  if (vc >= 128) vc = vc / 128 * 128;
-  c.vc = std::max<int64_t>(1, std::min(vc, V));
-  return c;
+rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int64_t budget, bool backward,
+                         bool need_h, bool need_w, bool need_b) {
+  const int64_t acc = hidden.scalar_type() == at::kDouble ? 8 : 4;
+  const int64_t store = static_cast<int64_t>(hidden.element_size());
+  return rk::linear_plan_cuda({hidden.size(0), weight.size(0), hidden.size(1), acc, store, backward, need_h, need_w,
+                               need_b, budget > 0 ? budget : kDefaultBudget, 1});
 }
 
 bool is_low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
@@ -182,7 +165,7 @@ void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::opt
   const bool low = is_low(hidden);
   auto opts = logp.options();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Chunks c = plan(N, V, sizeof(T), 0, budget);
+  const rk::LinearPlan c = make_plan(hidden, weight, budget, false, false, false, false);
   at::Tensor state = at::empty({4, N}, opts);  // m, s, w, target logit
   T* m = state[0].mutable_data_ptr<T>();
   T* s = state[1].mutable_data_ptr<T>();
@@ -239,13 +222,15 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
   auto opts = lse.options();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool need_h = dh.defined(), need_w = grad_w.defined(), need_b = grad_b.defined();
-  const Chunks c = plan(N, V, sizeof(T), kLow ? sizeof(L) : 0, budget);
+  const rk::LinearPlan c = make_plan(hidden, weight, budget, true, need_h, need_w, need_b);
+  const bool rows_split = N > c.nc;
   at::Tensor zbuf = at::empty({c.nc * c.vc}, opts);
   at::Tensor lowbuf = kLow ? at::empty({c.nc * c.vc}, hidden.options()) : at::Tensor();
   // low precision: the weight-gradient chunk accumulates in fp32 before its cast into grad_w
   at::Tensor dwacc = kLow && need_w ? at::empty({c.vc, H}, opts) : at::Tensor();
-  at::Tensor dwtmp = kLow && need_w ? at::empty({c.vc, H}, opts) : at::Tensor();
+  at::Tensor dwtmp = kLow && need_w && rows_split ? at::empty({c.vc, H}, opts) : at::Tensor();
   at::Tensor dhtmp = kLow && need_h ? at::empty({c.nc, H}, opts) : at::Tensor();
+  at::Tensor dbtmp = need_b && rows_split ? at::empty({c.vc}, opts) : at::Tensor();
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
   const T* g2 = gent.defined() ? gent.const_data_ptr<T>() : nullptr;
@@ -267,9 +252,15 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
           glp.const_data_ptr<T>() + r0, g2 ? g2 + r0 : nullptr, ignore_index, V);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_b) {
-        column_sum_kernel<T><<<rk::blocks_for(vc), rk::kThreads, 0, stream>>>(
-            z.const_data_ptr<T>(), nr, vc, grad_b.mutable_data_ptr<T>() + v0);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t rows_dim[] = {0};
+        at::Tensor dbc = grad_b.narrow(0, v0, vc);
+        if (r0 == 0) {
+          at::sum_out(dbc, z, rows_dim);
+        } else {
+          at::Tensor t = dbtmp.narrow(0, 0, vc);
+          at::sum_out(t, z, rows_dim);
+          dbc.add_(t);
+        }
       }
       if (need_h) {
         at::Tensor dhr = dh.narrow(0, r0, nr);

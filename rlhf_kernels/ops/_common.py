@@ -96,8 +96,5 @@ def backend_for(backend, device, op, implemented):
         return name
     if backend is not None:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (it has {implemented})")
-    # an automatic choice falls back along the order of preference
-    for alt in (("triton", "cuda") if device.type == "cuda" else ("cpu",)) + ("reference",):
-        if alt in implemented and _backend._usable(alt, device.type):
-            return alt
-    return "reference"
+    # an automatic choice falls back along the op's order of preference
+    return next(b for b in _backend.preference(op, device.type) if b in implemented and _backend._usable(b, device.type))

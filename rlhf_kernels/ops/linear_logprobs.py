@@ -4,7 +4,26 @@ a [..., V] tensor, forward or backward.
 
 The fast backends save only hidden, weight, bias, tokens and three floats per row (log-prob,
 entropy, log-sum-exp); backward recomputes the logits tile by tile. Environment:
-  RLHF_KERNELS_CHUNK_BYTES   cap on the temporaries of the cpu and cuda backends (default 256 MiB)
+  RLHF_KERNELS_CHUNK_BYTES   B, the bound on the temporaries of the cpu and cuda backends (default 256 MiB)
+
+Extra memory of the cpu and cuda backends, exactly: the bytes a forward or a backward pass allocates
+beyond its inputs and outputs (logp, entropy, lse; the gradients), not counting the BLAS library's
+own workspace. With a = 4 (8 for float64 inputs), s = 2 for bf16/fp16 inputs (low) and a otherwise,
+[c] = 1 if c holds else 0, h/w/b = a gradient of hidden/weight/bias is computed, and the chunk plan
+nc × vc (rows × vocabulary entries of a logits chunk) and G (CPU groups running in parallel) that
+csrc/linear_logprobs_plan.h picks:
+
+  cpu  forward   4·N·a + 3·(G−1)·N·a + G·a·(nc·vc + [low]·(nc + vc)·H)
+  cpu  backward  [low∧h]·N·H·a + (G−1)·[h]·N·H·a + G·a·(nc·vc + [low]·(nc + vc)·H + [low∧w]·vc·H)
+  cuda forward   4·N·a + nc·vc·a
+  cuda backward  [low∧h]·4·N·H + nc·vc·(a + [low]·s) + [low∧w]·4·vc·H·(1 + [N > nc])
+                 + [low∧h]·4·nc·H + [b ∧ N > nc]·vc·a
+
+The plan keeps all of it within B except the per-row terms, which are not chunked and come on
+top: 4·N·a forward (the first group's log-sum-exp state and target logits) and, for bf16/fp16 with a
+hidden gradient, the fp32 d(hidden) accumulator 4·N·H backward (twice the size of d(hidden) itself).
+A budget too small for even a 1 × 1 chunk gets a 1 × 1 chunk. Contiguous inputs of one dtype reach
+the kernels without a copy.
 """
 import os
 

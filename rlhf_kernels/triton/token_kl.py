@@ -8,6 +8,32 @@ BLOCK = 1024
 
 
 @triton.jit
+def _exp_tail(xs):
+    # Σ_{n≥2} xs^(n−2)/n! for |xs| ≤ 1, to float64 precision (terms to n = 18), nested as
+    # ½(1 + xs/3·(1 + xs/4·(…))) so every coefficient is an exact small integer in xs's dtype
+    p = xs * 0.0 + 1.0
+    for n in tl.static_range(18, 2, -1):
+        p = 1.0 + xs / n * p
+    return 0.5 * p
+
+
+@triton.jit
+def _expm1(x):
+    # e^x − 1 without the cancellation of the direct form near 0 (csrc/common.h r_expm1)
+    small = tl.abs(x) <= 1.0
+    xs = tl.where(small, x, 0.0)
+    return tl.where(small, xs * (1.0 + xs * _exp_tail(xs)), tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _expm1_minus(x):
+    # e^x − 1 − x, k3's shape, likewise (csrc/common.h r_expm1_minus)
+    small = tl.abs(x) <= 1.0
+    xs = tl.where(small, x, 0.0)
+    return tl.where(small, xs * xs * _exp_tail(xs), (tl.exp(x) - 1.0) - x)
+
+
+@triton.jit
 def _kl(d, estimator: tl.constexpr):
     # d = logp − ref; the same formulas as csrc/common.h kl_value
     if estimator == 0:
@@ -15,7 +41,7 @@ def _kl(d, estimator: tl.constexpr):
     elif estimator == 1:
         return 0.5 * d * d
     else:
-        return tl.exp(-d) - 1.0 + d
+        return _expm1_minus(-d)  # e^{−d} − 1 + d
 
 
 @triton.jit
@@ -41,7 +67,7 @@ def _token_kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, glogp_ptr, gref_ptr, n, cl
     elif estimator == 1:
         dk = d
     else:
-        dk = 1.0 - tl.exp(-d)
+        dk = -_expm1(-d)  # 1 − e^{−d}
     if clamp > 0:
         kl = _kl(d, estimator)
         dk = tl.where((kl >= -clamp) & (kl <= clamp), dk, 0.0)
