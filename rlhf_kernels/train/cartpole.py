@@ -1,4 +1,4 @@
-"""Classic-RL PPO on CartPole (cartpole.py) with the library's PPO ops: a small categorical action
+"""Classic-RL PPO on CartPole (tasks/cartpole.py) with the library's PPO ops: a small categorical action
 space, N vectorised environments, rows of `horizon` steps that hold several episodes.
 
 One iteration: act for `horizon` steps in every environment (auto-reset), compute values, cut each row
@@ -17,14 +17,21 @@ A termination is done with nothing bootstrapped. Log-probs are `torch.log_softma
 """
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 import rlhf_kernels as rk
 
-from . import cartpole
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+from .._choices import Truncation
+from .core.commands import Command
+from .core.config import ConfigError, positive, topic
+from .core.optim import make_optimizer
+from .core.run_config import RunConfig, evaluation_key, optim_key
+from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .tasks import cartpole
 
 RECENT = 100  # "solved" is judged on the mean return of the last 100 finished episodes
 
@@ -205,3 +212,47 @@ def one_thread():
 def train(cfg):
     with one_thread():
         return ClassicPPO(cfg).train()
+
+
+env_key = topic("CartPole environment")
+ppo_key = topic("PPO")
+
+
+@dataclass
+class CartPoleConfig(RunConfig):
+    """Classic-RL PPO on CartPole (issue 6 item 9). Of RunConfig it uses out, seed, steps, lr,
+    max_grad_norm, anneal_lr, save_every, eval_every, device, progress; the LM keys are unused."""
+    steps: int = optim_key(60, "PPO iterations, each envs × horizon environment steps")
+    lr: float = 2.5e-3
+    max_grad_norm: Optional[float] = 0.5
+    envs: int = env_key(16, "CartPoles stepped side by side (rows of the batch)")
+    horizon: int = env_key(128, "steps per row and iteration; a row holds several episodes")
+    max_episode_steps: int = env_key(500, "CartPole-v1's cap; reaching it truncates the episode")
+    truncation: Truncation = env_key("bootstrap", "bootstrap: fold γ·V(final state) into the capped step; "
+                                              "done: treat as terminal")
+    epochs: int = ppo_key(4, "update epochs per iteration")
+    minibatches: int = ppo_key(4, "minibatches per epoch")
+    gamma: float = ppo_key(0.99, "discount γ")
+    lam: float = ppo_key(0.95, "GAE λ")
+    clip_low: float = ppo_key(0.2, "ε of the clipped ratio")
+    vf_clip: Optional[float] = ppo_key(None, "value clip ε_v; returns reach ~100 here, so 0.2 would only slow the critic")
+    vf_coef: float = ppo_key(0.5, "weight of the value loss")
+    ent_coef: float = ppo_key(0.0, "weight of the entropy bonus")
+    whiten_advantages: bool = ppo_key(True, "whiten advantages over the batch")
+    hidden: int = ppo_key(64, "width of the two tanh layers of the actor and of the critic")
+    eval_every: int = 10
+    eval_episodes: int = evaluation_key(32, "episodes of each evaluation")
+    greedy_eval: bool = evaluation_key(False, "evaluate the argmax action instead of sampling the policy")
+
+    def check(self):
+        super().check()
+        positive(self, "envs", "horizon", "max_episode_steps", "eval_episodes", "hidden")
+
+    def check_batches(self):
+        if (self.envs * self.horizon) % self.minibatches:
+            raise ConfigError(f"envs × horizon ({self.envs * self.horizon}) must be divisible by minibatches "
+                              f"({self.minibatches})")
+
+
+COMMAND = Command("train cartpole", CartPoleConfig, train, "classic-RL PPO on CartPole (a check of the PPO ops)",
+                  print_result=True)

@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import confidence, models, rollout
-from .reward import accuracy, mean_score
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
-from .sft import demonstration_set
+from ..core import models
+from ..core.optim import make_optimizer
+from ..core.runlog import Run, clip_and_step, finish, loop, step_generator
+from ..decode import rollout
+from ..tasks import confidence
+from ..tasks.data import demonstration_set
+from .scoring import accuracy, mean_score
 
 VARIANTS = ("chosen", "rejected", "cwh", "cwl", "rwh", "rwl")
 
