@@ -18,6 +18,7 @@ from .core.config import ConfigError, positive, topic
 from .core.optim import make_optimizer
 from .core.run_config import RunConfig, check_task
 from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .rewards import crm
 from .rewards.scoring import accuracy, mean_score, rows
 from .tasks.data import demonstration_set, pair_set
 
@@ -26,8 +27,7 @@ def train(cfg):
     if cfg.ensemble > 1:  # k members with different seeds (train_members)
         return train_members(cfg)
     if cfg.calibrated:  # PPO-M's calibrated reward model (ALGORITHMS.md §8)
-        from .rewards.crm import train as train_crm
-        return train_crm(cfg)
+        return crm.train(cfg)
     run = Run(cfg, "rm")
     task = tasks.get(cfg.task)
     torch.manual_seed(cfg.seed)
@@ -97,8 +97,10 @@ class RMConfig(RunConfig):
     lr: float = 1e-3
     normalize: bool = data_key(True, "N+ detail 15: subtract the mean score on SFT demonstrations")
     task: Task = data_key("sentiment", "the embedded task, or confidence (responses state a confidence)")
-    calibrated: bool = crm_key(False, "train with the CRM loss on content ⊕ high/low confidence (needs task=confidence)")
-    crm_loss: CRMLoss = crm_key("sigmoid", "sigmoid (source default), combined (+ plain pair), variant_1 (+ (cwh, rwl))")
+    calibrated: bool = crm_key(False, "train with the CRM loss on content ⊕ high/low confidence "
+                                      "(needs task=confidence)")
+    crm_loss: CRMLoss = crm_key("sigmoid", "sigmoid (source default), combined (+ plain pair), "
+                                           "variant_1 (+ (cwh, rwl))")
     crm_low_max: int = crm_key(3, "low confidences are uniform on 0..crm_low_max")
     crm_high_min: int = crm_key(7, "high confidences are uniform on crm_high_min..10")
     ensemble: int = ensemble_key(1, "k > 1 trains out/member_0..k-1 with seeds seed..seed+k-1 on the same data")

@@ -26,13 +26,15 @@ class RunConfig:
     eval_prompts: int = evaluation_key(128, "held-out prompts of each evaluation")
     temperature: float = evaluation_key(1.0, "sampling temperature; every policy log-prob divides logits by it")
     max_new_tokens: int = evaluation_key(10, "longest sampled response, in tokens")
-    logprob_impl: LogprobImpl = optim_key("fused", "fused: rk.linear_logprobs on hidden states; naive: logits + log_softmax")
+    logprob_impl: LogprobImpl = optim_key("fused", "fused: rk.linear_logprobs on hidden states; "
+                                                   "naive: logits + log_softmax")
     device: str = run_key("cpu", "torch device of the run (cpu, cuda, cuda:1, ...)")
     progress: bool = run_key(True, "show a progress bar")
     lora_r: int = lora_key(0, "adapter rank; 0 = off (full fine-tuning); sft/ppo/dpo/rto then train adapters only")
     lora_alpha: float = lora_key(16.0, "adapter output scaled by lora_alpha / lora_r")
     lora_dropout: float = lora_key(0.0, "N+ detail 7: off; > 0 drops adapter inputs in the update forwards only")
-    lora_target_modules: str = lora_key("all-linear", "peft: every Linear/Conv1D but the LM head; or \"q_proj,v_proj,...\"")
+    lora_target_modules: str = lora_key("all-linear", "peft: every Linear/Conv1D but the LM head; "
+                                                      "or \"q_proj,v_proj,...\"")
 
     def check(self):
         positive(self, *(k for k in ("steps", "batch_size", "micro_batch_size", "save_every", "eval_every",
