@@ -7,6 +7,7 @@ import torch
 
 import rlhf_kernels as rk
 
+from .._choices import RewardNorm, values
 from .core import models
 from .core.config import ConfigError
 from .tasks.data import demonstration_set
@@ -65,7 +66,7 @@ def normalize_score(score, moments, mode):
         return score / std
     if mode == "normalize":
         return (score - moments.mean) / std
-    raise ValueError(f"reward_norm must be one of none, scale, normalize, got {mode!r}")
+    raise ValueError(f"reward_norm must be one of {', '.join(values(RewardNorm))}, got {mode!r}")
 
 
 def minibatch_advantages(advantages, rows, mask, cfg):

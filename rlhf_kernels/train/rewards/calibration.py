@@ -15,6 +15,7 @@ PPO sees it is 0. Setting it to the RM's raw offset reproduces the source's raw/
 """
 import torch
 
+from ..._choices import PPOCAdjustment, values
 from ..decode import rollout
 from ..tasks import confidence
 
@@ -33,7 +34,7 @@ def adjust(r, rbar, c_hat, w, adjustment="difference"):
     if adjustment == "threshold":
         delta = w * r.abs() * (c_hat - 0.5)
         return torch.where(r >= rbar, r + delta, r - delta)
-    raise ValueError(f"ppo_c_adjustment must be 'difference' or 'threshold', got {adjustment!r}")
+    raise ValueError(f"ppo_c_adjustment must be one of {', '.join(values(PPOCAdjustment))}, got {adjustment!r}")
 
 
 def without_confidence(s):
