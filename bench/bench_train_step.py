@@ -2,7 +2,7 @@
 hidden size, the trainer's two log-prob implementations side by side:
   fused  rk.linear_logprobs on the final hidden states and lm_head.weight (never builds the logits)
   naive  lm_head(h) -> log_softmax -> gather (what most trainers do)
-Everything else is identical (rlhf_kernels.train.models.token_logprobs, rk.ppo_policy_loss,
+Everything else is identical (rlhf_kernels.train.core.models.token_logprobs, rk.ppo_policy_loss,
 rk.ppo_value_loss). Targets (issue 5): fused peak memory <= 0.5x naive, time no worse.
 
 Floor: the head's three GEMMs (logits, d hidden, d weight) = 6·B·T·V·H FLOPs dominate at this shape;
@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf_kernels as rk
-from rlhf_kernels.train.models import hidden_states, token_logprobs
+from rlhf_kernels.train.core.models import hidden_states, token_logprobs
 
 from bench.common import DEVICE, measure, report, script_main
 

@@ -8,10 +8,12 @@ import math
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-SCORE_POSITIONS = ("last", "eos+1")
+from ._choices import Aggregation, DPOLossType, KLEstimator, ScorePosition, values
+
+KL_ESTIMATORS = values(KLEstimator)
+AGGREGATIONS = values(Aggregation)
+DPO_LOSS_TYPES = values(DPOLossType)
+SCORE_POSITIONS = values(ScorePosition)
 
 
 def compute_dtype(*tensors):

@@ -5,9 +5,10 @@ and a policy moved away from the one that sampled, the same comparison fails."""
 import pytest
 import torch
 
-from rlhf_kernels.train import config, ppo
-from rlhf_kernels.train.runlog import Run
-
+from rlhf_kernels.train import ppo
+from rlhf_kernels.train.core import config
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import Run
 from train_helpers import FAST
 
 SMALL = {**FAST, "batch_size": 8, "micro_batch_size": 4, "steps": 2, "eval_every": 100}
@@ -16,7 +17,7 @@ SMALL = {**FAST, "batch_size": 8, "micro_batch_size": 4, "steps": 2, "eval_every
 def trainer_gradient(tmp_path, monkeypatch, keys, perturb=False):
     """(trainer, experience, {param: grad}) of the first optimizer step of iteration 1, taken before
     clipping; the parameters are left where the gradient was taken."""
-    cfg = config.build("ppo", None, {**SMALL, "out": str(tmp_path / "run"), **keys})
+    cfg = build("ppo", None, {**SMALL, "out": str(tmp_path / "run"), **keys})
     trainer = ppo.PPO(cfg)
     trainer.run = Run(cfg, "ppo")
     named = {**{f"policy.{n}": p for n, p in trainer.policy.named_parameters()},
@@ -90,4 +91,4 @@ def test_the_comparison_fails_for_default_ppo_with_a_moved_policy(tmp_path, monk
                                              ("rmsprop_alpha", "1.5", "rmsprop_alpha must be in")])
 def test_optimizer_keys_are_checked(key, value, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build("ppo", None, {key: value})
+        build("ppo", None, {key: value})

@@ -6,9 +6,15 @@ import math
 import pytest
 import torch
 
-from rlhf_kernels.train import calibration, config, confidence as C, crm, rollout, tasks
+from rlhf_kernels.train import tasks
+from rlhf_kernels.train.core import config
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.decode import rollout
+from rlhf_kernels.train.rewards import calibration, crm
+from rlhf_kernels.train.tasks import confidence as C
+from rlhf_kernels.train.tasks import sentiment
 
-E, P = tasks.EOS, tasks.PAD
+E, P = sentiment.EOS, sentiment.PAD
 W = {w: i for i, w in enumerate(C.WORDS)}
 
 
@@ -18,9 +24,9 @@ def row(*words, width=7):
 
 
 def test_vocabulary_extends_the_default_task():
-    assert C.WORDS[:len(tasks.WORDS)] == tasks.WORDS
-    assert [C.WORDS[C.CONF0 + c] for c in (0, 10)] == ["conf0", "conf10"] and len(C.WORDS) == len(tasks.WORDS) + 11
-    assert tasks.get("sentiment") is tasks and tasks.get("confidence") is C
+    assert C.WORDS[:len(sentiment.WORDS)] == sentiment.WORDS
+    assert [C.WORDS[C.CONF0 + c] for c in (0, 10)] == ["conf0", "conf10"] and len(C.WORDS) == len(sentiment.WORDS) + 11
+    assert tasks.get("sentiment") is sentiment and tasks.get("confidence") is C
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.get("nope")
 
@@ -53,7 +59,7 @@ def test_gold_reward_ignores_the_confidence():
     plain = torch.tensor([row("great", "fun", "<eos>"), row("great", "great", "great", "great", "<eos>"),
                           row("great", "great")])
     assert C.gold_reward(with_conf).tolist() == [0.5, 1.0, 0.0]  # counted as a word it would be 0.8
-    assert torch.equal(C.gold_reward(with_conf), tasks.gold_reward(plain))
+    assert torch.equal(C.gold_reward(with_conf), sentiment.gold_reward(plain))
 
 
 def test_sft_demonstrations_are_overconfident_and_uninformative():
@@ -69,7 +75,7 @@ def test_sft_demonstrations_are_overconfident_and_uninformative():
     assert abs(m["conf_corr"]) < 0.05 and m["ece"] > 0.35 and m["conf_missing"] == 0.0
     # the content is exactly the default task's demonstrations (same draws)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(C.strip_confidence(C.demonstrations(50, g1))[:, :-1], tasks.demonstrations(50, g2))
+    assert torch.equal(C.strip_confidence(C.demonstrations(50, g1))[:, :-1], sentiment.demonstrations(50, g2))
 
 
 def test_calibration_metrics_by_hand():
@@ -105,7 +111,7 @@ def test_ppo_c_clamps_then_updates_the_average_then_adjusts():
         seen.append(samples)
         return torch.tensor([12.0, -1.0, 0.5])  # the first is clamped to 10 before it enters r̄
 
-    cfg = config.build("ppo", None, {"task": "confidence", "ppo_c": "true", "ppo_c_alpha": "0.1", "ppo_c_w": "2"})
+    cfg = build("ppo", None, {"task": "confidence", "ppo_c": "true", "ppo_c_alpha": "0.1", "ppo_c_w": "2"})
     state = {"ppo_c_rbar": 1.0}
     out, stats = calibration.ppo_c_score(score_fn, s, state, cfg)
     rbar = 0.1 * (10 - 1 + 0.5) / 3 + 0.9 * 1.0
@@ -156,11 +162,11 @@ def test_calibrated_pairs():
 ])
 def test_config_errors(kind, keys, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build(kind, None, keys)
+        build(kind, None, keys)
 
 
 def test_defaults_leave_the_default_task_alone():
-    ppo, rm = config.build("ppo"), config.build("rm")
+    ppo, rm = build("ppo"), build("rm")
     assert (ppo.task, ppo.ppo_c, ppo.ppo_c_alpha, ppo.ppo_c_w, ppo.ppo_c_adjustment) == \
         ("sentiment", False, 0.1, 2.0, "difference")
     assert (rm.task, rm.calibrated, rm.crm_loss) == ("sentiment", False, "sigmoid")

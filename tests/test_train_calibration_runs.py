@@ -3,9 +3,12 @@ model (PPO-M), PPO-C (with resume equality of its running mean r̄) and PPO with
 import pytest
 import torch
 
-from rlhf_kernels.train import confidence, config, crm, models, ppo, reward, sft, tasks
+from rlhf_kernels.train import ppo, rm, sft
 from rlhf_kernels.train.cli import main
-
+from rlhf_kernels.train.core import models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.rewards import crm
+from rlhf_kernels.train.tasks import confidence, sentiment
 from train_helpers import FAST, PPO_FAST, metrics
 
 SMALL = {**FAST, "steps": 2, "batch_size": 4, "micro_batch_size": 2, "task": "confidence"}
@@ -15,8 +18,8 @@ PPO_C = {**PPO_FAST, "task": "confidence", "ppo_c": "true"}
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     d = tmp_path_factory.mktemp("confidence")
-    sft_model = sft.train(config.build("sft", None, {**SMALL, "examples": 16, "out": str(d / "sft")}))["model"]
-    rm_model = reward.train(config.build("rm", None, {**SMALL, "model": sft_model, "pairs": 16,
+    sft_model = sft.train(build("sft", None, {**SMALL, "examples": 16, "out": str(d / "sft")}))["model"]
+    rm_model = rm.train(build("rm", None, {**SMALL, "model": sft_model, "pairs": 16,
                                                       "out": str(d / "rm")}))["model"]
     return {"dir": d, "sft": sft_model, "rm": rm_model}
 
@@ -28,9 +31,9 @@ def test_sft_and_rm_on_the_confidence_task(stages):
     assert set(confidence.METRICS) <= set(row)  # calibration is logged at evaluation
     # a policy of the default task cannot say a confidence: refused by name
     models.save_lm(models.load_lm("tiny-llama"), stages["dir"] / "sentiment_policy")
-    with pytest.raises(ValueError, match=f"lm_head has {len(tasks.WORDS)} rows but the tokenizer has "
+    with pytest.raises(ValueError, match=f"lm_head has {len(sentiment.WORDS)} rows but the tokenizer has "
                                          f"{len(confidence.WORDS)}"):
-        ppo.PPO(config.build("ppo", None, {**PPO_C, "policy": str(stages["dir"] / "sentiment_policy"), "out": "x"}))
+        ppo.PPO(build("ppo", None, {**PPO_C, "policy": str(stages["dir"] / "sentiment_policy"), "out": "x"}))
 
 
 def test_ppo_m_calibrated_reward_model_then_ppo(stages, capsys):
@@ -48,7 +51,7 @@ def test_ppo_m_calibrated_reward_model_then_ppo(stages, capsys):
     assert (end.head.weight - start.head.weight).abs().max() < (fresh.head.weight - start.head.weight).abs().max()
     assert '"eval_confidence_accuracy"' in capsys.readouterr().out
     # PPO-M is plain PPO with that reward model
-    result = ppo.train(config.build("ppo", None, {**PPO_FAST, "task": "confidence", "policy": stages["sft"],
+    result = ppo.train(build("ppo", None, {**PPO_FAST, "task": "confidence", "policy": stages["sft"],
                                                   "reward_model": str(out / "model"), "steps": 1,
                                                   "out": str(out / "ppo_m")}))
     assert set(confidence.METRICS) <= set(result)
@@ -58,7 +61,7 @@ def test_ppo_m_calibrated_reward_model_then_ppo(stages, capsys):
 def test_ppo_c_steps_and_resume(stages, monkeypatch):
     keys = {**PPO_C, "policy": stages["sft"], "reward_model": stages["rm"], "steps": 2}
     straight = stages["dir"] / "ppo_c"
-    ppo.train(config.build("ppo", None, {**keys, "out": str(straight)}))
+    ppo.train(build("ppo", None, {**keys, "out": str(straight)}))
     rows = metrics(straight)
     assert {"ppo_c_rbar", "ppo_c_content_score", "ece", "brier", "eval_ece", "eval_gold_reward"} <= set(rows[-1])
     # r̄ starts at ppo_c_rbar_init (0) and moves by α·(batch mean − r̄) each iteration
@@ -77,7 +80,7 @@ def test_ppo_c_steps_and_resume(stages, monkeypatch):
     resumed = stages["dir"] / "ppo_c_resumed"
     monkeypatch.setattr(ppo.PPO, "step", crash_at_2)
     with pytest.raises(KeyboardInterrupt):
-        ppo.train(config.build("ppo", None, {**keys, "out": str(resumed)}))
+        ppo.train(build("ppo", None, {**keys, "out": str(resumed)}))
     monkeypatch.setattr(ppo.PPO, "step", original)
-    ppo.train(config.build("ppo", None, {**keys, "out": str(resumed)}))
+    ppo.train(build("ppo", None, {**keys, "out": str(resumed)}))
     assert metrics(resumed) == rows

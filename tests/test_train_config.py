@@ -2,28 +2,29 @@ import json
 
 import pytest
 
-from rlhf_kernels.train import config
 from rlhf_kernels.train.cli import main, parse_options
+from rlhf_kernels.train.core import config
+from rlhf_kernels.train.core.commands import build
 
 
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lr: 0.01\nkl_estimator: k3\nclip_high: 0.28\n")
-    cfg = config.build("ppo", f, {"steps": "7", "dual-clip": "3", "whiten_rewards": "true", "kl_target": "none"})
+    cfg = build("ppo", f, {"steps": "7", "dual-clip": "3", "whiten_rewards": "true", "kl_target": "none"})
     assert (cfg.lr, cfg.kl_estimator, cfg.clip_high, cfg.steps, cfg.dual_clip, cfg.whiten_rewards) == \
         (0.01, "k3", 0.28, 7, 3.0, True)
     assert cfg.kl_target is None
-    assert config.build("dpo", None, {"loss_type": "ipo"}).loss_type == "ipo"
+    assert build("dpo", None, {"loss_type": "ipo"}).loss_type == "ipo"
     # YAML 1.1 reads exponent notation without a dot as a string; a float key still takes it
-    assert config.build("ppo", None, {"lr": "5e-3", "critic_lr": "1E-4"}).lr == 0.005
+    assert build("ppo", None, {"lr": "5e-3", "critic_lr": "1E-4"}).lr == 0.005
     f.write_text("lr: 3e-4\n")
-    assert config.build("ppo", f).lr == 3e-4
+    assert build("ppo", f).lr == 3e-4
 
 
 def test_json_file(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"beta": 0.3, "reference_free": True}))
-    cfg = config.build("dpo", f)
+    cfg = build("dpo", f)
     assert cfg.beta == 0.3 and cfg.reference_free
 
 
@@ -33,24 +34,24 @@ def test_unparseable_file_names_it(tmp_path, name, text):
     f = tmp_path / name
     f.write_text(text)
     with pytest.raises(config.ConfigError, match=name):
-        config.build("sft", f)
+        build("sft", f)
 
 
 def test_yaml_is_data_only(tmp_path):
     f = tmp_path / "evil.yaml"
     f.write_text("lr: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(config.ConfigError, match="evil.yaml"):
-        config.build("sft", f)
+        build("sft", f)
 
 
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="nope.yaml"):
-        config.build("sft", "nope.yaml")
+        build("sft", "nope.yaml")
 
 
 def test_unknown_key_lists_valid_ones():
     with pytest.raises(config.ConfigError, match=r"unknown key 'lrr'.*valid keys:.*\blr\b.*kl_coef"):
-        config.build("ppo", None, {"lrr": "1"})
+        build("ppo", None, {"lrr": "1"})
 
 
 @pytest.mark.parametrize("key,value,match", [("lr", "abc", "lr must be float"), ("steps", "1.5", "steps must be int"),
@@ -59,12 +60,12 @@ def test_unknown_key_lists_valid_ones():
                                              ("minibatches", "3", "divisible"), ("aggregation", "mean", "token-mean")])
 def test_bad_values(key, value, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build("ppo", None, {key: value})
+        build("ppo", None, {key: value})
 
 
 def test_rto_needs_dpo_model():
     with pytest.raises(config.ConfigError, match="dpo_model"):
-        config.build("rto", None, {})
+        build("rto", None, {})
 
 
 def test_cli_options_and_errors(tmp_path, capsys):

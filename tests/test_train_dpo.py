@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rlhf_kernels.train import config, dpo
-
+from rlhf_kernels.train import dpo
+from rlhf_kernels.train.core.commands import build
 from train_helpers import FAST, metrics
 
 
@@ -11,7 +11,7 @@ from train_helpers import FAST, metrics
                                   {"loss_type": "ipo"}, {"loss_type": "hinge"},
                                   {"loss_type": "robust", "label_smoothing": 0.1}, {"reference_free": True}])
 def test_dpo_loss_types(tmp_path, keys):
-    cfg = config.build("dpo", None, {**FAST, "steps": 2, "batch_size": 8, "micro_batch_size": 4, "pairs": 16,
+    cfg = build("dpo", None, {**FAST, "steps": 2, "batch_size": 8, "micro_batch_size": 4, "pairs": 16,
                                      "eval_every": 5, **keys, "out": str(tmp_path)})
     dpo.train(cfg)
     rows = metrics(tmp_path)

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_kernels.train import bon, config, ppo
+from rlhf_kernels.train import ppo
 from rlhf_kernels.train.cli import main
-from rlhf_kernels.train.ensemble import EnsembleRM, load_reward, member_dirs, reduce_scores
-from rlhf_kernels.train.models import ScalarModel
-from rlhf_kernels.train.runlog import Run
-
+from rlhf_kernels.train.core import config
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.models import ScalarModel
+from rlhf_kernels.train.core.runlog import Run
+from rlhf_kernels.train.decode import bon
+from rlhf_kernels.train.rewards.ensemble import EnsembleRM, load_reward, member_dirs, reduce_scores
 from train_helpers import PPO_FAST, metrics
 
 SCORES = [[0.5, -1.0, 2.0, 0.0], [1.5, -3.0, 2.0, 4.0], [-0.5, 0.5, 2.0, 1.0]]
@@ -65,7 +67,7 @@ def test_single_member_and_validation():
 ])
 def test_config_validation(kind, key, value, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build(kind, None, {key: value})
+        build(kind, None, {key: value})
 
 
 def test_best_of_n_estimator_is_the_subset_average():
@@ -139,7 +141,7 @@ def test_ppo_scores_with_the_ensemble(experiment, tmp_path):
     """PPO's score of its rollouts is the aggregate of the members' own scores."""
     out = experiment
     dirs = member_dirs(str(out / "rms"))
-    cfg = config.build("ppo", None, {**TINY_PPO, "policy": str(out / "sft" / "model"), "reward_model": str(out / "rms"),
+    cfg = build("ppo", None, {**TINY_PPO, "policy": str(out / "sft" / "model"), "reward_model": str(out / "rms"),
                                      "ensemble_reduce": "wco", "uwo_lambda": 0.7, "out": str(tmp_path / "p")})
     trainer = ppo.PPO(cfg)
     trainer.run = Run(cfg, "ppo")
@@ -158,7 +160,7 @@ def test_ppo_scores_with_the_ensemble(experiment, tmp_path):
 
 def test_uwo_unbiased_needs_two_members(experiment):
     one = member_dirs(str(experiment / "rms"))[0]
-    cfg = config.build("ppo", None, {"reward_model": one, "ensemble_reduce": "uwo", "uwo_unbiased": "true"})
+    cfg = build("ppo", None, {"reward_model": one, "ensemble_reduce": "uwo", "uwo_unbiased": "true"})
     with pytest.raises(config.ConfigError, match="uwo_unbiased.*2 reward models"):
         load_reward(cfg)
     cfg.uwo_unbiased = False

@@ -9,9 +9,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels as rk
-from rlhf_kernels.train import config, lora, models, ppo, tasks
+from rlhf_kernels.train import ppo
 from rlhf_kernels.train.cli import main, parse_options
-
+from rlhf_kernels.train.core import config, lora, models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.tasks import sentiment
 from train_helpers import FAST, PPO_FAST, interrupt_then_resume, metrics
 
 R, ALPHA = 4, 8.0
@@ -22,7 +24,7 @@ LLAMA_LORA_PARAMS = 2 * (4 * (R * 64 + 64 * R) + 2 * (R * 64 + 192 * R) + (R * 1
 
 
 def wrapped(arch="tiny-llama", **keys):
-    cfg = config.build("sft", None, {"model": arch, **LORA, **keys})
+    cfg = build("sft", None, {"model": arch, **LORA, **keys})
     torch.manual_seed(0)
     return lora.wrap(models.load_lm(arch), cfg)
 
@@ -35,7 +37,7 @@ def base_model(arch="tiny-llama", seed=0):
 
 def batch(seed=0, B=3, P=4, n=5):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, len(tasks.WORDS), (B, P + n), generator=g)
+    ids = torch.randint(3, len(sentiment.WORDS), (B, P + n), generator=g)
     mask = torch.rand(B, n, generator=g) > 0.2
     attn = torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1)
     return ids, attn, P, mask
@@ -56,9 +58,9 @@ def adapted_modules(model):
 def test_cli_spellings(argv):
     _, overrides = parse_options(argv)
     for kind in ("sft", "ppo", "dpo"):
-        cfg = config.build(kind, None, overrides)
+        cfg = build(kind, None, overrides)
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (8, 16.0, 0.0, "all-linear")
-    assert config.build("ppo", None, {}).lora_r == 0  # off by default
+    assert build("ppo", None, {}).lora_r == 0  # off by default
 
 
 @pytest.mark.parametrize("kind,keys,match", [
@@ -68,7 +70,7 @@ def test_cli_spellings(argv):
     ("rm", {"lora_r": "4"}, "not rm"), ("ppo", {"lora_r": "2.5"}, "lora_r must be int")])
 def test_bad_values(kind, keys, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build(kind, None, keys)
+        build(kind, None, keys)
 
 
 @pytest.mark.parametrize("targets,match", [("nope_proj", "lora_target_modules='nope_proj' does not fit"),
@@ -159,7 +161,7 @@ def test_lm_head_gets_no_gradient(arch):
 
 # the trainers -----------------------------------------------------------------------------------
 def ppo_cfg(tmp_path, name="run", **keys):
-    return config.build("ppo", None, {**PPO_FAST, **LORA, "lr": 1e-2, "out": str(tmp_path / name), **keys})
+    return build("ppo", None, {**PPO_FAST, **LORA, "lr": 1e-2, "out": str(tmp_path / name), **keys})
 
 
 def test_ppo_reference_saving_and_resume(tmp_path, monkeypatch):

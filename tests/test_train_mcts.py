@@ -8,14 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_kernels.train import config, generate, mcts, models, tasks
 from rlhf_kernels.train.cli import main
+from rlhf_kernels.train.core import models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.decode import generate, mcts
+from rlhf_kernels.train.tasks import sentiment
 
-PAD, EOS = tasks.PAD, tasks.EOS
+PAD, EOS = sentiment.PAD, sentiment.EOS
 
 
 def cfg_(**keys):
-    return config.build_generate(overrides={"policy": "p", "critic": "c", "mcts": True, "progress": False, **keys})
+    return build("generate", overrides={"policy": "p", "critic": "c", "mcts": True, "progress": False, **keys})
 
 
 def node(tree, n, value, priors, tokens, terminal=False, klpen=None):
@@ -141,7 +144,7 @@ def tiny_models(arch, seed=0):
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_kv_cache_path_equals_full_reencode(arch):
     policy, critic = tiny_models(arch)
-    prompts = tasks.prompts(3, torch.Generator().manual_seed(1))
+    prompts = sentiment.prompts(3, torch.Generator().manual_seed(1))
     decided = torch.tensor([[20, 21], [22, 23], [24, 2]])
     paths = torch.tensor([[30, PAD, PAD], [31, 32, 33], [34, 35, PAD]])
     lengths = torch.tensor([1, 3, 2])
@@ -193,7 +196,7 @@ def test_priors_and_values_of_new_nodes():
 @pytest.mark.parametrize("top_k", [1, 10])
 def test_one_simulation_is_greedy(top_k):
     policy, critic = tiny_models("tiny-llama", seed=3)
-    prompts = tasks.prompts(12, torch.Generator().manual_seed(2))
+    prompts = sentiment.prompts(12, torch.Generator().manual_seed(2))
     cfg = cfg_(simulations=1, top_k=top_k, max_new_tokens=6)
     out = mcts.generate(policy, critic, prompts, cfg)
     assert torch.equal(out, generate.greedy(policy, prompts, 6))
@@ -205,7 +208,7 @@ def test_search_tree_invariants():
     N(s) = 1 + Σ N(s,a), V(s) is the visit-weighted average, and the root saw every simulation."""
     policy, critic = tiny_models("tiny-llama", seed=4)
     cfg = cfg_(simulations=12, top_k=4, c_puct=1.0, max_new_tokens=5)
-    prompts = tasks.prompts(5, torch.Generator().manual_seed(3))
+    prompts = sentiment.prompts(5, torch.Generator().manual_seed(3))
     models_ = {"policy": mcts.Prefix(policy), "critic": mcts.Prefix(critic)}
     with torch.no_grad():
         root = {k: m.start(prompts) for k, m in models_.items()}
@@ -268,7 +271,7 @@ def test_missing_model_is_named(tmp_path, capsys):
 def test_mcts_experiment_sweep_table_plot_and_reuse(tmp_path, capsys, monkeypatch):
     """`experiment mcts` decodes greedy, sampled and every (S, c_puct), writes table, summary and
     plot, and a rerun with a wider sweep decodes only the new points."""
-    from rlhf_kernels.train import mcts_experiment
+    from rlhf_kernels.train.experiments import mcts as mcts_experiment
     d = save_tiny(tmp_path)
     out = tmp_path / "exp"
     common = ["--policy", d["policy"], "--critic", d["critic"], "--reward_model", d["rm"], "--prompts=4",

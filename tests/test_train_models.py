@@ -4,16 +4,17 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from rlhf_kernels.train import models, tasks
+from rlhf_kernels.train.core import models
+from rlhf_kernels.train.tasks import sentiment
 
 
 def test_model_without_lm_head():
     with pytest.raises(ValueError, match="no lm_head"):
-        models.check_lm(AutoModel.from_config(tasks.model_config("tiny-llama")), len(tasks.WORDS))
+        models.check_lm(AutoModel.from_config(sentiment.model_config("tiny-llama")), len(sentiment.WORDS))
 
 
 def test_vocab_too_small(tmp_path):
-    cfg = tasks.model_config("tiny-gpt2")
+    cfg = sentiment.model_config("tiny-gpt2")
     cfg.vocab_size = 5
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
@@ -30,7 +31,7 @@ def test_not_a_model_dir(tmp_path):
 def test_fused_matches_naive(arch):
     torch.manual_seed(0)
     m = models.load_lm(arch)
-    ids = torch.randint(3, len(tasks.WORDS), (3, 9))
+    ids = torch.randint(3, len(sentiment.WORDS), (3, 9))
     attn = torch.ones_like(ids)
     mask = torch.rand(3, 5) > 0.3
     a, ea = models.token_logprobs(m, ids, attn, 4, mask, temperature=0.7, impl="fused", entropy=True)
@@ -45,7 +46,7 @@ def test_scalar_model_roundtrip(tmp_path):
     rm.offset.fill_(0.25)
     rm.save(tmp_path / "rm")
     back = models.ScalarModel.load(tmp_path / "rm")
-    ids = torch.randint(3, len(tasks.WORDS), (2, 6))
+    ids = torch.randint(3, len(sentiment.WORDS), (2, 6))
     attn = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     assert torch.equal(rm.score(ids, attn), back.score(ids, attn))
     assert torch.allclose(back.score(ids, attn)[1], back(ids, attn)[1, 3])

@@ -3,14 +3,14 @@ without overwriting, unreadable checkpoints named."""
 import pytest
 import torch
 
-from rlhf_kernels.train import config, ppo
-from rlhf_kernels.train.runlog import CheckpointError, Run, TrainingDiverged
-
+from rlhf_kernels.train import ppo
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import CheckpointError, Run, TrainingDiverged
 from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 
 def make(tmp_path, name="run", **keys):
-    return config.build("ppo", None, {**PPO_FAST, "out": str(tmp_path / name), **keys})
+    return build("ppo", None, {**PPO_FAST, "out": str(tmp_path / name), **keys})
 
 
 @pytest.mark.parametrize("keys", [{}, {"temperature": 0.7, "logprob_impl": "naive", "score_position": "eos+1"}])
@@ -88,6 +88,6 @@ def test_unreadable_or_foreign_checkpoint(tmp_path):
         ppo.train(cfg)
     Run(cfg, "ppo").save(1, {"models": {}})
     with pytest.raises(CheckpointError, match="different settings.*lr"):
-        Run(config.build("ppo", None, {**PPO_FAST, "out": cfg.out, "lr": 0.5}), "ppo").load()
+        Run(build("ppo", None, {**PPO_FAST, "out": cfg.out, "lr": 0.5}), "ppo").load()
     with pytest.raises(CheckpointError, match="'ppo' run, not 'dpo'"):
         Run(cfg, "dpo").load()

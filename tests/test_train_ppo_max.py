@@ -7,15 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_kernels.train import config, models, ppo, ppo_max
+from rlhf_kernels.train import ppo, ppo_max
 from rlhf_kernels.train.cli import main
-from rlhf_kernels.train.runlog import Run
-
+from rlhf_kernels.train.core import config, models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import Run
+from rlhf_kernels.train.presets import PRESETS
 from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 
 def make(tmp_path, name="run", **keys):
-    return config.build("ppo", None, {**PPO_FAST, "out": str(tmp_path / name), **keys})
+    return build("ppo", None, {**PPO_FAST, "out": str(tmp_path / name), **keys})
 
 
 def test_running_moments_merge_equals_moments_of_the_concatenation():
@@ -74,7 +76,7 @@ def test_minibatch_whitening_and_advantage_clip_by_hand():
     adv = torch.tensor([[1.0, 3.0, 0.0], [5.0, -7.0, 9.0], [2.0, 2.0, 4.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
     rows = torch.tensor([0, 2])
-    cfg = config.build("ppo", None, {"advantage_whiten_level": "minibatch", "advantage_clip": "0.5"})
+    cfg = build("ppo", None, {"advantage_whiten_level": "minibatch", "advantage_clip": "0.5"})
     out = ppo_max.minibatch_advantages(adv, rows, mask, cfg)
     # rows 0 and 2, valid values 1, 3, 2, 4: μ = 2.5, biased σ² = 1.25
     z = (torch.tensor([1.0, 3.0, 2.0, 4.0]) - 2.5) / (1.25 + 1e-8) ** 0.5
@@ -82,16 +84,16 @@ def test_minibatch_whitening_and_advantage_clip_by_hand():
     torch.testing.assert_close(out[0], torch.tensor([zc[0], zc[1], 0.0]))
     torch.testing.assert_close(out[2], torch.tensor([zc[2], 0.0, zc[3]]))
     assert torch.equal(out[1], adv[1])  # rows of other minibatches are untouched
-    clip_only = config.build("ppo", None, {"advantage_clip": "2"})
+    clip_only = build("ppo", None, {"advantage_clip": "2"})
     torch.testing.assert_close(ppo_max.minibatch_advantages(adv, rows, mask, clip_only)[rows], adv[rows].clamp(-2, 2))
-    default = config.build("ppo", None, {})
+    default = build("ppo", None, {})
     assert ppo_max.minibatch_advantages(adv, rows, mask, default) is adv  # the default path is untouched
 
 
 def test_ptx_loss_equals_cross_entropy_float64():
     torch.manual_seed(0)
     policy = models.load_lm("tiny-llama").double()
-    data = ppo_max.ptx_corpus(config.build("ppo", None, {"ptx_examples": "6"}))
+    data = ppo_max.ptx_corpus(build("ppo", None, {"ptx_examples": "6"}))
     ids, attn = data.ids, data.attn
     nll, count = ppo_max.ptx_nll(policy, ids, attn)  # fused: rk.linear_logprobs
     logits = policy(input_ids=ids, attention_mask=attn).logits[:, :-1]
@@ -102,26 +104,26 @@ def test_ptx_loss_equals_cross_entropy_float64():
 
 
 def test_presets_effective_config_and_overrides(tmp_path):
-    cfg = config.build("ppo", None, {"preset": "ppo-max"})
-    for key, value in config.PRESETS["ppo-max"].items():
+    cfg = build("ppo", None, {"preset": "ppo-max"})
+    for key, value in PRESETS["ppo-max"].items():
         assert getattr(cfg, key) == value, key
     assert cfg.preset == "ppo-max" and cfg.batch_size // cfg.minibatches == 32 and cfg.epochs == 1
     f = tmp_path / "c.yaml"
     f.write_text("batch_size: 64\nminibatches: 2\n")
-    cfg = config.build("ppo", f, {"preset": "ppo-max", "epochs": "2"})  # file and overrides beat the preset
+    cfg = build("ppo", f, {"preset": "ppo-max", "epochs": "2"})  # file and overrides beat the preset
     assert (cfg.batch_size, cfg.minibatches, cfg.epochs, cfg.reward_norm) == (64, 2, 2, "normalize")
-    a2c = config.build("ppo", None, {"preset": "a2c"})
+    a2c = build("ppo", None, {"preset": "a2c"})
     assert (a2c.epochs, a2c.minibatches, a2c.whiten_advantages, a2c.lam, a2c.vf_clip, a2c.anneal_lr,
             a2c.optimizer, a2c.rmsprop_alpha, a2c.optimizer_eps) == (1, 1, False, 1.0, None, False, "rmsprop", 0.99, 1e-5)
-    assert config.build("ppo", None, {}) == config.PPOConfig()  # no preset: the defaults stay
+    assert build("ppo", None, {}) == ppo.PPOConfig()  # no preset: the defaults stay
     with pytest.raises(config.ConfigError, match="unknown preset 'ppo-min'; valid presets: ppo-max, a2c"):
-        config.build("ppo", None, {"preset": "ppo-min"})
+        build("ppo", None, {"preset": "ppo-min"})
     with pytest.raises(config.ConfigError, match="unknown key 'preset' for 'dpo'"):
-        config.build("dpo", None, {"preset": "a2c"})
+        build("dpo", None, {"preset": "a2c"})
     with pytest.raises(config.ConfigError, match="critic_pretrain_steps must be in"):
-        config.build("ppo", None, {"preset": "ppo-max", "steps": "3"})
+        build("ppo", None, {"preset": "ppo-max", "steps": "3"})
     with pytest.raises(config.ConfigError, match="reward_norm"):
-        config.build("ppo", None, {"reward_norm": "whiten"})
+        build("ppo", None, {"reward_norm": "whiten"})
 
 
 def test_critic_pretraining_updates_only_the_critic(tmp_path):

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from rlhf_kernels.train import config, models, ppo, ref_ema
-from rlhf_kernels.train.runlog import Run
-
+from rlhf_kernels.train import ppo, ref_ema
+from rlhf_kernels.train.core import config, models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import Run
 from train_helpers import PPO_FAST
 
 
@@ -45,7 +46,7 @@ def test_eta_zero_keeps_and_eta_one_copies():
 
 def test_trainer_moves_the_reference_after_each_iteration(tmp_path):
     eta = 0.3
-    trainer = ppo.PPO(config.build("ppo", None, {**PPO_FAST, "out": str(tmp_path / "r"), "ref_ema": eta}))
+    trainer = ppo.PPO(build("ppo", None, {**PPO_FAST, "out": str(tmp_path / "r"), "ref_ema": eta}))
     trainer.run = Run(trainer.cfg, "ppo")
     ref0 = {n: p.detach().clone() for n, p in trainer.ref.named_parameters()}
     trainer.step(1)
@@ -58,6 +59,6 @@ def test_trainer_moves_the_reference_after_each_iteration(tmp_path):
 
 def test_bad_eta_and_mismatched_reference():
     with pytest.raises(config.ConfigError, match=r"ref_ema must be in \[0, 1\]"):
-        config.build("ppo", None, {"ref_ema": "1.5"})
+        build("ppo", None, {"ref_ema": "1.5"})
     with pytest.raises(ValueError, match="ref_ema needs a reference of the policy's architecture"):
         ref_ema.check_compatible(models.load_lm("tiny-gpt2"), models.load_lm("tiny-llama"))

@@ -3,11 +3,13 @@ of the eos+1 convention, RTO reward assembly, micro-batch weights and the gold r
 import torch
 
 import rlhf_kernels as rk
-from rlhf_kernels.train import rollout, tasks
+from rlhf_kernels._choices import Aggregation, values
+from rlhf_kernels.train.decode import rollout
 from rlhf_kernels.train.ppo import micro_weight, value_mask
 from rlhf_kernels.train.rto import rto_rewards
+from rlhf_kernels.train.tasks import sentiment
 
-E, P = tasks.EOS, tasks.PAD
+E, P = sentiment.EOS, sentiment.PAD
 
 
 def test_truncate_after_eos():
@@ -65,7 +67,7 @@ def test_micro_weights_reassemble_the_minibatch_loss():
     mask = torch.rand(6, 5, generator=g) > 0.4
     mask[2] = False
     rows = torch.arange(6)
-    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"):
+    for agg in values(Aggregation):
         from rlhf_kernels import reference
         full = reference.aggregate(loss, mask, agg)
         parts = sum(micro_weight(agg, mask[r], mask) * reference.aggregate(loss[r], mask[r], agg)
@@ -74,17 +76,17 @@ def test_micro_weights_reassemble_the_minibatch_loss():
 
 
 def test_gold_reward():
-    w = {x: tasks.WORDS.index(x) for x in ("great", "fun", "dull", "the")}
+    w = {x: sentiment.WORDS.index(x) for x in ("great", "fun", "dull", "the")}
     rows = torch.tensor([[w["great"], w["fun"], E, P, P, P], [w["great"], E, P, P, P, P],
                          [w["great"], w["great"], w["great"], w["great"], w["dull"], E],
                          [w["great"], w["great"], w["the"], w["great"], w["great"], w["great"]]])
-    assert torch.allclose(tasks.gold_reward(rows), torch.tensor([0.5, 0.25, 0.8, 0.0]))
+    assert torch.allclose(sentiment.gold_reward(rows), torch.tensor([0.5, 0.25, 0.8, 0.0]))
 
 
 def test_preference_pairs_follow_gold():
-    p, c, r = tasks.preference_pairs(64, torch.Generator().manual_seed(0))
+    p, c, r = sentiment.preference_pairs(64, torch.Generator().manual_seed(0))
     assert p.shape[0] == c.shape[0] == r.shape[0] == 64
-    assert (tasks.gold_reward(c) > tasks.gold_reward(r)).all()
-    _, c2, r2 = tasks.preference_pairs(400, torch.Generator().manual_seed(0), label_noise=0.25)
-    flipped = (tasks.gold_reward(c2) < tasks.gold_reward(r2)).float().mean()
+    assert (sentiment.gold_reward(c) > sentiment.gold_reward(r)).all()
+    _, c2, r2 = sentiment.preference_pairs(400, torch.Generator().manual_seed(0), label_noise=0.25)
+    flipped = (sentiment.gold_reward(c2) < sentiment.gold_reward(r2)).float().mean()
     assert 0.15 < flipped < 0.35

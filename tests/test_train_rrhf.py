@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from rlhf_kernels.train import config, models, rrhf, tasks
-from rlhf_kernels.train.runlog import Run, clip_and_step
+from rlhf_kernels.train import rrhf
 from rlhf_kernels.train.cli import main
-
+from rlhf_kernels.train.core import config, models
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import Run, clip_and_step
+from rlhf_kernels.train.tasks import sentiment
 from train_helpers import FAST, interrupt_then_resume, metrics
 
 RRHF_FAST = {**FAST, "steps": 2, "batch_size": 4, "micro_batch_size": 2, "samples": 2, "demonstrations": 1}
@@ -41,7 +43,7 @@ def test_updates_follow_the_ranking(tmp_path):
     """A weaker but real effect than a gold-reward gain (which needs minutes; README): a few updates
     on one batch of gold-scored candidates shrink the ranking loss and raise the best response's
     log-prob; fused and naive log-probs give the same loss."""
-    cfg = config.build("rrhf", None, {**RRHF_FAST, "samples": 3, "lr": 1e-2, "out": str(tmp_path)})
+    cfg = build("rrhf", None, {**RRHF_FAST, "samples": 3, "lr": 1e-2, "out": str(tmp_path)})
     trainer = rrhf.RRHF(cfg)
     trainer.run = Run(cfg, "rrhf")
     s = trainer.candidates(1, torch.Generator().manual_seed(0))
@@ -62,29 +64,29 @@ def test_updates_follow_the_ranking(tmp_path):
 
 
 def test_candidates_are_grouped_by_prompt(tmp_path):
-    trainer = rrhf.RRHF(config.build("rrhf", None, {**RRHF_FAST, "samples": 3, "demonstrations": 2,
+    trainer = rrhf.RRHF(build("rrhf", None, {**RRHF_FAST, "samples": 3, "demonstrations": 2,
                                                     "out": str(tmp_path)}))
     s = trainer.candidates(1, torch.Generator().manual_seed(0))
     B, n = 4, 5
-    assert s.responses.shape == (B * n, max(trainer.cfg.max_new_tokens, tasks.LENGTHS[1] + 1))
+    assert s.responses.shape == (B * n, max(trainer.cfg.max_new_tokens, sentiment.LENGTHS[1] + 1))
     prompts = s.prompts.view(B, n, -1)
     assert torch.equal(prompts, prompts[:, :1].expand_as(prompts))  # a prompt's candidates share it
     demos = s.responses.view(B, n, -1)[:, 3:].reshape(B * 2, -1)
-    assert (demos == tasks.EOS).any(1).all()  # demonstrations always end the sentence
+    assert (demos == sentiment.EOS).any(1).all()  # demonstrations always end the sentence
     # each mask is the prefix up to the first <eos>, or the whole sampled length without one
-    first_eos = (s.responses == tasks.EOS).int().argmax(1)
+    first_eos = (s.responses == sentiment.EOS).int().argmax(1)
     length = torch.where(s.has_eos, first_eos + 1, torch.full_like(first_eos, trainer.cfg.max_new_tokens))
     assert torch.equal(s.mask, torch.arange(s.responses.shape[1]) < length[:, None])
 
 
 def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
     keys = {**RRHF_FAST, "steps": 2}
-    rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "straight")}))
+    rrhf.train(build("rrhf", None, {**keys, "out": str(tmp_path / "straight")}))
     def one_step_logged():
         assert len(metrics(tmp_path / "resumed")) == 1
 
     interrupt_then_resume(monkeypatch, rrhf.RRHF, 2,
-                          lambda: rrhf.train(config.build("rrhf", None, {**keys, "out": str(tmp_path / "resumed")})),
+                          lambda: rrhf.train(build("rrhf", None, {**keys, "out": str(tmp_path / "resumed")})),
                           between=one_step_logged)
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert len(a) == 2 and a == b
@@ -97,4 +99,4 @@ def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
                                         ({"batch_size": 6, "micro_batch_size": 4}, "divisible")])
 def test_bad_config(keys, match):
     with pytest.raises(config.ConfigError, match=match):
-        config.build("rrhf", None, keys)
+        build("rrhf", None, keys)

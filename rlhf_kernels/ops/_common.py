@@ -2,12 +2,14 @@
 import torch
 
 from .. import _backend
+from .._choices import Aggregation, DPOLossType, KLEstimator, codes
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-KL_CODES = {"k1": 0, "k2": 1, "k3": 2}  # csrc/common.h: KlEstimator
-AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "token-sum": 3}  # Aggregation
-DPO_CODES = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}  # DpoLoss
+# {value: code} of csrc/common.h's KlEstimator, Aggregation and DpoLoss; the values live in _choices.py
+KL_CODES = codes(KLEstimator)
+AGG_CODES = codes(Aggregation)
+DPO_CODES = codes(DPOLossType)
 
 try:
     import triton  # noqa: F401

@@ -1,13 +1,21 @@
 """DPO (ALGORITHMS.md §4) with every rk.dpo_loss type: sequence log-probs summed over response
 tokens (rk.linear_logprobs), reference log-probs computed once before training, or taken as 0
 (`reference_free`)."""
+from dataclasses import dataclass
+
 import torch
 
-from . import lora, models, rollout
-from .reward import pair_set
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
-
 import rlhf_kernels as rk
+
+from .._choices import DPOLossType
+from .core import lora, models
+from .core.commands import Command
+from .core.config import positive, topic
+from .core.optim import make_optimizer
+from .core.run_config import RunConfig, optim_key
+from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .decode import rollout
+from .tasks.data import pair_set
 
 
 def sequence_logprobs(model, s, rows, cfg):
@@ -63,3 +71,30 @@ def train(cfg):
     loop(run, {"policy": policy}, opt, step_fn)
     models.save_lm(policy, run.dir / "model")
     return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg), **lora.summary(policy)})
+
+
+model_key = topic("model and data")
+loss_key = topic("DPO loss")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    policy: str = model_key("tiny-llama", "initial policy (a saved SFT model dir)")
+    ref: str = model_key("", "reference policy; \"\": the initial policy")
+    pairs: int = model_key(3000, "preference pairs in the training set")
+    label_noise: float = model_key(0.0, "probability of flipping a preference label")
+    loss_type: DPOLossType = loss_key("sigmoid", "any rk.dpo_loss type")
+    beta: float = loss_key(0.1, "β: scale of the implicit reward")
+    label_smoothing: float = loss_key(0.0, "ε: assumed label-flip rate (sigmoid/cDPO and robust)")
+    reference_free: bool = loss_key(False, "reference log-ratio := 0 (\"uniform reference\")")
+    steps: int = optim_key(60, "optimizer steps; longer runs drift off the data (more responses without <eos>)")
+    lr: float = 1e-3
+    eval_every: int = 10
+
+    def check(self):
+        super().check()
+        positive(self, "pairs")
+
+
+COMMAND = Command("train dpo", DPOConfig, train, "DPO on gold-labelled preference pairs (every rk.dpo_loss type)",
+                  print_result=True)

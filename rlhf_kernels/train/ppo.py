@@ -8,17 +8,40 @@ rk.gae (returns before advantage whitening), whiten advantages with rk.masked_wh
 `epochs` × `minibatches` clipped policy + value updates (rk.ppo_policy_loss, rk.ppo_value_loss)
 with gradient accumulation over micro-batches, grad-norm clipping and linear LR annealing.
 Optional, off by default: the PPO-max tricks (ppo_max.py), the reference EMA (ref_ema.py) and the
-RMSprop optimizer of A2C (optim.py); `--preset ppo-max` / `--preset a2c` set them (config.PRESETS).
+RMSprop optimizer of A2C (core/optim.py); `--preset ppo-max` / `--preset a2c` set them (presets.py).
 """
 import copy
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 import rlhf_kernels as rk
 
-from . import calibration, ensemble, lora, models, ppo_max, ref_ema, rollout, tasks
-from .optim import make_ppo_optimizer
-from .runlog import Run, clip_and_step, finish, loop, step_generator
+from .._choices import (
+    Aggregation,
+    CriticInit,
+    EnsembleReduce,
+    KLEstimator,
+    NoEOSPenalty,
+    Optimizer,
+    PPOCAdjustment,
+    RewardNorm,
+    ScorePosition,
+    Task,
+    WhitenLevel,
+)
+from . import ppo_max, ref_ema, tasks
+from .core import lora, models
+from .core.commands import Command
+from .core.config import ConfigError, topic
+from .core.optim import make_ppo_optimizer
+from .core.run_config import RunConfig, check_task, optim_key
+from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .decode import rollout
+from .presets import PRESETS
+from .rewards import calibration, ensemble
+from .tasks import sentiment
 
 
 class AdaptiveKL:
@@ -107,7 +130,7 @@ class PPO:
     @torch.no_grad()
     def make_experience(self, step, g):
         cfg = self.cfg
-        prompts = tasks.prompts(cfg.batch_size, g).to(cfg.device)
+        prompts = sentiment.prompts(cfg.batch_size, g).to(cfg.device)
         s = rollout.sample(self.policy, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                            seed=cfg.seed * 1_000_003 + step)
         order = torch.randperm(cfg.batch_size, generator=g).to(cfg.device)  # also the first epoch's order
@@ -220,3 +243,97 @@ class PPO:
 
 def train(cfg):
     return PPO(cfg).train()
+
+
+model_key = topic("models and reward")
+kl_key = topic("KL penalty")
+reward_key = topic("reward shaping")
+adv_key = topic("advantages (GAE)")
+update_key = topic("PPO update")
+max_key = topic("PPO-max, A2C, reference EMA (ALGORITHMS.md §2, §5, §1.12)")
+ppoc_key = topic("PPO-C, calibrated reward calculation (ALGORITHMS.md §8)")
+ens_key = topic("reward-model ensembles (ALGORITHMS.md §7)")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    PRESETS: ClassVar[dict] = PRESETS
+    policy: str = model_key("tiny-llama", "initial policy (saved SFT model dir); also the reference unless `ref`")
+    ref: str = model_key("", "reference policy; \"\": the initial policy")
+    reward_model: str = model_key("gold", "a saved RM dir (several: comma-separated, or a `train rm --ensemble` dir), "
+                                          "or \"gold\" for the programmatic reward")
+    critic_init: CriticInit = model_key("reward", "critic backbone: reward (N+: from the RM) or policy")
+    task: Task = model_key("sentiment", "the embedded task, or confidence (responses state a confidence)")
+    steps: int = optim_key(30, "PPO iterations (rollout + update)")
+    batch_size: int = optim_key(64, "rollouts (episodes) per iteration")
+    minibatches: int = update_key(2, "minibatches per epoch (each one optimizer step)")
+    micro_batch_size: int = 16
+    epochs: int = update_key(4, "update epochs over each batch of rollouts")
+    lr: float = 5e-4
+    critic_lr: float = optim_key(1e-3, "learning rate of the critic")
+    kl_coef: float = kl_key(0.05, "β: weight of the per-token KL penalty in the reward")
+    kl_estimator: KLEstimator = kl_key("k1", "estimator of the per-token KL (rk.token_kl)")
+    kl_target: Optional[float] = kl_key(None, "set: adaptive controller (Ziegler et al.) towards this KL; "
+                                              "null: fixed kl_coef")
+    kl_horizon: int = kl_key(10000, "horizon of the adaptive KL controller")
+    score_position: ScorePosition = reward_key("last", "token that gets the score: last (OpenRLHF) or eos+1 (N+/TRL)")
+    score_clip: Optional[float] = reward_key(10.0, "clip the score to ±this; null: no clip")
+    no_eos_penalty: NoEOSPenalty = reward_key("replace", "responses without <eos>: replace (N+) or subtract (TRL) "
+                                                         "penalty_value, or none")
+    penalty_value: float = reward_key(-1.0, "the no-<eos> penalty")
+    whiten_rewards: bool = reward_key(False, "whiten the per-token rewards before GAE")
+    whiten_advantages: bool = adv_key(True, "whiten advantages (after the returns are taken)")
+    advantage_unbiased: bool = adv_key(False, "Bessel-corrected variance (TRL, EasyLM) or biased (N+)")
+    gamma: float = adv_key(1.0, "discount γ")
+    lam: float = adv_key(0.95, "GAE λ")
+    clip_low: float = update_key(0.2, "ε_low of the clipped ratio")
+    clip_high: Optional[float] = update_key(None, "ε_high of the clipped ratio; null: clip_low")
+    dual_clip: Optional[float] = update_key(None, "dual clip c > 1 for negative advantages; null: off")
+    vf_clip: Optional[float] = update_key(0.2, "value clip ε_v; null: unclipped value loss")
+    vf_coef: float = update_key(0.1, "weight of the value loss")
+    aggregation: Aggregation = update_key("token-mean", "how per-token losses reduce (rk.ppo_policy_loss)")
+    eval_every: int = 10
+    preset: str = max_key("", "a name in PRESETS (ppo-max, a2c), applied under the config file and the overrides")
+    reward_norm: RewardNorm = max_key("none", "running score moments: scale r/σ, normalize (r−μ)/σ, then score_clip")
+    advantage_whiten_level: WhitenLevel = max_key("batch", "batch (N+) or minibatch (PPO-max: whiten each minibatch)")
+    advantage_clip: Optional[float] = max_key(None, "clamp(A, ±c) after whitening (PPO-max code default 0.5)")
+    critic_pretrain_steps: int = max_key(0, "the first N of `steps` iterations update the critic only")
+    ptx_coef: float = max_key(0.0, "PPO-ptx: + coef·token-mean CE on SFT demonstrations (the pretraining corpus)")
+    ptx_batch_size: int = max_key(32, "demonstrations per optimizer step for the ptx loss")
+    ptx_examples: int = max_key(4000, "size of that corpus")
+    optimizer: Optimizer = max_key("adamw", "adamw or rmsprop (A2C)")
+    optimizer_eps: float = max_key(1e-5, "eps of either optimizer (N+ AdamW 1e-5, SB3 A2C RMSprop 1e-5)")
+    rmsprop_alpha: float = max_key(0.99, "RMSprop smoothing constant (SB3 A2C)")
+    ref_ema: Optional[float] = max_key(None, "η: θ_ref ← (1−η)θ_ref + η·θ_actor after each PPO iteration")
+    ppo_c: bool = ppoc_key(False, "score the content without its confidence, then adjust by the confidence")
+    ppo_c_alpha: float = ppoc_key(0.1, "EMA rate of the running reward mean r̄")
+    ppo_c_w: float = ppoc_key(2.0, "adjustment weight w (the paper's script; code default 0.5)")
+    ppo_c_adjustment: PPOCAdjustment = ppoc_key("difference", "difference (script) or threshold (code default)")
+    ppo_c_rbar_init: float = ppoc_key(0.0, "r̄_0: the stored mean of a normalised RM, 0 once its offset is "
+                                           "subtracted")
+    ensemble_reduce: EnsembleReduce = ens_key("mean", "mean, wco (min over members) or uwo (mean − λ·variance)")
+    uwo_lambda: float = ens_key(0.1, "λ of UWO (Coste et al.'s PPO config)")
+    uwo_unbiased: bool = ens_key(False, "variance /(k−1) (their PPO code) instead of /k (paper, BoN code)")
+
+    def check_batches(self):
+        if self.batch_size % self.minibatches:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by minibatches ({self.minibatches})")
+        mb = self.batch_size // self.minibatches
+        if mb % self.micro_batch_size:
+            raise ConfigError(f"the minibatch size batch_size/minibatches ({mb}) must be divisible by "
+                              f"micro_batch_size ({self.micro_batch_size})")
+
+    def check(self):
+        super().check()
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
+        ppo_max.check(self)
+        check_task(self, "ppo_c")
+        if not 0 < self.ppo_c_alpha <= 1:
+            raise ConfigError(f"ppo_c_alpha must be in (0, 1], got {self.ppo_c_alpha}")
+        if self.uwo_lambda < 0:
+            raise ConfigError(f"uwo_lambda must be >= 0, got {self.uwo_lambda}")
+
+
+COMMAND = Command("train ppo", PPOConfig, train, "PPO on the task's prompts (N+ / OpenRLHF conventions, every "
+                  "choice a key)", print_result=True)

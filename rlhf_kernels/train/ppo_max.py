@@ -7,7 +7,10 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models, sft
+from .._choices import RewardNorm, values
+from .core import models
+from .core.config import ConfigError
+from .tasks.data import demonstration_set
 
 PTX_SALT = 104_729  # separates the ptx draws from the rollout stream of the same step
 
@@ -63,7 +66,7 @@ def normalize_score(score, moments, mode):
         return score / std
     if mode == "normalize":
         return (score - moments.mean) / std
-    raise ValueError(f"reward_norm must be one of none, scale, normalize, got {mode!r}")
+    raise ValueError(f"reward_norm must be one of {', '.join(values(RewardNorm))}, got {mode!r}")
 
 
 def minibatch_advantages(advantages, rows, mask, cfg):
@@ -97,7 +100,7 @@ def actor_frozen(cfg, step):
 def ptx_corpus(cfg):
     """The pretraining corpus of PPO-ptx on the embedded task: SFT demonstrations (prompt and
     response), drawn with a seed of their own."""
-    return sft.demonstration_set(cfg.ptx_examples, cfg.seed + 7_777)
+    return demonstration_set(cfg.ptx_examples, cfg.seed + 7_777)
 
 
 def ptx_nll(policy, ids, attn, impl="fused"):
@@ -124,3 +127,25 @@ def ptx_backward(trainer, step, generator):
         (cfg.ptx_coef * loss).backward()
         ce += float(loss.detach())
     return ce
+
+
+def check(cfg):
+    """The PPO-max, A2C and reference-EMA keys (ALGORITHMS.md §2, §5, §1.12)."""
+    if cfg.advantage_clip is not None and cfg.advantage_clip <= 0:
+        raise ConfigError(f"advantage_clip must be > 0 or null, got {cfg.advantage_clip}")
+    if not 0 <= cfg.critic_pretrain_steps < cfg.steps:
+        raise ConfigError(f"critic_pretrain_steps must be in [0, steps={cfg.steps}), got {cfg.critic_pretrain_steps}")
+    if cfg.ptx_coef < 0:
+        raise ConfigError(f"ptx_coef must be >= 0, got {cfg.ptx_coef}")
+    for key in ("ptx_batch_size", "ptx_examples"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.optimizer_eps <= 0:
+        raise ConfigError(f"optimizer_eps must be > 0, got {cfg.optimizer_eps}")
+    if not 0 <= cfg.rmsprop_alpha < 1:
+        raise ConfigError(f"rmsprop_alpha must be in [0, 1), got {cfg.rmsprop_alpha}")
+    if cfg.ref_ema is not None and not 0 <= cfg.ref_ema <= 1:
+        raise ConfigError(f"ref_ema must be in [0, 1] or null, got {cfg.ref_ema}")
+    if cfg.reward_norm != "none" and cfg.batch_size < 2:
+        raise ConfigError(f"reward_norm={cfg.reward_norm!r} needs batch_size >= 2 (an unbiased std), "
+                          f"got {cfg.batch_size}")

@@ -11,13 +11,21 @@ its prompts, since the loss couples them). Policy log-probs come from models.tok
 (rk.linear_logprobs on the hidden states) at temperature 1: RRHF scores the model itself, the
 sampling temperature only shapes the candidates.
 """
+from dataclasses import dataclass
+
 import torch
 
-from . import models, rollout, tasks
-from .config import CHOICES
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
+from .._choices import SFTAggregation, values
+from .core import models
+from .core.commands import Command
+from .core.config import ConfigError, topic
+from .core.optim import make_optimizer
+from .core.run_config import RunConfig, optim_key
+from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .decode import rollout
+from .tasks import sentiment
 
-SFT_AGGREGATIONS = CHOICES["sft_aggregation"]
+SFT_AGGREGATIONS = values(SFTAggregation)
 
 
 def rrhf_loss(logp, mask, rewards, *, length_penalty=1.0, rrhf_weight=1.0, sft_aggregation="padded-mean",
@@ -86,7 +94,7 @@ def pad_to(samples, width):
     extra = width - samples.responses.shape[1]
     if extra == 0:
         return samples
-    return rollout.Samples(samples.prompts, torch.nn.functional.pad(samples.responses, (0, extra), value=tasks.PAD),
+    return rollout.Samples(samples.prompts, torch.nn.functional.pad(samples.responses, (0, extra), value=sentiment.PAD),
                            torch.nn.functional.pad(samples.mask, (0, extra), value=False), samples.has_eos)
 
 
@@ -113,11 +121,11 @@ class RRHF:
     def candidates(self, step, g):
         """Samples of B·(samples + demonstrations) rows, prompt-major, the policy's samples first."""
         cfg = self.cfg
-        prompts = tasks.prompts(cfg.batch_size, g).to(cfg.device)
+        prompts = sentiment.prompts(cfg.batch_size, g).to(cfg.device)
         parts = [rollout.sample(self.policy, prompts.repeat_interleave(cfg.samples, 0), temperature=cfg.temperature,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)]
         if cfg.demonstrations:
-            demo, mask, has_eos = rollout.truncate_after_eos(tasks.demonstrations(cfg.batch_size * cfg.demonstrations, g))
+            demo, mask, has_eos = rollout.truncate_after_eos(sentiment.demonstrations(cfg.batch_size * cfg.demonstrations, g))
             parts.append(rollout.Samples(prompts.repeat_interleave(cfg.demonstrations, 0), demo.to(cfg.device),
                                          mask.to(cfg.device), has_eos.to(cfg.device)))
         width = max(s.responses.shape[1] for s in parts)
@@ -126,7 +134,7 @@ class RRHF:
     @torch.no_grad()
     def score(self, s, batch=256):
         if self.rm is None:
-            return tasks.gold_reward(s.responses.cpu()).to(s.prompts.device)
+            return sentiment.gold_reward(s.responses.cpu()).to(s.prompts.device)
         ids, attn = s.ids, s.attn
         return torch.cat([self.rm.score(ids[r], attn[r]) for r in torch.arange(len(ids)).split(batch)]).float()
 
@@ -164,7 +172,7 @@ class RRHF:
         sampled = rewards[:, :cfg.samples]
         own = torch.arange(B * n, device=ids.device).view(B, n)[:, :cfg.samples].reshape(-1)
         metrics = {**sums, "grad_norm": grad_norm,
-                   "gold_reward": tasks.gold_reward(s.responses[own].cpu()).mean().item(),
+                   "gold_reward": sentiment.gold_reward(s.responses[own].cpu()).mean().item(),
                    "score": sampled.mean().item(), "best_score": rewards.max(1).values.mean().item(),
                    "best_is_demonstration": (rewards.argmax(1) >= cfg.samples).float().mean().item(),
                    "no_eos": (~s.has_eos[own]).float().mean().item(),
@@ -183,3 +191,38 @@ class RRHF:
 
 def train(cfg):
     return RRHF(cfg).train()
+
+
+model_key = topic("model and reward")
+rank_key = topic("RRHF ranking")
+
+
+@dataclass
+class RRHFConfig(RunConfig):
+    policy: str = model_key("tiny-llama", "initial policy (a saved SFT model dir)")
+    reward_model: str = model_key("gold", "a saved RM dir, or \"gold\" for the programmatic reward")
+    batch_size: int = optim_key(16, "prompts per step (each with samples + demonstrations candidates)")
+    micro_batch_size: int = optim_key(4, "prompts per micro-batch; a prompt's candidates stay together")
+    samples: int = rank_key(4, "k responses per prompt sampled from the current policy (paper: 4)")
+    demonstrations: int = rank_key(2, "SFT demonstrations per prompt as extra candidates (paper: the 2 HH responses)")
+    length_penalty: float = rank_key(1.0, "α in p_i = Σ_t log π / ‖y_i‖^α (1: length-normalised)")
+    rrhf_weight: float = rank_key(1.0, "L = rrhf_weight·L_rank + L_ft (paper and train.sh: 1)")
+    sft_aggregation: SFTAggregation = rank_key("padded-mean", "L_ft: padded-mean (source code), token-sum (paper), "
+                                                          "token-mean")
+    steps: int = 30
+    lr: float = 1e-3
+    eval_every: int = 10
+
+    def check(self):
+        super().check()
+        if self.samples < 1 or self.demonstrations < 0 or self.samples + self.demonstrations < 2:
+            raise ConfigError(f"rrhf ranks at least 2 candidates per prompt: samples must be >= 1 and "
+                              f"demonstrations >= 0 with samples + demonstrations >= 2, got samples={self.samples}, "
+                              f"demonstrations={self.demonstrations}")
+        for key in ("length_penalty", "rrhf_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+COMMAND = Command("train rrhf", RRHFConfig, train, "RRHF: rank sampled and demonstrated responses by reward",
+                  print_result=True)

@@ -2,11 +2,16 @@
 clip(β1·(log π_dpo − log π_dpo_ref), ±clip) to the KL penalty −β2·KL and the reward-model score at
 the last token, all assembled by rk.token_rewards."""
 import copy
+from dataclasses import dataclass
+from typing import Optional
 
 import rlhf_kernels as rk
 
-from . import models, rollout
-from .ppo import PPO
+from .core import models
+from .core.commands import Command
+from .core.config import ConfigError, topic
+from .decode import rollout
+from .ppo import PPO, PPOConfig
 
 
 def rto_rewards(score, mask, logp, ref_logp, dpo_logratio, *, kl_coef, kl_estimator="k1",
@@ -45,3 +50,24 @@ class RTO(PPO):
 
 def train(cfg):
     return RTO(cfg).train()
+
+
+dense_key = topic("RTO dense reward (ALGORITHMS.md §3)")
+
+
+@dataclass
+class RTOConfig(PPOConfig):
+    dpo_model: str = dense_key("", "the DPO policy whose log-ratio gives the dense token reward; required")
+    dpo_ref: str = dense_key("", "reference of that ratio; \"\": the PPO reference")
+    dpo_reward_scale: float = dense_key(0.05, "β1: scale of the dense reward")
+    dpo_reward_clip: Optional[float] = dense_key(0.05, "clip of the scaled dense reward, ±; null: no clip")
+    kl_coef: float = 0.01  # β2
+
+    def check(self):
+        super().check()
+        if not self.dpo_model:
+            raise ConfigError("rto needs dpo_model (a saved DPO policy directory)")
+
+
+COMMAND = Command("train rto", RTOConfig, train, "RTO: PPO with the DPO policy's dense token reward",
+                  print_result=True)

@@ -1,16 +1,19 @@
 """Supervised fine-tuning on demonstrations: token-mean negative log-likelihood of the response
 tokens (through rk.linear_logprobs), prompts not trained on."""
+from dataclasses import dataclass
+
 import torch
 
-from . import lora, models, rollout, tasks
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
-
-
-def demonstration_set(n, seed, task=tasks):
-    g = torch.Generator().manual_seed(seed)
-    prompts = task.prompts(n, g)
-    responses, mask, has_eos = rollout.truncate_after_eos(task.demonstrations(n, g))
-    return rollout.Samples(prompts, responses, mask, has_eos)
+from .._choices import Task
+from . import tasks
+from .core import lora, models
+from .core.commands import Command
+from .core.config import positive, topic
+from .core.optim import make_optimizer
+from .core.run_config import RunConfig
+from .core.runlog import Run, clip_and_step, finish, loop, step_generator
+from .decode import rollout
+from .tasks.data import demonstration_set
 
 
 def nll_step(run, step, policy, data, idx, cfg):
@@ -48,3 +51,24 @@ def train(cfg):
     loop(run, {"policy": policy}, opt, step_fn)
     models.save_lm(policy, run.dir / "model")
     return finish(run, {"model": str(run.dir / "model"), **rollout.evaluate_cfg(policy, cfg), **lora.summary(policy)})
+
+
+model_key = topic("model and data")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    model: str = model_key("tiny-llama", "\"tiny-llama\", \"tiny-gpt2\" (built from a config) or a saved model dir")
+    examples: int = model_key(4000, "demonstrations in the training set")
+    steps: int = 200
+    lr: float = 3e-3
+    eval_every: int = 50
+    task: Task = model_key("sentiment", "the embedded task; confidence: responses state a confidence (PPO-C/PPO-M)")
+
+    def check(self):
+        super().check()
+        positive(self, "examples")
+
+
+COMMAND = Command("train sft", SFTConfig, train, "supervised fine-tuning on the task's demonstrations",
+                  print_result=True)

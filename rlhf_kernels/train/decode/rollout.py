@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tasks
+from .. import tasks
+from ..tasks import sentiment
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Samples:
         return self.prompts.shape[1]
 
 
-def truncate_after_eos(responses, eos=tasks.EOS, pad=tasks.PAD):
+def truncate_after_eos(responses, eos=sentiment.EOS, pad=sentiment.PAD):
     """Keep each row up to and including its first <eos>; pad the rest (N+ detail 23)."""
     is_eos = responses == eos
     has_eos = is_eos.any(1)
@@ -43,10 +44,10 @@ def sample(policy, prompts, *, temperature, max_new_tokens, seed):
     torch.manual_seed(seed)
     out = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                           temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                          min_new_tokens=0, eos_token_id=None, pad_token_id=tasks.PAD)
+                          min_new_tokens=0, eos_token_id=None, pad_token_id=sentiment.PAD)
     responses = out[:, prompts.shape[1]:]
     if responses.shape[1] < max_new_tokens:  # a model that stopped early anyway: pad to the fixed length
-        responses = torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=tasks.PAD)
+        responses = torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=sentiment.PAD)
     responses, mask, has_eos = truncate_after_eos(responses)
     return Samples(prompts, responses, mask, has_eos)
 
@@ -81,12 +82,12 @@ def chunked(fn, order, size):
 
 
 @torch.no_grad()
-def evaluate(policy, *, n, seed, temperature, max_new_tokens, batch=128, task=tasks):
+def evaluate(policy, *, n, seed, temperature, max_new_tokens, batch=128, task=sentiment):
     """Mean gold reward of the policy's samples on a fixed prompt set (same prompts and sampling
     seed for every model compared), with the share of responses lacking <eos>, their length and
     the task's own metrics (task.metrics, e.g. calibration on the confidence task)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = tasks.prompts(n, g).to(policy.device)
+    prompts = sentiment.prompts(n, g).to(policy.device)
     responses, no_eos, length = [], [], []
     for i, p in enumerate(prompts.split(batch)):
         s = sample(policy, p, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)

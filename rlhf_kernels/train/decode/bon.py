@@ -9,14 +9,21 @@ is the best of a uniformly drawn m-subset with probability C(i−1, m−1)/C(n, 
 """
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import ensemble, models, rollout, tasks
-from .config import ConfigError
-from .plots import _pyplot, _save
-from .runlog import Run
+from ..._choices import EnsembleReduce
+from ..core import models
+from ..core.commands import Command
+from ..core.config import ConfigError, positive, topic
+from ..core.plots import _pyplot, _save
+from ..core.run_config import RunConfig
+from ..core.runlog import Run
+from ..rewards import ensemble
+from ..tasks import sentiment
+from . import rollout
 
 
 def kl_bon(n):
@@ -50,14 +57,14 @@ def sizes_up_to(n):
 @torch.no_grad()
 def sample_and_score(policy, rm, cfg, batch=256):
     """proxy and gold [n, P] for n samples of each of cfg.eval_prompts held-out prompts."""
-    prompts = tasks.prompts(cfg.eval_prompts, torch.Generator().manual_seed(rollout.EVAL_SEED))
+    prompts = sentiment.prompts(cfg.eval_prompts, torch.Generator().manual_seed(rollout.EVAL_SEED))
     rows = prompts.repeat(cfg.n, 1).to(cfg.device)  # sample j of prompt p is row j·P + p
     proxy, gold = [], []
     for i, p in enumerate(rows.split(batch)):
         s = rollout.sample(policy, p, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                            seed=cfg.seed * 1_000_003 + i)
         proxy.append(rm.score(s.ids, s.attn).float().cpu())
-        gold.append(tasks.gold_reward(s.responses.cpu()))
+        gold.append(sentiment.gold_reward(s.responses.cpu()))
     P = cfg.eval_prompts
     return torch.cat(proxy).view(cfg.n, P), torch.cat(gold).view(cfg.n, P)
 
@@ -105,3 +112,25 @@ def plot_bon(rows, path, title=""):
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)
+
+
+bon_key = topic("best-of-n")
+
+
+@dataclass
+class BoNConfig(RunConfig):
+    policy: str = bon_key("tiny-llama", "the policy to sample from (a saved SFT model dir)")
+    reward_model: str = bon_key("", "proxy: a saved RM dir, comma-separated dirs or an ensemble dir; required")
+    n: int = bon_key(16, "largest n; gold and proxy are reported at n = 1, 2, 4, ..., n")
+    ensemble_reduce: EnsembleReduce = bon_key("mean", "mean, wco (min over members) or uwo (mean − λ·variance)")
+    uwo_lambda: float = bon_key(0.5, "λ of UWO (Coste et al.'s BoN default)")
+    uwo_unbiased: bool = bon_key(False, "variance /(k−1) instead of /k")
+
+    def check(self):
+        super().check()
+        positive(self, "n")
+        if self.uwo_lambda < 0:
+            raise ConfigError(f"uwo_lambda must be >= 0, got {self.uwo_lambda}")
+
+
+COMMAND = Command("bon", BoNConfig, run_bon, "best-of-n sampling scored by a reward model or an ensemble")

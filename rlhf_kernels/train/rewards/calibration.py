@@ -1,5 +1,5 @@
 """PPO-C, calibrated reward calculation (ALGORITHMS.md §8, Leng et al. 2024), on the confidence
-task (confidence.py). Per rollout batch:
+task (tasks/confidence.py). Per rollout batch:
 
     r  = clamp(RM(x, y without its confidence), ±10)
     r̄ ← α·mean_batch(r) + (1 − α)·r̄          (updated before the adjustment)
@@ -15,7 +15,9 @@ PPO sees it is 0. Setting it to the RM's raw offset reproduces the source's raw/
 """
 import torch
 
-from . import confidence, rollout
+from ..._choices import PPOCAdjustment, values
+from ..decode import rollout
+from ..tasks import confidence
 
 SCORE_CLAMP = 10.0
 
@@ -32,7 +34,7 @@ def adjust(r, rbar, c_hat, w, adjustment="difference"):
     if adjustment == "threshold":
         delta = w * r.abs() * (c_hat - 0.5)
         return torch.where(r >= rbar, r + delta, r - delta)
-    raise ValueError(f"ppo_c_adjustment must be 'difference' or 'threshold', got {adjustment!r}")
+    raise ValueError(f"ppo_c_adjustment must be one of {', '.join(values(PPOCAdjustment))}, got {adjustment!r}")
 
 
 def without_confidence(s):

@@ -102,7 +102,16 @@ class Run:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
     def _truncate_metrics(self, step):
-        rows = [r for r in self.read_metrics() if r["step"] <= step]
+        """Keep the rows up to the checkpoint's step; a row cut short by a kill mid-write is dropped."""
+        text = self.metrics.read_text() if self.metrics.exists() else ""
+        lines = text.split("\n")
+        complete, last = lines[:-1], lines[-1]  # `last` is "" unless the final write was cut short
+        rows = [json.loads(line) for line in complete if line.strip()]
+        try:
+            rows += [json.loads(last)] if last.strip() else []
+        except json.JSONDecodeError:
+            pass
+        rows = [r for r in rows if r["step"] <= step]
         tmp = self.metrics.with_name(METRICS + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.metrics)
@@ -132,13 +141,6 @@ def set_lr(optimizer, cfg, step):
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * frac
     return optimizer.param_groups[0]["lr"]
-
-
-def make_optimizer(groups, eps=1e-5):
-    """AdamW (eps 1e-5, N+) over param groups [(params, lr)]; `base_lr` is kept for annealing."""
-    opt = torch.optim.AdamW([{"params": [p for p in ps if p.requires_grad], "lr": lr, "base_lr": lr}
-                             for ps, lr in groups], eps=eps)
-    return opt
 
 
 def clip_and_step(run, step, optimizer, params, max_norm):

@@ -8,7 +8,8 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import lora, tasks
+from ..tasks import sentiment
+from . import lora
 
 TINY = ("tiny-llama", "tiny-gpt2")
 HEAD_FILE = "scalar_head.safetensors"
@@ -25,7 +26,7 @@ def attn_implementation(device):
     return "sdpa"
 
 
-def load_lm(spec, device="cpu", vocab_size=len(tasks.WORDS)):
+def load_lm(spec, device="cpu", vocab_size=len(sentiment.WORDS)):
     """A causal LM from a tiny architecture name (built from a config, seeded by the caller) or a
     saved model directory; dropout off, eval mode (N+ detail 7), checked for a usable LM head."""
     from transformers import AutoModelForCausalLM
@@ -33,7 +34,7 @@ def load_lm(spec, device="cpu", vocab_size=len(tasks.WORDS)):
     hf_logging.disable_progress_bar()
     attn = attn_implementation(device)
     if spec in TINY:
-        model = AutoModelForCausalLM.from_config(tasks.model_config(spec, vocab_size), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(sentiment.model_config(spec, vocab_size), attn_implementation=attn)
     else:
         if not Path(spec, "config.json").is_file():
             raise FileNotFoundError(f"model {spec!r} is neither one of {', '.join(TINY)} nor a saved model "

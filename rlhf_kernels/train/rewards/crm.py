@@ -21,10 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import confidence, models, rollout
-from .reward import accuracy, mean_score
-from .runlog import Run, clip_and_step, finish, loop, make_optimizer, step_generator
-from .sft import demonstration_set
+from ..._choices import CRMLoss, values
+from ..core import models
+from ..core.optim import make_optimizer
+from ..core.runlog import Run, clip_and_step, finish, loop, step_generator
+from ..decode import rollout
+from ..tasks import confidence
+from ..tasks.data import demonstration_set
+from .scoring import accuracy, mean_score
 
 VARIANTS = ("chosen", "rejected", "cwh", "cwl", "rwh", "rwl")
 
@@ -37,7 +41,7 @@ def crm_loss(r, kind="sigmoid"):
     if kind == "variant_1":
         return loss - F.logsigmoid(r["cwh"] - r["rwl"])
     if kind != "sigmoid":
-        raise ValueError(f"crm_loss must be 'sigmoid', 'combined' or 'variant_1', got {kind!r}")
+        raise ValueError(f"crm_loss must be one of {', '.join(values(CRMLoss))}, got {kind!r}")
     return loss
 
 

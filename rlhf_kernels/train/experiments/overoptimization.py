@@ -9,12 +9,17 @@ unfinished stages and reuses finished ones (a finished stage only reloads and re
 """
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import ensemble, ppo, reward, sft
-from .config import ConfigError, PPOConfig, build, check
-from .plots import _pyplot, _save
-from .runlog import Run
+from .. import ppo, rm, sft
+from ..core.commands import Command
+from ..core.config import ConfigError, positive, topic
+from ..core.plots import _pyplot, _save
+from ..core.run_config import optim_key
+from ..core.runlog import Run
+from ..ppo import PPOConfig
+from ..rewards import ensemble
 
 COLORS = {"single": "C3", "mean": "C2", "wco": "C0", "uwo": "C1"}
 LABELS = {"single": "single RM", "mean": "ensemble mean", "wco": "WCO (min)", "uwo": "UWO (mean - λ·var)"}
@@ -32,7 +37,7 @@ def ppo_config(cfg, name, policy, dirs):
     keys.update(out=str(Path(cfg.out, f"ppo_{name}")), policy=policy,
                 reward_model=dirs[0] if single else ",".join(dirs), ensemble_reduce="mean" if single else name)
     out = PPOConfig(**keys)
-    check(out)
+    out.check()
     return out
 
 
@@ -44,12 +49,12 @@ def run_experiment(cfg):
     policy = cfg.policy
     if not policy:
         _say(cfg, f"SFT policy ({cfg.sft_steps} steps) -> {out / 'sft'}")
-        policy = sft.train(build("sft", overrides={**common, "steps": cfg.sft_steps, "out": str(out / "sft")}))["model"]
+        policy = sft.train(sft.COMMAND.build(overrides={**common, "steps": cfg.sft_steps, "out": str(out / "sft")}))["model"]
     rms = cfg.reward_model
     if not rms:
         _say(cfg, f"{cfg.members} proxy reward models ({cfg.rm_pairs} pairs, label noise {cfg.rm_label_noise}, "
                   f"{cfg.rm_steps} steps each) -> {out / 'rms'}")
-        rms = reward.train(build("rm", overrides={
+        rms = rm.train(rm.COMMAND.build(overrides={
             **common, "model": policy, "ensemble": cfg.members, "pairs": cfg.rm_pairs,
             "label_noise": cfg.rm_label_noise, "steps": cfg.rm_steps, "lr": cfg.rm_lr,
             "eval_every": cfg.rm_steps, "out": str(out / "rms")}))["model"]
@@ -113,3 +118,43 @@ def plot_overoptimization(curves, path, title=""):
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)
+
+
+exp_key = topic("overoptimization experiment")
+
+
+@dataclass
+class OveroptConfig(PPOConfig):
+    """The PPO keys apply to every PPO run of the experiment; the rest set up its SFT and proxy RMs."""
+    policy: str = exp_key("", "\"\": train an SFT policy in out/sft (reused when present)")
+    reward_model: str = exp_key("", "\"\": train the proxy ensemble in out/rms (reused when present)")
+    runs: str = exp_key("single,wco,uwo", "PPO runs, any of single (member 0 alone), mean, wco, uwo")
+    sft_steps: int = exp_key(150, "steps of the SFT policy")
+    members: int = exp_key(3, "proxy reward models")
+    rm_pairs: int = exp_key(150, "few, noisy pairs: proxies good enough to learn from, flawed")
+    rm_label_noise: float = exp_key(0.35, "enough to be exploited (README: the measured run)")
+    rm_steps: int = exp_key(40, "steps of each proxy reward model")
+    rm_lr: float = exp_key(1e-3, "learning rate of the proxy reward models")
+    steps: int = optim_key(150, "long enough for the single proxy's gold reward to peak and fall")
+    batch_size: int = 32
+    minibatches: int = 2
+    micro_batch_size: int = 16
+    kl_coef: float = 0.01  # Coste et al.: a small KL penalty
+    uwo_lambda: float = 0.5
+    eval_every: int = 5
+    eval_prompts: int = 128
+
+    def check(self):
+        super().check()
+        positive(self, "members", "sft_steps", "rm_pairs", "rm_steps")
+        if not 0 <= self.rm_label_noise < 0.5:
+            raise ConfigError(f"rm_label_noise must be in [0, 0.5), got {self.rm_label_noise}")
+        runs = [r.strip() for r in self.runs.split(",") if r.strip()]
+        bad = [r for r in runs if r not in ("single", "mean", "wco", "uwo")]
+        if bad or not runs or len(set(runs)) < len(runs):
+            raise ConfigError(f"runs must be distinct names among single, mean, wco, uwo (comma-separated), "
+                              f"got {self.runs!r}")
+
+
+COMMAND = Command("experiment overoptimization", OveroptConfig, run_experiment,
+                  "reward overoptimization: PPO against a single proxy RM and against ensembles")

@@ -12,9 +12,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config import ConfigError, GenerateConfig, build_generate, to_dict
-from .generate import run as decode
-from .plots import _pyplot, _save
+from ..core.commands import Command
+from ..core.config import ConfigError, to_dict, topic
+from ..core.plots import _pyplot, _save
+from ..decode.generate import GenerateConfig
+from ..decode.generate import run as decode
+
+sweep_key = topic("experiment")
 
 
 @dataclasses.dataclass
@@ -22,9 +26,20 @@ class MCTSExperimentConfig(GenerateConfig):
     policy: str = "runs/demo/ppo/model"
     critic: str = "runs/demo/ppo/critic"
     reward_model: str = "runs/demo/rm/model"
-    sweep_simulations: str = "10,30,50"
-    sweep_c_puct: str = "8,2,1"        # 8 is the released code's default
-    out: str = "runs/mcts"             # a directory here (generate's `out` is one JSON file)
+    sweep_simulations: str = sweep_key("10,30,50", "simulations S of the MCTS decodings (comma-separated)")
+    sweep_c_puct: str = sweep_key("8,2,1", "c_puct of the MCTS decodings (comma-separated; 8 is the released "
+                                           "code's default)")
+    out: str = sweep_key("runs/mcts", "a directory here (generate's `out` is one JSON file)")
+
+    def check(self):
+        """As `generate`'s, plus the sweep lists and the model directories."""
+        super().check()
+        _numbers(self, "sweep_simulations", int)
+        _numbers(self, "sweep_c_puct", float)
+        for key in ("policy", "critic"):
+            if not Path(getattr(self, key)).exists():
+                raise ConfigError(f"{key} {getattr(self, key)!r} does not exist: run `make demo` first (its PPO "
+                                  f"run is the default), or pass --policy, --critic and --reward_model")
 
 
 def _numbers(cfg, key, kind):
@@ -36,19 +51,6 @@ def _numbers(cfg, key, kind):
     if not values or any(v <= 0 for v in values):
         raise ConfigError(f"{key} must be a comma-separated list of positive {kind.__name__}s, got {text!r}")
     return values
-
-
-def build(file=None, overrides=None):
-    """The experiment's config from defaults, then `file`, then `overrides`, checked as `generate`'s
-    plus the sweep lists and the model directories."""
-    cfg = build_generate(file, overrides, cls=MCTSExperimentConfig, kind="experiment mcts")
-    _numbers(cfg, "sweep_simulations", int)
-    _numbers(cfg, "sweep_c_puct", float)
-    for key in ("policy", "critic"):
-        if not Path(getattr(cfg, key)).exists():
-            raise ConfigError(f"{key} {getattr(cfg, key)!r} does not exist: run `make demo` first (its PPO run "
-                              f"is the default), or pass --policy, --critic and --reward_model")
-    return cfg
 
 
 def decodings(cfg):
@@ -149,3 +151,7 @@ def plot_sweep(rows, path, title=""):
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+COMMAND = Command("experiment mcts", MCTSExperimentConfig, run_experiment,
+                  "PPO-MCTS against greedy and sampled decoding of the same PPO policy")

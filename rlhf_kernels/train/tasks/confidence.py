@@ -1,13 +1,13 @@
 """The confidence variant of the embedded task (`task="confidence"`), for PPO-C and PPO-M
-(ALGORITHMS.md §8). It is tasks.py with a verbalised confidence added; the default task is untouched.
+(ALGORITHMS.md §8). It is sentiment.py with a verbalised confidence added; the default task is untouched.
 
-- Vocabulary: tasks.WORDS followed by the confidence tokens conf0 … conf10 (ids from
-  len(tasks.WORDS) on), so every id of the default task keeps its meaning.
+- Vocabulary: sentiment.WORDS followed by the confidence tokens conf0 … conf10 (ids from
+  len(sentiment.WORDS) on), so every id of the default task keeps its meaning.
 - A response is `words … conf_c <eos>`. Its confidence c is the *last* conf token up to the first
   <eos> (the whole response when there is none); a response without one gets c = 5, as the
   source does for a missing "Confidence: c". (The source's regex takes the first match; with one
   confidence per response, as SFT teaches, the two agree.) The stated probability is ĉ = c/10.
-- The gold reward is tasks.gold_reward of the content: every conf token is removed first, so it
+- The gold reward is sentiment.gold_reward of the content: every conf token is removed first, so it
   neither counts as a word nor changes the score.
 - SFT demonstrations carry a confidence drawn independently of their quality and mostly high
   (probability P_SFT_HIGH uniform on SFT_HIGH_MIN..10, else uniform on 0..10): the SFT policy is
@@ -22,30 +22,30 @@
 """
 import torch
 
-from . import tasks
+from . import sentiment
 
 CONFIDENCES = [f"conf{c}" for c in range(11)]
-WORDS = tasks.WORDS + CONFIDENCES
-CONF0 = len(tasks.WORDS)          # id of conf0; conf_c is CONF0 + c
+WORDS = sentiment.WORDS + CONFIDENCES
+CONF0 = len(sentiment.WORDS)          # id of conf0; conf_c is CONF0 + c
 MISSING = 5                       # confidence of a response that states none (the source's default)
-PAD, BOS, EOS = tasks.PAD, tasks.BOS, tasks.EOS
-MIN_LEN, LENGTHS, PROMPT_LEN = tasks.MIN_LEN, tasks.LENGTHS, tasks.PROMPT_LEN
+PAD, BOS, EOS = sentiment.PAD, sentiment.BOS, sentiment.EOS
+MIN_LEN, LENGTHS, PROMPT_LEN = sentiment.MIN_LEN, sentiment.LENGTHS, sentiment.PROMPT_LEN
 P_SFT_HIGH = 0.8                  # share of SFT demonstrations with a high confidence ...
 SFT_HIGH_MIN = 7                  # ... uniform on SFT_HIGH_MIN..10 (the rest uniform on 0..10)
 
-prompts = tasks.prompts
+prompts = sentiment.prompts
 
 
 def model_config(arch, vocab_size=len(WORDS)):
-    return tasks.model_config(arch, vocab_size)
+    return sentiment.model_config(arch, vocab_size)
 
 
 def tokenizer():
-    return tasks.tokenizer(WORDS)
+    return sentiment.tokenizer(WORDS)
 
 
 def decode(tokens, tok=None):
-    return tasks.decode(tokens, tok or tokenizer())
+    return sentiment.decode(tokens, tok or tokenizer())
 
 
 def is_confidence(tokens):
@@ -94,17 +94,17 @@ def sft_confidence(n, generator):
 
 def demonstrations(n, generator):
     """[n, LENGTHS[1] + 2] SFT responses: the default task's words, an independent confidence, <eos>."""
-    content = tasks.demonstrations(n, generator)
+    content = sentiment.demonstrations(n, generator)
     return with_confidence(content, sft_confidence(n, generator))
 
 
 def gold_reward(responses):
-    """tasks.gold_reward of the content, the confidence tokens removed."""
-    return tasks.gold_reward(strip_confidence(responses))
+    """sentiment.gold_reward of the content, the confidence tokens removed."""
+    return sentiment.gold_reward(strip_confidence(responses))
 
 
 def preference_pairs(n, generator, label_noise=0.0):
-    """(prompts, chosen, rejected): tasks.preference_pairs with an independent SFT confidence on each."""
+    """(prompts, chosen, rejected): sentiment.preference_pairs with an independent SFT confidence on each."""
     return calibrated_pairs(n, generator, label_noise)[:3]
 
 
@@ -112,7 +112,7 @@ def calibrated_pairs(n, generator, label_noise=0.0, low_max=3, high_min=7):
     """`preference_pairs` (the same draws) and PPO-M's four variants of each pair, in this order:
     prompts, chosen, rejected, chosen⊕high, chosen⊕low, rejected⊕high, rejected⊕low, where a high
     confidence is uniform on high_min..10 and a low one uniform on 0..low_max."""
-    p, yc, yr = tasks.preference_pairs(n, generator, label_noise)
+    p, yc, yr = sentiment.preference_pairs(n, generator, label_noise)
     chosen, rejected = (with_confidence(y, sft_confidence(n, generator)) for y in (yc, yr))
 
     def draw(lo, hi):

@@ -10,7 +10,7 @@ The final `model/` of a LoRA run is the policy with its adapters merged into the
 Transformers model (`models.load_lm` and `from_pretrained` read it); `model/adapter/` holds the
 adapter alone in peft's format. Checkpoints hold the whole policy state (base and adapters).
 
-Keys (config.py): lora_r, lora_alpha (the adapter output is scaled by lora_alpha / lora_r),
+Keys (core/run_config.py): lora_r, lora_alpha (the adapter output is scaled by lora_alpha / lora_r),
 lora_dropout, lora_target_modules ("all-linear" is peft's every Linear/Conv1D layer except the
 output layer: Llama's q/k/v/o/gate/up/down_proj, GPT-2's c_attn/c_proj/c_fc; or a comma-separated
 list of module names).

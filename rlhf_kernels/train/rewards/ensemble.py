@@ -12,17 +12,16 @@ with λ scaled by k/(k − 1).
 An ensemble on disk is a directory written by `rlhf-kernels train rm --ensemble=k` (member_0 ...
 member_{k-1}, each a full RM run with its model/), or a comma-separated list of saved RM dirs.
 """
-import dataclasses
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .models import HEAD_FILE, ScalarModel
+from ..._choices import EnsembleReduce, values
+from ..core.config import ConfigError
+from ..core.models import HEAD_FILE, ScalarModel
 
-REDUCES = ("mean", "wco", "uwo")
+REDUCES = values(EnsembleReduce)
 
 
 def reduce_scores(scores, reduce="mean", uwo_lambda=0.1, unbiased=False):
@@ -102,21 +101,3 @@ def first_member(rm):
     return rm.members[0] if isinstance(rm, EnsembleRM) else rm
 
 
-def train_members(cfg):
-    """`rlhf-kernels train rm --ensemble=k`: k reward-model runs in out/member_i, member i seeded by
-    seed + i (head init and batch order), all on the data of data_seed (default: seed). Each member
-    is an ordinary RM run (resumable, with its metrics, checkpoint and curves)."""
-    from . import reward
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    out = Path(cfg.out)
-    results = []
-    for i in range(cfg.ensemble):
-        member = dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + i, data_seed=data_seed,
-                                     out=str(out / f"member_{i}"))
-        if cfg.progress:
-            print(f"== reward model {i + 1}/{cfg.ensemble} (seed {member.seed}) -> {member.out}", flush=True)
-        results.append(reward.train(member))
-    result = {"model": str(out), "members": [r["model"] for r in results],
-              "eval_accuracy": [r["eval_accuracy"] for r in results]}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result

@@ -115,18 +115,3 @@ def metrics(responses):
     """Task-specific evaluation metrics beyond the gold reward: none for this task (see confidence.py)."""
     return {}
 
-
-# The tasks a trainer's `task` key selects; each is a module with this module's interface
-# (WORDS, prompts, demonstrations, gold_reward, preference_pairs, model_config, tokenizer, metrics).
-TASKS = ("sentiment", "confidence")
-
-
-def get(name):
-    """The task module for config key `task`: "sentiment" is this module, "confidence" confidence.py."""
-    if name == "sentiment":
-        import sys
-        return sys.modules[__name__]
-    if name == "confidence":
-        from . import confidence
-        return confidence
-    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")

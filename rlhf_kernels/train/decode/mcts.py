@@ -40,8 +40,8 @@ costs less than storing per-node caches and concatenating them along the path.
 """
 import torch
 
-from . import tasks
-from .models import ScalarModel
+from ..core.models import ScalarModel
+from ..tasks import sentiment
 
 
 class Prefix:
@@ -150,7 +150,7 @@ class Tree:
         while going.any():
             a = self.puct(node, c_puct).argmax(-1)  # first maximum: slots are sorted by prior
             nxt = self.child[r, node, a]
-            path.append(torch.where(going, self.token[r, node, a], tasks.PAD))
+            path.append(torch.where(going, self.token[r, node, a], sentiment.PAD))
             length += going.long()
             new = going & (nxt < 0)
             term = going & (nxt >= 0) & self.terminal[r, nxt.clamp(min=0)]
@@ -246,7 +246,7 @@ def search(models, root, t, cfg):
             length = torch.where(grow, length, 1)  # rows that revisit a terminal node: a dummy token
             path = path[:, :int(length.max())]
             last = path[r, length - 1]
-            is_eos = last == tasks.EOS
+            is_eos = last == sentiment.EOS
             truncated = t + length >= cfg.max_new_tokens
             need = ["policy", "critic"] + (["ref"] if "ref" in models else [])
             if "rm" in models and (is_eos & grow).any():
@@ -267,7 +267,7 @@ def generate(policy, critic, prompts, cfg, reward_model=None, ref=None, generato
     """Responses [B, max_new_tokens] (<pad> after the first <eos>) of `prompts` [B, P] (unpadded)
     decoded by PPO-MCTS with `cfg` (a config.GenerateConfig)."""
     B, T = len(prompts), cfg.max_new_tokens
-    out = torch.full((B, T), tasks.PAD, dtype=torch.long, device=prompts.device)
+    out = torch.full((B, T), sentiment.PAD, dtype=torch.long, device=prompts.device)
     models = {"policy": Prefix(policy), "critic": Prefix(critic)}
     if cfg.kl_coef > 0:
         if ref is None:
@@ -282,7 +282,7 @@ def generate(policy, critic, prompts, cfg, reward_model=None, ref=None, generato
         slot = decide(tree.n[:, 0], cfg, t, generator)
         tok = tree.token[tree.rows, 0, slot]
         out[alive, t] = tok
-        going = tok != tasks.EOS
+        going = tok != sentiment.EOS
         if t == T - 1 or not going.any():
             break
         if not going.all():

@@ -2,15 +2,18 @@
 defaults; prints the mean gold reward per stage, writes summary.json and reward_curves.png."""
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import dpo, ppo, reward, rollout, rto, sft
-from .config import build
-from .models import load_lm
-from .plots import plot_rewards
-from .runlog import Run
+from .. import dpo, ppo, rm, rto, sft
+from ..core.commands import Command
+from ..core.models import load_lm
+from ..core.plots import plot_rewards
+from ..core.run_config import run_key
+from ..core.runlog import Run
+from ..decode import rollout
 
 FINAL_EVAL_PROMPTS = 512
 
@@ -23,7 +26,7 @@ def run_demo(out="runs/demo", seed=0, progress=True):
 
     def stage(name, kind, module, **keys):
         t = time.perf_counter()
-        cfg = build(kind, overrides={**common, **keys, "out": str(out / name)})
+        cfg = module.COMMAND.build(overrides={**common, **keys, "out": str(out / name)})
         print(f"== {name}: rlhf-kernels train {kind} " + " ".join(f"--{k}={v}" for k, v in keys.items()), flush=True)
         result = module.train(cfg)
         times[name] = time.perf_counter() - t
@@ -31,7 +34,7 @@ def run_demo(out="runs/demo", seed=0, progress=True):
         return result["model"]
 
     sft_model = stage("sft", "sft", sft)
-    rm_model = stage("rm", "rm", reward, model=sft_model)
+    rm_model = stage("rm", "rm", rm, model=sft_model)
     stage("ppo", "ppo", ppo, policy=sft_model, reward_model=rm_model)
     dpo_model = stage("dpo", "dpo", dpo, policy=sft_model)
     stage("rto", "rto", rto, policy=sft_model, reward_model=rm_model, dpo_model=dpo_model)
@@ -67,3 +70,17 @@ def table(summary):
                      f"{s['response_len']:.2f} | {s['wall_s']:.0f} |")
     lines.append(f"\ntotal wall time {summary['total_wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+@dataclass
+class DemoConfig:
+    out: str = run_key("runs/demo", "directory of the five stages, summary.json and reward_curves.png")
+    seed: int = run_key(0, "seed of every stage")
+    progress: bool = run_key(True, "show progress bars")
+
+    def check(self):
+        pass
+
+
+COMMAND = Command("demo", DemoConfig, lambda cfg: run_demo(cfg.out, seed=cfg.seed, progress=cfg.progress),
+                  "SFT -> reward model -> PPO, DPO and RTO on the embedded task; prints the gold-reward table")

@@ -1,6 +1,6 @@
 """PPO vs PPO-C vs PPO-M on the confidence task (ALGORITHMS.md §8), with the shipped defaults:
 
-    python -m rlhf_kernels.train.calibration_experiment [--out runs/calibration] [--seed 0]
+    rlhf-kernels experiment calibration [--out runs/calibration] [--seed 0] [--full=true]
 
 SFT → reward model → calibrated reward model (from that RM) → PPO, PPO-C (same RM) and PPO-M (the
 calibrated RM), all from the same SFT policy; then the gold reward and calibration of each final
@@ -8,16 +8,18 @@ policy on 512 held-out prompts (summary.json, a markdown table on stdout). Rerun
 resumes every stage from its checkpoint.
 """
 import json
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import confidence, ppo, reward, rollout, sft
-from .cli import parse_options
-from .config import build
-from .models import load_lm
+from .. import ppo, rm, sft
+from ..core.commands import Command
+from ..core.models import load_lm
+from ..core.run_config import run_key
+from ..decode import rollout
+from ..tasks import confidence
 
 FINAL_EVAL_PROMPTS = 512
 POLICIES = ("sft", "ppo", "ppo_c", "ppo_m")
@@ -34,15 +36,15 @@ def run(out="runs/calibration", seed=0, progress=True, full=False):
 
     def stage(name, kind, module, **keys):
         t = time.perf_counter()
-        cfg = build(kind, overrides={**common, **keys, "out": str(out / name)})
+        cfg = module.COMMAND.build(overrides={**common, **keys, "out": str(out / name)})
         print(f"== {name}: rlhf-kernels train {kind} " + " ".join(f"--{k}={v}" for k, v in {**common, **keys}.items()
                                                               if k != "progress"), flush=True)
         stages[name] = (cfg, module.train(cfg), time.perf_counter() - t)
         return stages[name][1]["model"]
 
     sft_model = stage("sft", "sft", sft, **short.get("sft", {}))
-    rm_model = stage("rm", "rm", reward, model=sft_model, **short.get("rm", {}))
-    crm_model = stage("crm", "rm", reward, model=rm_model, calibrated=True, **short.get("crm", {}))
+    rm_model = stage("rm", "rm", rm, model=sft_model, **short.get("rm", {}))
+    crm_model = stage("crm", "rm", rm, model=rm_model, calibrated=True, **short.get("crm", {}))
     ppo_keys = short.get("ppo", {})
     stage("ppo", "ppo", ppo, policy=sft_model, reward_model=rm_model, **ppo_keys)
     stage("ppo_c", "ppo", ppo, policy=sft_model, reward_model=rm_model, ppo_c=True, **ppo_keys)
@@ -73,11 +75,17 @@ def table(summary):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    _, opts = parse_options(sys.argv[1:] if argv is None else argv)
-    run(opts.get("out", "runs/calibration"), seed=int(opts.get("seed", 0)),
-        progress=opts.get("progress", "true").lower() != "false", full=opts.get("full", "false").lower() == "true")
+@dataclass
+class CalibrationExperimentConfig:
+    out: str = run_key("runs/calibration", "directory of the six stages and summary.json")
+    seed: int = run_key(0, "seed of every stage")
+    progress: bool = run_key(True, "show progress bars")
+    full: bool = run_key(False, "the trainers' default lengths instead of the short ones")
+
+    def check(self):
+        pass
 
 
-if __name__ == "__main__":
-    main()
+COMMAND = Command("experiment calibration", CalibrationExperimentConfig,
+                  lambda cfg: run(cfg.out, seed=cfg.seed, progress=cfg.progress, full=cfg.full),
+                  "PPO vs PPO-C vs PPO-M on the confidence task")
