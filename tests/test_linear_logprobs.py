@@ -394,8 +394,8 @@ def test_triton_never_allocates_n_by_v(monkeypatch):
     from bench.common import peak_bytes
 
     # N ≫ H, so that an [N, V] buffer (512 KiB) dwarfs the [V, H] copies the interpreter makes of its
-    # tensor arguments; the backward's d(logits) chunk is held to a 64 KiB budget
-    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(64 << 10))
+    # tensor arguments; the backward's d(logits) chunk is held to a 128 KiB budget (4 chunks)
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(128 << 10))
     N, H, V = 256, 16, 512
     hidden, weight, b, tokens = _inputs((N,), H, V, dtype=torch.float32, seed=17, ignore=False)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, b)]
@@ -419,8 +419,10 @@ def test_triton_never_allocates_n_by_v(monkeypatch):
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
 
 
-def _plans(N, H, V, hdt=torch.float32, wdt=None, arch=None, bias=True, budget=256 << 20, device="cpu", **kw):
-    """(forward plan, backward plan) for tensors of these shapes (meta tensors for a GPU arch)."""
+def _plans(N, H, V, hdt=torch.float32, wdt=None, arch=None, bias=True, budget=256 << 20, device="cpu", made=None,
+           **kw):
+    """(forward plan, backward plan) for tensors of these shapes (meta tensors for a GPU arch); the tensors
+    made here are appended to `made`."""
     from rlhf_kernels.triton import linear_logprobs as tl_mod
 
     wdt = wdt or hdt
@@ -430,8 +432,10 @@ def _plans(N, H, V, hdt=torch.float32, wdt=None, arch=None, bias=True, budget=25
     t = torch.zeros(N, dtype=torch.int64, device=device)
     lp, ent, lse = (torch.empty(N, dtype=acc, device=device) for _ in range(3))
     fwd = tl_mod.plan_fwd(h, w, b, t, lp, ent, lse, arch=arch, **kw)
-    bwd = tl_mod.plan_bwd(lp, ent, h, w, b, t, lse, ent, torch.empty_like(h), torch.empty_like(w),
-                          torch.empty_like(b) if bias else None, budget=budget, arch=arch, **kw)
+    gh, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b) if bias else None
+    bwd = tl_mod.plan_bwd(lp, ent, h, w, b, t, lse, ent, gh, gw, gb, budget=budget, arch=arch, **kw)
+    if made is not None:
+        made += [h, w, b, t, lp, ent, lse, gh, gw, gb]
     return fwd, bwd
 
 
@@ -558,6 +562,24 @@ def test_triton_split_and_chunk_sizes():
     # N = 2048: 2048·C·2 + 2048·4096·4 bytes ≤ 256 MiB → C = 57344 (a multiple of 128), 3 chunks
     assert tl_mod.chunk_columns(2048, V, H, 2, 4, 256 << 20, 128, tl_mod.MIN_CHUNK) == 57344
     assert tl_mod.chunk_columns(16, V, H, 2, 4, 256 << 20, 128, tl_mod.MIN_CHUNK) == 128256  # one chunk
+
+
+@needs_triton
+@pytest.mark.parametrize("N,hdt,expected", [
+    (2048, torch.bfloat16, 2048 * 57344 * 2 + 2048 * 4096 * 4),  # d(logits) chunk + fp32 d(hidden) accumulator
+    (2048, torch.float32, 2048 * 32768 * 4),  # fp32 hidden: d(hidden) accumulates in place; C = 32768
+    (16384, torch.bfloat16, 16384 * 4096 * 2 + 16384 * 4096 * 4),  # over budget: the MIN_CHUNK floor
+    (16, torch.bfloat16, 16 * 128256 * 2)])  # one chunk: no accumulator
+def test_triton_backward_extra_memory_formula(N, hdt, expected):
+    # the temporaries a backward plan allocates are the module docstring's formula, within the budget but
+    # where the MIN_CHUNK floor says otherwise
+    H, V = 4096, 128256
+    made = []
+    _, bwd = _plans(N, H, V, hdt, arch=90, device="meta", bias=False, made=made)
+    given = {id(a) for a in made}
+    scratch = {id(a): a for launch in bwd for a in launch.args if isinstance(a, torch.Tensor) and id(a) not in given}
+    assert sum(a.numel() * a.element_size() for a in scratch.values()) == expected
+    assert expected <= 256 << 20 or N * (4096 * 2 + H * 4) > 256 << 20
 
 
 @needs_gpu

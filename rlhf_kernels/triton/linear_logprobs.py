@@ -1,4 +1,5 @@
-"""Triton kernels of rk.linear_logprobs and their launch plans; no [N, V] tensor is ever allocated.
+"""Triton kernels of rk.linear_logprobs and their launch plans; logit tiles live only on chip, and the one
+[N, C] temporary of the backward is held to the RLHF_KERNELS_CHUNK_BYTES budget.
 
 Forward, grid (row tiles × vocabulary splits): each program computes its logit tiles z = h·Wᵀ (+ b) with
 tl.dot over H tiles and keeps an online log-sum-exp with the entropy accumulator (m, s = Σe^{z−m},
@@ -23,23 +24,26 @@ H tile to recompute the full-H logit tile, so each output costs (1 + H/BH) GEMMs
 H = 4096 and BH = 256 the backward becomes 34 GEMMs (about 590 ms on an H100 at the shape below) where
 this design needs 3. Staging d(logits) through a bounded scratch costs 3·N·V bytes of traffic instead.
 
-Cost at V = 128256, H = 4096, N = 16384, bf16 (G = 2·N·V·H = 17.2 TFLOP, one GEMM; the GEMM floor of a
-forward is 1 G and reading W and h once, 1.2 GB; of a backward that recomputes the logits, 3 G and
-reading W, h twice and writing dW, dh, 2.5 GB):
-  forward   1 G; W and h tiles streamed from L2 N·V·H·2·(1/BN + 1/BV) = 269 GB (128 × 128 tiles), DRAM
-            about 1.2 GB + one W read per wave of row tiles; partial states 4·splits·N·4 bytes.
-  backward  3 G; d(logits) scratch written once and read twice, 3·N·V·2 = 12.6 GB; dh read-modify-write
-            (2·chunks − 1)·N·H·4 = 16.9 GB at C = 4096 (32 chunks, the default 256 MiB budget);
-            dW and dh written once, 1.2 GB. About 31 GB of DRAM traffic against 52 TFLOP: compute-bound
-            (an H100's ridge is ~300 FLOP/B, this is ~1700). The design it replaces moved 1.6 TB
-            (fp32 dh and dW read and rewritten in every tile of its loops) for 4 G: memory-bound, ~0.5 s.
+Cost at V = 128256, H = 4096, N = 16384, bf16, computed (not measured). G = 2·N·V·H = 17.2 TFLOP is one
+GEMM. The floor of the forward is 1 G and reading W and h once (1.2 GB); of a backward that recomputes the
+logits, 3 G and reading W and h twice and writing dW and dh (2.5 GB). Every tile kernel below streams its
+operand tiles from L2 as any tiled GEMM does, N·V·H·2·(1/BM + 1/BN) = 269 GB per G with 128 × 128 tiles.
+  forward   1 G; DRAM: W and h (1.2 GB, plus a W re-read per wave of row tiles that L2 cannot hold) and
+            the partial states, 2·4·splits·N·4 bytes (kilobytes to megabytes).
+  backward  3 G; DRAM beyond the GEMM floor: d(logits) written once and read by both gradient kernels,
+            3·N·V·2 = 12.6 GB (more when a [N, C] chunk outgrows L2), and the fp32 dh read-modify-write,
+            about 2·chunks·N·H·4 = 17 GB at C = 4096 (32 chunks, the default 256 MiB budget). About 31 GB
+            for 52 TFLOP, ~1700 FLOP/B: compute-bound (an H100's ridge is ~300 FLOP/B), predicted ~55 ms
+            at ~1000 TFLOP/s. The design it replaces did 4 G but moved 1.6 TB (fp32 dh and dW read and
+            rewritten in every tile of its loops): memory-bound, ~0.5 s at 3.35 TB/s.
 
 Extra memory of the backward (besides its outputs): the d(logits) chunk N·C·e (e = 2 for bf16/fp16,
-4 for fp32 or mixed dtypes, 8 for fp64), plus N·H·4 for the fp32 d(hidden) accumulator when the
-hidden is not already fp32 and C < V, plus 2·N·4 for the row gradients. C is the largest multiple of
-the tile width whose total fits the budget, but at least MIN_CHUNK columns on a GPU (below it the dh
-read-modify-write would make the chunk memory-bound), so the budget is exceeded only when N·(MIN_CHUNK·e
-+ H·4) exceeds it.
+4 for fp32 or mixed dtypes, 8 for fp64), plus N·H·a for the d(hidden) accumulator (a = 4, or 8 for fp64
+math) when C < V and the hidden's dtype is not the accumulator's, plus up to 2·N·a when the incoming row
+gradients need a converted copy. C is the largest multiple of the tile width whose total fits the budget,
+but at least MIN_CHUNK columns on a GPU (below it the dh read-modify-write would make the chunk
+memory-bound), so the budget is exceeded only when N·(MIN_CHUNK·e + H·a) exceeds it. The forward's extra
+memory is the partial states, 4·splits·N·a.
 
 Precision: bf16/fp16 operands go into tl.dot as they are, with fp32 accumulation (d(logits) is rounded
 to the operand dtype for the gradient dots, as tensor-core kernels do); fp32 dots use TF32 exactly when
@@ -241,9 +245,9 @@ def _bwd_dw_kernel(dz_ptr, h_ptr, dw_ptr, db_ptr, N, V, H, c0, C, NEED_W: tl.con
 
 
 @triton.jit
-def _bwd_dh_kernel(dz_ptr, w_ptr, acc_ptr, dh_ptr, N, V, H, c0, C, width, ACCUMULATE: tl.constexpr, IS_FP64: tl.constexpr,
-                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_V: tl.constexpr):
+def _bwd_dh_kernel(dz_ptr, w_ptr, acc_ptr, dh_ptr, N, V, H, c0, C, width, ACCUMULATE: tl.constexpr,
+                   IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
     """dh[rows] = (acc[rows] if ACCUMULATE) + Σ_c dz[rows, c]·W[c0 + c], summed on chip in column order."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -352,8 +356,10 @@ def _arch(tensor, arch):
     raise ValueError(f"arch is required to plan launches for tensors on {tensor.device} (e.g. arch=90)")
 
 
-def _dot_setup(hidden, weight, acc_dtype, arch, allow_tf32):
-    """(dot dtype, constexprs common to the logit kernels, Configs) for these operands."""
+def _setup(hidden, weight, acc_dtype, arch, allow_tf32):
+    """(N, H, V, arch, dot dtype, mixed dtypes?, constexprs common to the kernels, Configs) for these operands;
+    arch resolved as _arch does."""
+    arch = _arch(hidden, arch)
     fp64 = acc_dtype == torch.float64
     mixed = hidden.dtype != weight.dtype
     dot = torch.float64 if fp64 else (torch.float32 if mixed else hidden.dtype)
@@ -361,7 +367,7 @@ def _dot_setup(hidden, weight, acc_dtype, arch, allow_tf32):
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     prec = _precisions(dot.itemsize, allow_tf32)[0]
     common = dict(IS_FP64=fp64, DOT_PREC=prec, UPCAST=arch is None and dot == torch.bfloat16)
-    return dot, mixed, common, _kernel_configs(dot.itemsize, arch, prec)
+    return (*hidden.shape, weight.shape[0], arch, dot, mixed, common, _kernel_configs(dot.itemsize, arch, prec))
 
 
 def _launch(cfg, kernel, grid, args, **flags):
@@ -384,12 +390,9 @@ def plan_fwd(hidden, weight, bias, tokens, logp, entropy, lse, temperature=1.0, 
     or None, tokens [N] int64, and the outputs logp, entropy, lse [N] (float32, or float64 for fp64 math).
     Allocates the [4, splits, N] partial-state buffer on hidden's device. `arch`: compute capability
     (None: from hidden's device); `allow_tf32` (None: torch.backends.cuda.matmul.allow_tf32)."""
-    N, H = hidden.shape
-    V = weight.shape[0]
+    N, H, V, arch, _, mixed, common, ((cfg, _), _, _, merge) = _setup(hidden, weight, lse.dtype, arch, allow_tf32)
     if N == 0:
         return []
-    arch = _arch(hidden, arch)
-    _, mixed, common, ((cfg, _), _, _, merge) = _dot_setup(hidden, weight, lse.dtype, arch, allow_tf32)
     tiles = dict(cfg.tiles)
     splits, per = forward_splits(N, V, tiles["BLOCK_N"], tiles["BLOCK_V"], arch)
     part = torch.empty((4, splits, N), dtype=lse.dtype, device=hidden.device)
@@ -420,12 +423,10 @@ def plan_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy
     [N] in lse's dtype; grad_hidden [N, H] / grad_weight [V, H] / grad_bias [V] are the outputs to fill, or
     None when not wanted (no work is planned for them). Allocates the d(logits) chunk and, when needed, the
     fp32 d(hidden) accumulator on hidden's device, within `budget` bytes as the module docstring says."""
-    N, H = hidden.shape
-    V = weight.shape[0]
+    N, H, V, arch, dot, mixed, common, ((_, zcfg), wcfg, hcfg, _) = _setup(hidden, weight, lse.dtype, arch,
+                                                                           allow_tf32)
     if N == 0:
         return []
-    arch = _arch(hidden, arch)
-    dot, mixed, common, ((_, zcfg), wcfg, hcfg, _) = _dot_setup(hidden, weight, lse.dtype, arch, allow_tf32)
     zt, wt, ht = dict(zcfg.tiles), dict(wcfg.tiles), dict(hcfg.tiles)
     granule = max(zt["BLOCK_V"], wt["BLOCK_V"], ht["BLOCK_V"])
     need_acc = grad_hidden is not None and grad_hidden.dtype != lse.dtype
