@@ -468,10 +468,10 @@ def test_triton_padding_rows_with_huge_bias_stay_finite(dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype,wdtype", [(torch.float64, None), (torch.bfloat16, None),
-                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float64, None), (torch.bfloat16, torch.float32)])
 def test_triton_backward_in_vocabulary_chunks(monkeypatch, dtype, wdtype):
-    # a 2 KiB budget: d(logits) in chunks of 32 columns, and (bf16 hidden) an fp32 d(hidden) accumulator
+    # a 2 KiB budget: d(logits) in chunks of 32 columns; a bf16 hidden with an fp32 weight also takes the
+    # fp32 d(hidden) accumulator and the on-chip conversion of mixed dtypes
     hidden, weight, b, tokens = _inputs((21,), 16, 100, dtype=dtype, seed=23)
     weight = weight.to(wdtype or dtype)
     _, bwd = _plans(21, 16, 100, dtype, wdtype, budget=2048)
