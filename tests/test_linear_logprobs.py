@@ -551,9 +551,9 @@ def test_triton_fp32_precision_follows_torch_tf32_flag():
 def test_triton_split_and_chunk_sizes():
     from rlhf_kernels.triton import linear_logprobs as tl_mod
 
-    # N = 2048 on an H100: 16 row tiles of 128, so about two waves of 132 SMs need 17 vocabulary splits
-    splits, per = tl_mod.forward_splits(2048, 128256, 128, 128, 90)
-    assert (splits, per) == (17, 59) and 16 * splits >= 2 * 132 and (splits - 1) * per < 1002 <= splits * per
+    # N = 2048 on an H100: 32 row tiles of 64, so about two waves of 132 SMs need 9 vocabulary splits
+    splits, per = tl_mod.forward_splits(2048, 128256, 64, 128, 90)
+    assert (splits, per) == (9, 112) and 32 * splits >= 2 * 132 and (splits - 1) * per < 1002 <= splits * per
     assert tl_mod.forward_splits(1 << 20, 128256, 128, 128, 90)[0] == 1
     # the headline backward: N = 16384, H = 4096, bf16, 256 MiB: the fp32 accumulator fills the budget,
     # so the chunk takes its floor of MIN_CHUNK columns
