@@ -27,8 +27,8 @@ this design needs 3. Staging d(logits) through a bounded scratch costs 3·N·V b
 Cost at V = 128256, H = 4096, N = 16384, bf16, computed (not measured). G = 2·N·V·H = 17.2 TFLOP is one
 GEMM. The floor of the forward is 1 G and reading W and h once (1.2 GB); of a backward that recomputes the
 logits, 3 G and reading W and h twice and writing dW and dh (2.5 GB). Every tile kernel below streams its
-operand tiles from L2 as any tiled GEMM does, N·V·H·2·(1/BM + 1/BN) per G: 403 GB with 64 × 128 tiles (the
-logit kernels, d(weight)), 269 GB with 128 × 128 (d(hidden)).
+operand tiles from L2 as any tiled GEMM does, N·V·H·2·(1/BM + 1/BN) per G: 403 GB with the 64 × 128 and
+128 × 64 tiles of bf16.
   forward   1 G; DRAM: W and h (1.2 GB, plus a W re-read per wave of row tiles that L2 cannot hold) and
             the partial states, 2·4·splits·N·4 bytes (kilobytes to megabytes).
   backward  3 G; DRAM beyond the GEMM floor: d(logits) written once and read by both gradient kernels,
@@ -287,15 +287,15 @@ def _cfg(kernel, warps, stages, **tiles):
 # larger tiles. Pipelined operand buffers take stages·(BM + BN)·BK·e bytes; the GPU report (make gpu-report)
 # compiles every config below for sm_80/86/89/90 and checks it fits. Register pressure, not shared memory,
 # bounds the logit-tile kernels: their [BN, BV] fp32 tile and its softmax terms live in registers, so 16-bit
-# operands use 64 × 128 tiles over 8 warps (128 × 128 spilled hundreds of bytes per thread on sm_80).
+# operands use 64 × 128 (128 × 64) tiles over 8 warps: 128 × 128 spilled hundreds of bytes per thread on sm_80.
 def _big_smem(arch):
     return arch in (80, 87) or 90 <= arch < 120
 
 
 # (logit tile BN, BV, BH, warps, stages), (dW tile BV, BH, BN-step, warps, stages), (dh tile BN, BH, BV-step, ...)
 _TILES = {
-    (2, True): ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3)),
-    (2, False): ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3)),
+    (2, True): ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 3)),
+    (2, False): ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 3)),
     (4, True): ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 3)),
     (4, False): ((64, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
     (8, True): ((32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (64, 64, 16, 4, 2)),
