@@ -314,7 +314,7 @@ def test_opcheck_triton():
     hidden, weight, b, tokens = _inputs((3,), 8, 20, dtype=torch.float32, seed=15)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, b)]
     torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_fwd_triton.default,
-                          (leaves[0], leaves[1], leaves[2], tokens, 0.8, -100),
+                          (leaves[0], leaves[1], leaves[2], tokens, 0.8, -100, 1 << 20),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -390,11 +390,12 @@ def test_cpu_never_allocates_n_by_v():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
-def test_triton_never_allocates_n_by_v():
+def test_triton_never_allocates_n_by_v(monkeypatch):
     from bench.common import peak_bytes
 
     # N ≫ H, so that an [N, V] buffer (512 KiB) dwarfs the [V, H] copies the interpreter makes of its
-    # tensor arguments
+    # tensor arguments; the backward's d(logits) chunk is held to a 128 KiB budget (4 chunks)
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(128 << 10))
     N, H, V = 256, 16, 512
     hidden, weight, b, tokens = _inputs((N,), H, V, dtype=torch.float32, seed=17, ignore=False)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, b)]
@@ -413,6 +414,172 @@ def test_triton_never_allocates_n_by_v():
         lp = reference.linear_logprobs(leaves[0], leaves[1], tokens, leaves[2])
         torch.autograd.grad(lp.sum(), leaves)
     assert peak_bytes(naive) > nv_bytes  # the measurement sees an [N, V] buffer when there is one
+
+
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
+
+
+def _plans(N, H, V, hdt=torch.float32, wdt=None, arch=None, bias=True, budget=256 << 20, device="cpu", made=None,
+           **kw):
+    """(forward plan, backward plan) for tensors of these shapes (meta tensors for a GPU arch); the tensors
+    made here are appended to `made`."""
+    from rlhf_kernels.triton import linear_logprobs as tl_mod
+
+    wdt = wdt or hdt
+    acc = torch.float64 if torch.float64 in (hdt, wdt) else torch.float32
+    h, w = torch.empty(N, H, dtype=hdt, device=device), torch.empty(V, H, dtype=wdt, device=device)
+    b = torch.empty(V, dtype=acc, device=device) if bias else None
+    t = torch.zeros(N, dtype=torch.int64, device=device)
+    lp, ent, lse = (torch.empty(N, dtype=acc, device=device) for _ in range(3))
+    fwd = tl_mod.plan_fwd(h, w, b, t, lp, ent, lse, arch=arch, **kw)
+    gh, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b) if bias else None
+    bwd = tl_mod.plan_bwd(lp, ent, h, w, b, t, lse, ent, gh, gw, gb, budget=budget, arch=arch, **kw)
+    if made is not None:
+        made += [h, w, b, t, lp, ent, lse, gh, gw, gb]
+    return fwd, bwd
+
+
+@needs_triton
+def test_triton_forward_merges_vocabulary_splits():
+    from rlhf_kernels.triton import linear_logprobs as tl_mod
+
+    hidden, weight, b, tokens = _inputs((3,), 17, 100, seed=21)
+    b[:32] = -5e3  # a whole split far below the rest: its partial state scales to 0 in the merge
+    fwd, _ = _plans(3, 17, 100, torch.float64)
+    assert fwd[0].kernel is tl_mod._fwd_kernel and fwd[0].grid[1] == 4  # four splits, then the merge
+    got = _grads(_ours("triton", tokens, temperature=0.5), hidden, weight, b)
+    exp = _grads(_ref(tokens, 0.5), hidden, weight, b)
+    _close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_padding_rows_with_huge_bias_stay_finite(dtype):
+    # 21 rows: the second row tile (16 rows under the interpreter) has 11 rows past N, whose zero hidden
+    # rows give logits b / T = 100 / 0.05 = 2000: exp overflows even in fp64 if they are not zeroed first
+    hidden, weight, b, tokens = _inputs((21,), 16, 40, dtype=dtype, seed=22)
+    b[7] = 100.0
+    got = _grads(_ours("triton", tokens, temperature=0.05), hidden, weight, b)
+    exp = _grads(_ref(tokens, 0.05), hidden, weight, b)
+    for g in got:
+        assert torch.isfinite(g).all()
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    _close(got, exp, rtol=tol, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float64, None), (torch.bfloat16, torch.float32)])
+def test_triton_backward_in_vocabulary_chunks(monkeypatch, dtype, wdtype):
+    # a 2 KiB budget: d(logits) in chunks of 32 columns; a bf16 hidden with an fp32 weight also takes the
+    # fp32 d(hidden) accumulator and the on-chip conversion of mixed dtypes
+    hidden, weight, b, tokens = _inputs((21,), 16, 100, dtype=dtype, seed=23)
+    weight = weight.to(wdtype or dtype)
+    _, bwd = _plans(21, 16, 100, dtype, wdtype, budget=2048)
+    assert sum(launch.kernel.__name__ == "_bwd_dh_kernel" for launch in bwd) == 4
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", "2048")
+    got = _grads(_ours("triton", tokens, temperature=0.8), hidden, weight, b)
+    exp = _grads(_ref(tokens, 0.8), hidden, weight, b)
+    assert [g.dtype for g in got[2:]] == [hidden.dtype, weight.dtype, b.dtype]
+    if dtype == torch.float64:
+        _close(got, exp, rtol=1e-10, atol=1e-10)
+    else:
+        _close(got[:2], exp[:2], rtol=1e-5, atol=1e-5)
+        _close(got[2:], exp[2:], rtol=0, atol=1.6e-2)
+    # bitwise deterministic, the weight gradient included
+    again = _grads(_ours("triton", tokens, temperature=0.8), hidden, weight, b)
+    for x, y in zip(got, again):
+        assert torch.equal(x, y)
+
+
+@needs_triton
+def test_triton_launches_under_the_inputs_device_guard(monkeypatch):
+    import contextlib
+
+    from rlhf_kernels.triton import _launch
+
+    seen = []
+
+    def spy(device):
+        seen.append(torch.device(device))
+        return contextlib.nullcontext()
+    monkeypatch.setattr(_launch, "device_guard", spy)
+    hidden, weight, b, tokens = _inputs((5,), 8, 20, seed=24)
+    h = hidden.requires_grad_(True)
+    rk.linear_logprobs(h, weight, tokens, bias=b, backend="triton").sum().backward()
+    assert seen == [hidden.device, hidden.device]  # the forward's plan, then the backward's
+    # on a GPU the guard is torch.cuda.device of the inputs' device (constructing it needs no GPU)
+    monkeypatch.undo()
+    g = _launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [None, 80, 86, 89, 90])
+@pytest.mark.parametrize("hdt,wdt,dot", [(torch.bfloat16, None, torch.bfloat16), (torch.float16, None, torch.float16),
+                                         (torch.float32, None, torch.float32),
+                                         (torch.float32, torch.bfloat16, torch.float32),
+                                         (torch.float64, None, torch.float64)])
+def test_triton_plans_use_listed_configs(arch, hdt, wdt, dot):
+    from rlhf_kernels.triton import linear_logprobs as tl_mod
+
+    listed = set(tl_mod.configs(dot, arch))
+    device = "cpu" if arch is None else "meta"
+    used = set()
+    for N, H, V in [(1, 64, 1000), (300, 4096, 128256)] if arch else [(1, 16, 40), (37, 16, 100)]:
+        for tf32 in (False, True):
+            fwd, bwd = _plans(N, H, V, hdt, wdt, arch=arch, device=device, allow_tf32=tf32)
+            used |= {tl_mod.config_of(launch) for launch in fwd + bwd}
+    assert used and used <= listed, used - listed
+    assert used == listed  # and every listed config is reachable (the GPU report compiles each)
+
+
+@needs_triton
+def test_triton_fp32_precision_follows_torch_tf32_flag():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag, prec in [(False, "ieee"), (True, "tf32")]:
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            fwd, bwd = _plans(20, 64, 1000, torch.float32, arch=90, device="meta")
+            assert {launch.constexprs["DOT_PREC"] for launch in fwd[:1] + bwd} == {prec}
+            fwd, bwd = _plans(20, 64, 1000, torch.bfloat16, arch=90, device="meta")
+            assert {launch.constexprs["DOT_PREC"] for launch in fwd[:1] + bwd} == {"ieee"}  # no TF32 for bf16
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_triton
+def test_triton_split_and_chunk_sizes():
+    from rlhf_kernels.triton import linear_logprobs as tl_mod
+
+    # N = 2048 on an H100: 32 row tiles of 64, so about two waves of 132 SMs need 9 vocabulary splits
+    splits, per = tl_mod.forward_splits(2048, 128256, 64, 128, 90)
+    assert (splits, per) == (9, 112) and 32 * splits >= 2 * 132 and (splits - 1) * per < 1002 <= splits * per
+    assert tl_mod.forward_splits(1 << 20, 128256, 128, 128, 90)[0] == 1
+    # the headline backward: N = 16384, H = 4096, bf16, 256 MiB: the fp32 accumulator fills the budget,
+    # so the chunk takes its floor of MIN_CHUNK columns
+    N, H, V = 16384, 4096, 128256
+    assert tl_mod.chunk_columns(N, V, H, 2, 4, 256 << 20, 128, tl_mod.MIN_CHUNK) == tl_mod.MIN_CHUNK
+    # N = 2048: 2048·C·2 + 2048·4096·4 bytes ≤ 256 MiB → C = 57344 (a multiple of 128), 3 chunks
+    assert tl_mod.chunk_columns(2048, V, H, 2, 4, 256 << 20, 128, tl_mod.MIN_CHUNK) == 57344
+    assert tl_mod.chunk_columns(16, V, H, 2, 4, 256 << 20, 128, tl_mod.MIN_CHUNK) == 128256  # one chunk
+
+
+@needs_triton
+@pytest.mark.parametrize("N,hdt,expected", [
+    (2048, torch.bfloat16, 2048 * 57344 * 2 + 2048 * 4096 * 4),  # d(logits) chunk + fp32 d(hidden) accumulator
+    (2048, torch.float32, 2048 * 32768 * 4),  # fp32 hidden: d(hidden) accumulates in place; C = 32768
+    (16384, torch.bfloat16, 16384 * 4096 * 2 + 16384 * 4096 * 4),  # over budget: the MIN_CHUNK floor
+    (16, torch.bfloat16, 16 * 128256 * 2)])  # one chunk: no accumulator
+def test_triton_backward_extra_memory_formula(N, hdt, expected):
+    # the temporaries a backward plan allocates are the module docstring's formula, within the budget but
+    # where the MIN_CHUNK floor says otherwise
+    H, V = 4096, 128256
+    made = []
+    _, bwd = _plans(N, H, V, hdt, arch=90, device="meta", bias=False, made=made)
+    given = {id(a) for a in made}
+    scratch = {id(a): a for launch in bwd for a in launch.args if isinstance(a, torch.Tensor) and id(a) not in given}
+    assert sum(a.numel() * a.element_size() for a in scratch.values()) == expected
+    assert expected <= 256 << 20 or N * (4096 * 2 + H * 4) > 256 << 20
 
 
 @needs_gpu

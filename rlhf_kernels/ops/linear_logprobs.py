@@ -4,7 +4,7 @@ a [..., V] tensor, forward or backward.
 
 The fast backends save only hidden, weight, bias, tokens and three floats per row (log-prob,
 entropy, log-sum-exp); backward recomputes the logits tile by tile. Environment:
-  RLHF_KERNELS_CHUNK_BYTES   B, the bound on the temporaries of the cpu and cuda backends (default 256 MiB)
+  RLHF_KERNELS_CHUNK_BYTES   B, the bound on the temporaries of the cpu, cuda and triton backends (default 256 MiB)
 
 Extra memory of the cpu and cuda backends, exactly: the bytes a forward or a backward pass allocates
 beyond its inputs and outputs (logp, entropy, lse; the gradients), not counting the BLAS library's
@@ -24,6 +24,9 @@ top: 4·N·a forward (the first group's log-sum-exp state and target logits) and
 hidden gradient, the fp32 d(hidden) accumulator 4·N·H backward (twice the size of d(hidden) itself).
 A budget too small for even a 1 × 1 chunk gets a 1 × 1 chunk. Contiguous inputs of one dtype reach
 the kernels without a copy.
+
+The triton backend's extra memory (its d(logits) chunk and d(hidden) accumulator, with the floor
+that keeps GPU chunks from becoming memory-bound) is stated in rlhf_kernels/triton/linear_logprobs.py.
 """
 import os
 
@@ -39,7 +42,7 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def chunk_bytes():
-    """The temporaries budget of the cpu/cuda backends, from $RLHF_KERNELS_CHUNK_BYTES (bytes)."""
+    """The temporaries budget of the fast backends, from $RLHF_KERNELS_CHUNK_BYTES (bytes)."""
     v = os.environ.get("RLHF_KERNELS_CHUNK_BYTES")
     if not v:
         return DEFAULT_CHUNK_BYTES
@@ -88,17 +91,22 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignor
         return reference.linear_logprobs(hidden, weight, tokens, bias, temperature, ignore_index,
                                          bool(return_entropy))
     dt = reference.compute_dtype(hidden, weight, bias)
-    # hidden and weight go in as one storage dtype (bf16/fp16 stay so, and are widened chunk by chunk)
-    store = torch.float64 if dt == torch.float64 else (
-        hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
     H = hidden.shape[-1]
-    h = hidden.reshape(-1, H).to(store).contiguous()
-    w = weight.to(store).contiguous()
+    h = hidden.reshape(-1, H)
+    w = weight
     b = None if bias is None else bias.to(dt).contiguous()
     tok = tokens.reshape(-1).to(torch.int64).contiguous()
     if name == "triton":
-        logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(h, w, b, tok, temperature, ignore_index)
+        # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
+        logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
+            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes())
     else:
+        # one storage dtype for both (bf16/fp16 stay so, and are widened chunk by chunk); with mixed
+        # dtypes only the narrower side is widened, which is the small hidden unless weight is bf16/fp16
+        store = torch.float64 if dt == torch.float64 else (
+            hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
+        h = h.to(store).contiguous()
+        w = w.to(store).contiguous()
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
                                                                   chunk_bytes())
     logp = logp.view(tokens.shape)
@@ -106,7 +114,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignor
 
 
 def _fake_fwd(hidden, weight, bias, tokens, temperature, ignore_index, *budget):
-    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dt = reference.compute_dtype(hidden, weight, bias)
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=dt) for _ in range(3))
 
@@ -123,13 +131,16 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.extra = tuple(inputs[6:])  # the cpu/cuda op's chunk budget
+    ctx.extra = tuple(inputs[6:])  # the chunk budget
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
 
 
 def _backward_with(bwd_op):
     def backward(ctx, grad_logp, grad_entropy, grad_lse):
         hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:  # only the log-sum-exp was used: it has no gradient
+            return (None,) * (6 + len(ctx.extra))
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         gh, gw, gb = bwd_op(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
@@ -152,18 +163,18 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_fwd_triton", mutates_args=())
     def _linear_logprobs_fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                    tokens: torch.Tensor, temperature: float,
-                                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    tokens: torch.Tensor, temperature: float, ignore_index: int,
+                                    budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
 
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_bwd_triton", mutates_args=())
     def _linear_logprobs_bwd_triton(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
                                     weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
                                     lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
-                                    need_hidden: bool, need_weight: bool,
-                                    need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    need_hidden: bool, need_weight: bool, need_bias: bool,
+                                    budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tl.linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy,
-                                       temperature, ignore_index, need_hidden, need_weight, need_bias)
+                                       temperature, ignore_index, need_hidden, need_weight, need_bias, budget)
 
     _linear_logprobs_fwd_triton.register_fake(_fake_fwd)
     _linear_logprobs_bwd_triton.register_fake(_fake_bwd)
