@@ -36,3 +36,8 @@ def run(plan, device):
             if launch.num_stages is not None:
                 opts["num_stages"] = launch.num_stages
             wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs, **opts)
+
+
+def powers_of_two(cap):
+    """1, 2, 4, ..., cap: the tiles a launcher that rounds a length up to a power of two (capped) can pick."""
+    return [1 << i for i in range(cap.bit_length())]
