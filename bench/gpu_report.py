@@ -64,7 +64,8 @@ def _call(fn, values):
     params = inspect.signature(fn).parameters
     missing = [n for n, p in params.items() if n not in values and p.default is inspect.Parameter.empty]
     if missing:
-        raise TypeError(f"{fn.__module__}.{fn.__name__}: no representative value for {missing}")
+        f = getattr(fn, "func", fn)  # a plan function bound to a target (functools.partial)
+        raise TypeError(f"{f.__module__}.{f.__name__}: no representative value for {missing}")
     return _plans(fn(**{n: values[n] for n in params if n in values}))
 
 
