@@ -35,6 +35,7 @@ import torch
 # Guide, "Compute capabilities" (technical specifications per compute capability).
 KB = 1024
 SMEM_PER_BLOCK = {80: 163 * KB, 86: 99 * KB, 89: 99 * KB, 90: 227 * KB, 100: 227 * KB, 120: 99 * KB}
+REQUIRED_ARCHS = (80, 86, 89, 90)  # A100, RTX 30xx / A10, RTX 40xx / L4, H100 / H200: a Triton without them fails
 REGS_PER_THREAD = 255
 REGS_PER_SM = 64 * KB
 STATIC_SMEM = 48 * KB        # the most a kernel may declare statically (the rest needs dynamic opt-in)
@@ -360,22 +361,22 @@ def check(res, arch, threads):
 
 
 def supported_archs(wanted):
-    """The wanted targets this Triton compiles for (sm_100/sm_120 need a Triton that knows them)."""
+    """(the wanted targets this Triton compiles for, {target: why not}); sm_100/sm_120 need a Triton that knows
+    them, the others are required (see `run_report`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import triton.language as tl
 
-    @triton.jit
-    def _probe(x_ptr):
-        tl.store(x_ptr, 1.0)
+    from rlhf_kernels.triton.token_kl import _token_kl_fwd_kernel as probe
 
     out, skipped = [], {}
     for arch in wanted:
+        sig = {"logp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "clamp": "fp32",
+               "estimator": "constexpr", "BLOCK": "constexpr"}
         try:
-            triton.compile(ASTSource(_probe, {"x_ptr": "*fp32"}), target=GPUTarget("cuda", arch, 32))
+            triton.compile(ASTSource(probe, sig, {"estimator": 0, "BLOCK": 128}), target=GPUTarget("cuda", arch, 32))
             out.append(arch)
-        except Exception as e:
+        except Exception as e:  # an unknown target
             skipped[arch] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return out, skipped
 
@@ -552,7 +553,9 @@ def run_report(ops, archs, jobs, cuda=True):
     else:
         for w in work:
             results[w] = compile_unit(w)
-    triton_rows, failures = [], []
+    triton_rows = []
+    failures = [f"sm_{a}: this Triton cannot compile for it ({why})" for a, why in archs_skipped.items()
+                if a in REQUIRED_ARCHS]
     for key, u in units.items():
         module, name, sig, consts, attrs, warps, stages = key
         threads = warps * 32
