@@ -7,11 +7,15 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from rlhf_kernels._backend import interpreting
 from rlhf_kernels.triton import _launch
 
 from bench import gpu_report
 
-pytestmark = pytest.mark.skipif(not rk.available_backends()["triton"].startswith("available"),
+# where the triton backend runs: CPU tensors under the interpreter (make test), the GPU otherwise (make gpu-check)
+DEVICE = torch.device("cpu") if interpreting() else torch.empty(0, device="cuda").device if torch.cuda.is_available() \
+    else None
+pytestmark = pytest.mark.skipif(DEVICE is None or not rk.available_backends()["triton"].startswith("available"),
                                 reason="triton cannot run here")
 
 
@@ -22,33 +26,35 @@ def _fwd_bwd(out):
 
 
 def _calls():
-    """{op: a call of the public op on small CPU tensors, on the triton backend, forward and backward}."""
+    """{op: a call of the public op on small tensors on DEVICE, on the triton backend, forward and backward}."""
     g = torch.Generator().manual_seed(0)
     B, T, V, H = 3, 5, 11, 8
 
-    def lp(*shape):
-        return (-torch.rand(*shape, generator=g) * 3).requires_grad_(True)
+    def rand(*shape, grad=False, fn=torch.randn):
+        return fn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
 
-    mask = torch.rand(B, T, generator=g) > 0.3
+    def lp(*shape):
+        return (-rand(*shape) * 3).detach().requires_grad_(True)
+
+    def tokens(*shape):
+        return torch.randint(0, V, shape, generator=g).to(DEVICE)
+
+    mask = rand(B, T, fn=torch.rand) > 0.3
     tri = dict(backend="triton")
     return {
         "token_kl": lambda: _fwd_bwd(rk.token_kl(lp(B, T), lp(B, T), estimator="k3", **tri)),
         "dpo_loss": lambda: _fwd_bwd(rk.dpo_loss(lp(B), lp(B), lp(B), lp(B), **tri)),
-        "gae": lambda: rk.gae(torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), mask, **tri),
-        "masked_whiten": lambda: rk.masked_whiten(torch.randn(B, T, generator=g), mask, **tri),
-        "ppo_policy_loss": lambda: _fwd_bwd(rk.ppo_policy_loss(lp(B, T), lp(B, T), torch.randn(B, T, generator=g),
-                                                               mask, **tri)[0]),
-        "ppo_value_loss": lambda: _fwd_bwd(rk.ppo_value_loss(torch.randn(B, T, generator=g).requires_grad_(True),
-                                                             torch.randn(B, T, generator=g),
-                                                             torch.randn(B, T, generator=g), mask, **tri)[0]),
-        "token_rewards": lambda: rk.token_rewards(torch.randn(B, generator=g), mask, logp=lp(B, T).detach(),
-                                                  ref_logp=lp(B, T).detach(), kl_coef=0.1, **tri),
-        "logprobs_from_logits": lambda: _fwd_bwd(rk.logprobs_from_logits(
-            torch.randn(B, T, V, generator=g).requires_grad_(True), torch.randint(0, V, (B, T), generator=g),
-            return_entropy=True, **tri)),
-        "linear_logprobs": lambda: _fwd_bwd(rk.linear_logprobs(
-            torch.randn(B * T, H, generator=g).requires_grad_(True),
-            torch.randn(V, H, generator=g).requires_grad_(True), torch.randint(0, V, (B * T,), generator=g), **tri)),
+        "gae": lambda: rk.gae(rand(B, T), rand(B, T), mask, **tri),
+        "masked_whiten": lambda: rk.masked_whiten(rand(B, T), mask, **tri),
+        "ppo_policy_loss": lambda: _fwd_bwd(rk.ppo_policy_loss(lp(B, T), lp(B, T), rand(B, T), mask, **tri)[0]),
+        "ppo_value_loss": lambda: _fwd_bwd(rk.ppo_value_loss(rand(B, T, grad=True), rand(B, T), rand(B, T), mask,
+                                                             **tri)[0]),
+        "token_rewards": lambda: rk.token_rewards(rand(B), mask, logp=rand(B, T), ref_logp=rand(B, T), kl_coef=0.1,
+                                                  **tri),
+        "logprobs_from_logits": lambda: _fwd_bwd(rk.logprobs_from_logits(rand(B, T, V, grad=True), tokens(B, T),
+                                                                         return_entropy=True, **tri)),
+        "linear_logprobs": lambda: _fwd_bwd(rk.linear_logprobs(rand(B * T, H, grad=True), rand(V, H, grad=True),
+                                                               tokens(B * T), **tri)),
     }
 
 
@@ -72,7 +78,7 @@ def test_launches_enter_the_inputs_device_guard(op, monkeypatch):
 
     monkeypatch.setattr(_launch, "device_guard", spy)
     _calls()[op]()
-    assert devices and all(d == torch.device("cpu") for d in devices), devices
+    assert devices and all(d == DEVICE for d in devices), devices
 
 
 class _Stop(Exception):
