@@ -245,6 +245,15 @@ def matches(launch, config):
     return True
 
 
+def listed_configs(mod, dtype, arch):
+    """The module's `configs(dtype, arch)` when they are dicts naming their kernel (what `matches` reads), else
+    None: a module that lists its configurations in another form is not checked against them."""
+    listed = mod.configs(dtype, arch) if hasattr(mod, "configs") else None
+    if listed is None or not all(isinstance(c, dict) and "kernel" in c for c in listed):
+        return None
+    return listed
+
+
 def launch_key(launch):
     """What decides the compiled binary, as the Triton runtime specialises the launch: argument types, 16-byte
     alignment / divisibility, ints equal to 1 and None arguments become constants."""
@@ -437,7 +446,7 @@ def collect(ops, archs):
             for dt, label, plan in cases(op, arch):
                 if not plan:
                     raise AssertionError(f"{op}: empty plan at {label} {dt} for sm_{arch}")
-                listed = mod.configs(dt, arch) if hasattr(mod, "configs") else None
+                listed = listed_configs(mod, dt, arch)
                 for launch in plan:
                     full = launch_key(launch)
                     key = first.setdefault(variant(full), full)
@@ -448,7 +457,7 @@ def collect(ops, archs):
                     u["ops"].add(op)
                     u["dtypes"].add(str(dt).replace("torch.", ""))
                     u["shapes"].add(label)
-                    if listed is not None and all(isinstance(c, dict) for c in listed):
+                    if listed is not None:
                         ok = any(matches(launch, c) for c in listed)
                         u["selectable"] = ok if u["selectable"] is None else (u["selectable"] and ok)
     return units

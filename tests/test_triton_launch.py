@@ -144,11 +144,12 @@ def test_meta_plans_are_nonempty_and_use_listed_configs(op):
     assert cases
     for dt, label, plan in cases:
         assert plan, (op, dt, label)
-        listed = mod.configs(dt, None)
+        listed = gpu_report.listed_configs(mod, dt, None)
+        assert listed or op == "linear_logprobs", op  # every module but the head's (other branch) lists dicts
         for launch in plan:
             assert launch.kernel is getattr(importlib.import_module(launch.kernel.fn.__module__),
                                             gpu_report.kernel_name(launch.kernel))
-            if all(isinstance(c, dict) for c in listed):
+            if listed is not None:
                 assert any(gpu_report.matches(launch, c) for c in listed), (op, label, launch.constexprs)
 
 
