@@ -476,8 +476,8 @@ def markdown(report, detail):
     archs = report["archs"]
     lines = [f"Triton {report['triton_version']}: {len(report['triton'])} distinct launches x {len(archs)} targets "
              f"compiled ahead of time ({report['compiles']} compiles, {report['seconds']:.0f} s wall, "
-             f"{report.get('cpu_seconds', 0):.0f} s CPU on the machine that ran it). Each cell: registers/thread / shared memory KB "
-             "(dynamic + static) / local (spill) bytes per thread. Limits: shared memory per block "
+             f"{report.get('cpu_seconds', 0):.0f} s CPU on the machine that ran it). Each cell: registers/thread / "
+             "shared memory KB (dynamic + static) / local (spill) bytes per thread. Limits: shared memory per block "
              + ", ".join(f"sm_{a} {SMEM_PER_BLOCK[a] // KB} KB" for a in archs)
              + f"; {REGS_PER_THREAD} registers/thread; registers x threads <= {REGS_PER_SM}.", ""]
     for arch, why in report["archs_skipped"].items():
