@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, run
+from ._launch import Launch, execute
 
 BLOCK = 1024
 
@@ -98,12 +98,8 @@ def plan_bwd(grad, c, r, cr, rr, beta, loss_type, eps, arch=None):
 
 
 def dpo_loss_fwd(c, r, cr, rr, beta, loss_type, eps):
-    plan, out = plan_fwd(c, r, cr, rr, beta, loss_type, eps)
-    run(plan, c.device)
-    return out
+    return execute(plan_fwd(c, r, cr, rr, beta, loss_type, eps), c.device)
 
 
 def dpo_loss_bwd(grad, c, r, cr, rr, beta, loss_type, eps):
-    plan, grads = plan_bwd(grad, c, r, cr, rr, beta, loss_type, eps)
-    run(plan, c.device)
-    return grads
+    return execute(plan_bwd(grad, c, r, cr, rr, beta, loss_type, eps), c.device)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, powers_of_two, run
+from ._launch import Launch, execute, powers_of_two
 
 from ._scalars import _scalar
 
@@ -83,6 +83,4 @@ def plan_fwd(rewards, values, mask, dones, gamma, lam, arch=None):
 
 
 def gae(rewards, values, mask, dones, gamma, lam):
-    plan, out = plan_fwd(rewards, values, mask, dones, gamma, lam)
-    run(plan, rewards.device)
-    return out
+    return execute(plan_fwd(rewards, values, mask, dones, gamma, lam), rewards.device)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, powers_of_two, run
+from ._launch import Launch, execute, powers_of_two
 
 MAX_BLOCK = 4096
 
@@ -171,12 +171,9 @@ def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature,
 
 
 def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy):
-    plan, out = plan_fwd(logits, tokens, temperature, ignore_index, return_entropy)
-    run(plan, logits.device)
-    return out
+    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy), logits.device)
 
 
 def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
-    plan, grad = plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index)
-    run(plan, logits.device)
-    return grad
+    return execute(plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index),
+                   logits.device)

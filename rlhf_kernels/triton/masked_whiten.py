@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, run
+from ._launch import Launch, execute
 
 from ._scalars import _scalar
 
@@ -102,6 +102,4 @@ def plan_fwd(x, mask, shift_mean, unbiased, eps, arch=None):
 
 
 def masked_whiten(x, mask, shift_mean, unbiased, eps):
-    plan, out = plan_fwd(x, mask, shift_mean, unbiased, eps)
-    run(plan, x.device)
-    return out
+    return execute(plan_fwd(x, mask, shift_mean, unbiased, eps), x.device)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, run
+from ._launch import Launch, execute
 
 BLOCK = 1024      # tokens per step of a row program
 BLOCK_R = 1024    # rows per step of the combine program
@@ -183,14 +183,10 @@ def plan_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, 
 
 
 def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation):
-    plan, out = plan_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation)
-    run(plan, logp.device)
-    return out
+    return execute(plan_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation), logp.device)
 
 
 def ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip,
                         need_adv_grad):
-    plan, grads = plan_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip,
-                           need_adv_grad)
-    run(plan, logp.device)
-    return grads
+    return execute(plan_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip,
+                            need_adv_grad), logp.device)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, run
+from ._launch import Launch, execute
 from .ppo_policy_loss import BLOCK, combine_configs, combine_plan
 
 
@@ -96,12 +96,9 @@ def plan_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, nee
 
 
 def ppo_value_loss_fwd(values, old_values, returns, mask, clip, aggregation):
-    plan, out = plan_fwd(values, old_values, returns, mask, clip, aggregation)
-    run(plan, values.device)
-    return out
+    return execute(plan_fwd(values, old_values, returns, mask, clip, aggregation), values.device)
 
 
 def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads):
-    plan, grads = plan_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads)
-    run(plan, values.device)
-    return grads
+    return execute(plan_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads),
+                   values.device)

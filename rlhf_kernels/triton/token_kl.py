@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, run
+from ._launch import Launch, execute
 
 BLOCK = 1024
 
@@ -75,12 +75,8 @@ def plan_bwd(grad, logp, ref_logp, estimator, clamp, arch=None):
 
 
 def token_kl_fwd(logp, ref_logp, estimator, clamp):
-    plan, out = plan_fwd(logp, ref_logp, estimator, clamp)
-    run(plan, logp.device)
-    return out
+    return execute(plan_fwd(logp, ref_logp, estimator, clamp), logp.device)
 
 
 def token_kl_bwd(grad, logp, ref_logp, estimator, clamp):
-    plan, grads = plan_bwd(grad, logp, ref_logp, estimator, clamp)
-    run(plan, logp.device)
-    return grads
+    return execute(plan_bwd(grad, logp, ref_logp, estimator, clamp), logp.device)

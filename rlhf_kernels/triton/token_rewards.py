@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, powers_of_two, run
+from ._launch import Launch, execute, powers_of_two
 from ._scalars import _scalar
 from .token_kl import _kl
 
@@ -74,7 +74,5 @@ def plan_fwd(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_co
 
 def token_rewards(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
                   score_after_eos):
-    plan, out = plan_fwd(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
-                         score_after_eos)
-    run(plan, mask.device)
-    return out
+    return execute(plan_fwd(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
+                            score_after_eos), mask.device)
