@@ -16,7 +16,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build clean gpu-report gpu-check
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ demo: build
 
 bench: build
 	$(PY) -m bench
+
+# compile every Triton kernel the launchers select for sm_80..sm_120 and read the CUDA kernels' resource usage
+# (no GPU needed); fails on a kernel that does not compile or does not fit a target. Writes gpu_report.{json,md}.
+gpu-report: build
+	env -u TRITON_INTERPRET $(PY) -m bench.gpu_report
+
+# on a machine with an NVIDIA GPU: GPU tests, GPU benchmark tables, head memory -> gpu_check_results.md
+gpu-check: build
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf build rlhf_kernels/_C*.so *.egg-info $(VENV)/.built

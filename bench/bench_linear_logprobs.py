@@ -45,9 +45,25 @@ def _naive(tok, low):
     return naive
 
 
-def _cce(tok):
+CCE_GPU = "Cut Cross-Entropy (impl=cce, its Triton kernels)"
+LIGER = "Liger-Kernel fused linear cross entropy (reduction=sum)"
+
+
+def _cce(tok, impl="torch_compile"):
     from cut_cross_entropy import linear_cross_entropy as cce
-    return lambda h, w: -cce(h, w, tok, reduction="none", impl="torch_compile").float()
+    return lambda h, w: -cce(h, w, tok, reduction="none", impl=impl).float()
+
+
+def _liger(tok):
+    """−Σ logp through Liger's fused linear cross entropy (its backward needs a reduced loss), spread over the
+    positions so the same upstream gradient drives it; it computes its gradients during the forward."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as L
+
+    def liger(h, w):
+        loss = L.apply(h, w, tok, None, None, -100, 0.0, 0.0, "sum")
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        return (-loss).expand(tok.shape[0])
+    return liger
 
 
 def _contenders(h, w, tok, slow_ok):
@@ -62,7 +78,10 @@ def _contenders(h, w, tok, slow_ok):
                                                                 options=lce_default).float()
     if lce_256 is not None:
         fns[LCE_256] = lambda h, w: -F.linear_cross_entropy(h, w, tok, reduction="none", options=lce_256).float()
-    cce, skipped = peers({CCE: lambda: _cce(tok)}, trial=lambda f: torch.autograd.grad(f(h, w).sum(), (h, w)))
+    makers = {CCE: lambda: _cce(tok)}
+    if DEVICE.type == "cuda":  # the peers' Triton kernels, timed only where they compile
+        makers.update({CCE_GPU: lambda: _cce(tok, impl="cce"), LIGER: lambda: _liger(tok)})
+    cce, skipped = peers(makers, trial=lambda f: torch.autograd.grad(f(h, w).sum(), (h, w)))
     fns.update(cce)
     for label, b in rk_backends("linear_logprobs").items():
         fns[label] = lambda h, w, b=b: rk.linear_logprobs(h, w, tok, backend=b)
@@ -116,7 +135,7 @@ def _table(N, H, V, dtype, quick, csv_dir, ceilings):
                   f"{6 * N * V * H / 1e9:.0f} GFLOP; rk budget "
                   f"{os.environ.get('RLHF_KERNELS_CHUNK_BYTES', '256 MiB (default)')})", res, NAIVE, ceilings,
                   csv_name=f"linear_logprobs_{name}", csv_dir=csv_dir, flops=6 * N * V * H, peaks=peaks,
-                  skipped=skipped, extra=extra)
+                  skipped=skipped, extra=extra, dtype={"float32": "fp32", "bfloat16": "bf16"}[name])
 
 
 def _agreement():
@@ -143,16 +162,9 @@ def _agreement():
         return {k: float((a - b).abs().max()) for k, a, b in zip(("logp", "d hidden", "d weight"), ours, other)}
 
     try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as L
-
         # Liger's backward is only implemented for a reduced loss: compare −Σ logp and its gradients
-        def liger(h, w):
-            loss = L.apply(h, w, tok, None, None, -100, 0.0, 0.0, "sum")
-            loss = loss[0] if isinstance(loss, tuple) else loss
-            return -loss.reshape(1)
-
         h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-        s = liger(h, w)
+        s = _liger(tok)(h, w)[:1]
         gh, gw = torch.autograd.grad(s.sum(), (h, w))
         out["Liger-Kernel FLCE (interpreter)"] = {"Σ logp": float((s.detach().sum() - ours[0].sum()).abs()),
                                                    "d hidden": float((gh - ours[1]).abs().max()),

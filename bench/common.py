@@ -183,17 +183,35 @@ def write_csv(path, rows, columns):
         w.writerows(rows)
 
 
+def roofline_column(results, nbytes, flops, dtype, device_name):
+    """(column name, {contender: measured / predicted}) against the roofline prediction (bench/roofline.py) of
+    `nbytes` and `flops` on the GPU called `device_name`; (None, {}) off a GPU with published figures there."""
+    from bench.roofline import gpu_named, predict
+    gpu = gpu_named(device_name) if device_name else None
+    if gpu is None or not (nbytes or flops):
+        return None, {}
+    t = predict(gpu, nbytes or 0, flops or 0, dtype)
+    return (f"measured / predicted ({gpu.name} roofline {fmt_time(t)})",
+            {name: f"{med / t:.2f}" for name, (med, *_rest) in results.items()})
+
+
 def report(title, results, baseline, ceilings, *, csv_name, csv_dir=None, nbytes=None, flops=None,
-           peaks=None, skipped=None, extra=None):
+           peaks=None, skipped=None, extra=None, dtype="fp32"):
     """The table (and CSV) every script ends with. One row per contender in `results` (from
     `interleaved`): median, spread, speedup vs `baseline` (>1: faster), peak MiB (from `peaks`,
     {name: bytes or None}), and the throughput against the ceilings: GB/s of `nbytes` for memory-bound
     ops, GFLOP/s of `flops` for compute-bound ones. `skipped`: {name: reason} rows for missing peers;
-    `extra`: {name: {column: cell}} for columns of the op's own (accuracy, × floor, ...)."""
+    `extra`: {name: {column: cell}} for columns of the op's own (accuracy, × floor, ...). On an A100-80GB or
+    H100-SXM a column gives measured / predicted against the roofline of `nbytes` and `flops` at `dtype`'s peak
+    ("fp32", "tf32", "bf16", "fp16"; fp32 means tf32 when torch allows TF32 matmuls)."""
     ceilings = ceilings or measure_ceilings()
     base = results[baseline][0]
     speedup = f"speedup vs {baseline}"
     extra = extra or {}
+    if dtype == "fp32" and DEVICE.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        dtype = "tf32"
+    roof, ratio = roofline_column(results, nbytes, flops, dtype,
+                                  torch.cuda.get_device_name() if DEVICE.type == "cuda" else None)
     rows = []
     for name, (med, lo, hi, n) in results.items():
         row = {"impl": name, "median": fmt_time(med),
@@ -205,6 +223,8 @@ def report(title, results, baseline, ceilings, *, csv_name, csv_dir=None, nbytes
             row["GB/s (% of copy)"] = f"{nbytes / med / 1e9:.3g} ({100 * nbytes / med / ceilings.copy:.0f}%)"
         if flops:
             row["GFLOP/s (% of GEMM)"] = f"{flops / med / 1e9:.3g} ({100 * flops / med / ceilings.gemm:.0f}%)"
+        if roof:
+            row[roof] = ratio[name]
         row.update(extra.get(name, {}))
         rows.append(row)
     for name, reason in (skipped or {}).items():

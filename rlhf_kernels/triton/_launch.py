@@ -36,3 +36,15 @@ def run(plan, device):
             if launch.num_stages is not None:
                 opts["num_stages"] = launch.num_stages
             wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs, **opts)
+
+
+def execute(planned, device):
+    """Runs the plan of a plan function's `(plan, outputs)` on `device` and returns the outputs."""
+    plan, outputs = planned
+    run(plan, device)
+    return outputs
+
+
+def powers_of_two(cap):
+    """1, 2, 4, ..., cap: the tiles a launcher that rounds a length up to a power of two (capped) can pick."""
+    return [1 << i for i in range(cap.bit_length())]

@@ -2,7 +2,8 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute
 
 BLOCK = 1024
 
@@ -73,19 +74,32 @@ def _bwd_kernel(g_ptr, c_ptr, r_ptr, cr_ptr, rr_ptr, gc_ptr, gr_ptr, gcr_ptr, gr
     tl.store(grr_ptr + offs, d, mask=ok)
 
 
-def dpo_loss_fwd(c, r, cr, rr, beta, loss_type, eps):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plans below can select (the same for every dtype and GPU)."""
+    return [dict(kernel=k, BLOCK=BLOCK, num_warps=4) for k in ("_fwd_kernel", "_bwd_kernel")]
+
+
+def plan_fwd(c, r, cr, rr, beta, loss_type, eps, arch=None):
+    """([Launch], (losses, chosen rewards, rejected rewards)) for same-shaped contiguous inputs."""
     losses, c_rew, r_rew = torch.empty_like(c), torch.empty_like(c), torch.empty_like(c)
     n = c.numel()
-    if n:
-        wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](c, r, cr, rr, losses, c_rew, r_rew, n, beta, eps,
-                                                           LOSS=loss_type, BLOCK=BLOCK)
-    return losses, c_rew, r_rew
+    plan = [Launch(_fwd_kernel, (triton.cdiv(n, BLOCK),), (c, r, cr, rr, losses, c_rew, r_rew, n, beta, eps),
+                   dict(LOSS=loss_type, BLOCK=BLOCK))] if n else []
+    return plan, (losses, c_rew, r_rew)
+
+
+def plan_bwd(grad, c, r, cr, rr, beta, loss_type, eps, arch=None):
+    """([Launch], gradients of the four inputs)."""
+    grads = tuple(torch.empty_like(c) for _ in range(4))
+    n = c.numel()
+    plan = [Launch(_bwd_kernel, (triton.cdiv(n, BLOCK),), (grad, c, r, cr, rr, *grads, n, beta, eps),
+                   dict(LOSS=loss_type, BLOCK=BLOCK))] if n else []
+    return plan, grads
+
+
+def dpo_loss_fwd(c, r, cr, rr, beta, loss_type, eps):
+    return execute(plan_fwd(c, r, cr, rr, beta, loss_type, eps), c.device)
 
 
 def dpo_loss_bwd(grad, c, r, cr, rr, beta, loss_type, eps):
-    gc, gr, gcr, grr = (torch.empty_like(c) for _ in range(4))
-    n = c.numel()
-    if n:
-        wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, c, r, cr, rr, gc, gr, gcr, grr, n, beta, eps,
-                                                           LOSS=loss_type, BLOCK=BLOCK)
-    return gc, gr, gcr, grr
+    return execute(plan_bwd(grad, c, r, cr, rr, beta, loss_type, eps), c.device)

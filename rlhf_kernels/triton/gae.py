@@ -14,7 +14,8 @@ argument order that the interpreter and the GPU compiler share.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute, powers_of_two
 
 from ._scalars import _scalar
 
@@ -60,16 +61,26 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, d_ptr, adv_ptr, ret_ptr, T, gamma, lam, DON
         carry_a = tl.sum(tl.where(first, a, zero), 0)
 
 
-def gae(rewards, values, mask, dones, gamma, lam):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plan can select: the tile is the row length rounded up to a power of two,
+    capped at MAX_BLOCK."""
+    return [dict(kernel="_gae_kernel", BLOCK=b, num_warps=4) for b in powers_of_two(MAX_BLOCK)]
+
+
+def plan_fwd(rewards, values, mask, dones, gamma, lam, arch=None):
+    """([Launch], (advantages, returns)) for contiguous [..., T] inputs (bool masks)."""
     adv = torch.empty(rewards.shape, dtype=rewards.dtype, device=rewards.device)
     ret = torch.empty_like(adv)
     if rewards.numel() == 0:
-        return adv, ret
+        return [], (adv, ret)
     T = rewards.shape[-1]
     R = rewards.numel() // T
-    block = min(MAX_BLOCK, triton.next_power_of_2(T))
     m = mask.view(torch.uint8)
     d = m if dones is None else dones.view(torch.uint8)  # unread without dones
-    wrap_triton(_gae_kernel)[(R,)](rewards, values, m, d, adv, ret, T, gamma, lam, DONES=dones is not None,
-                                   BLOCK=block)
-    return adv, ret
+    plan = [Launch(_gae_kernel, (R,), (rewards, values, m, d, adv, ret, T, gamma, lam),
+                   dict(DONES=dones is not None, BLOCK=min(MAX_BLOCK, triton.next_power_of_2(T))))]
+    return plan, (adv, ret)
+
+
+def gae(rewards, values, mask, dones, gamma, lam):
+    return execute(plan_fwd(rewards, values, mask, dones, gamma, lam), rewards.device)

@@ -8,7 +8,8 @@ Rows are addressed through two leading strides, so logits[:, :-1] of a [B, T, V]
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute, powers_of_two
 
 MAX_BLOCK = 4096
 
@@ -130,27 +131,49 @@ def _block(V):
     return min(triton.next_power_of_2(V), MAX_BLOCK)
 
 
-def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plans can select: the vocabulary tile is V rounded up to a power of two,
+    capped at MAX_BLOCK."""
+    return [dict(kernel=k, BLOCK=b, num_warps=4) for k in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel")
+            for b in powers_of_two(MAX_BLOCK)]
+
+
+def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, arch=None):
+    """([Launch], (logp, entropy or an empty tensor, lse)) for logits [..., V] (rows strided as _row_layout
+    allows) and contiguous tokens [...]."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(tokens.shape, dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
     ent = torch.empty(tokens.shape if return_entropy else (0,), dtype=acc, device=logits.device)
     N, V = tokens.numel(), logits.shape[-1]
-    if N:
-        inner, s_outer, s_inner, x = _row_layout(logits)
-        wrap_triton(_logprobs_fwd_kernel)[(N,)](x, tokens, logp, ent if return_entropy else lse, lse, V, inner,
-                                                s_outer, s_inner, 1.0 / temperature, ignore_index,
-                                                ENT=bool(return_entropy), BLOCK=_block(V))
-    return logp, ent, lse
+    if N == 0:
+        return [], (logp, ent, lse)
+    inner, s_outer, s_inner, x = _row_layout(logits)
+    args = (x, tokens, logp, ent if return_entropy else lse, lse, V, inner, s_outer, s_inner, 1.0 / temperature,
+            ignore_index)
+    plan = [Launch(_logprobs_fwd_kernel, (N,), args, dict(ENT=bool(return_entropy), BLOCK=_block(V)))]
+    return plan, (logp, ent, lse)
+
+
+def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, arch=None):
+    """([Launch], d logits) in the logits dtype; either upstream gradient may be None."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    N, V = tokens.numel(), logits.shape[-1]
+    if N == 0:
+        return [], grad
+    inner, s_outer, s_inner, x = _row_layout(logits)
+    args = (grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
+            lse, entropy if grad_entropy is not None else lse, grad, V, inner, s_outer, s_inner, 1.0 / temperature,
+            ignore_index)
+    plan = [Launch(_logprobs_bwd_kernel, (N,), args,
+                   dict(HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None, BLOCK=_block(V)))]
+    return plan, grad
+
+
+def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy):
+    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy), logits.device)
 
 
 def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    N, V = tokens.numel(), logits.shape[-1]
-    if N:
-        inner, s_outer, s_inner, x = _row_layout(logits)
-        wrap_triton(_logprobs_bwd_kernel)[(N,)](
-            grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
-            lse, entropy if grad_entropy is not None else lse, grad, V, inner, s_outer, s_inner, 1.0 / temperature,
-            ignore_index, HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None, BLOCK=_block(V))
-    return grad
+    return execute(plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index),
+                   logits.device)

@@ -4,7 +4,8 @@ elementwise pass reads the merged mean and 1/std. No atomics."""
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute
 
 from ._scalars import _scalar
 
@@ -73,19 +74,32 @@ def _normalize_kernel(x_ptr, m_ptr, stats_ptr, out_ptr, n, SHIFT: tl.constexpr, 
     tl.store(out_ptr + offs, tl.where(m, y, 0.0).to(x.dtype), mask=ok)
 
 
-def masked_whiten(x, mask, shift_mean, unbiased, eps):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plan can select (the same for every dtype and GPU)."""
+    return [dict(kernel="_moments_kernel", CHUNK=CHUNK, num_warps=4),
+            dict(kernel="_merge_kernel", BLOCK=MERGE_BLOCK, num_warps=4),
+            dict(kernel="_normalize_kernel", BLOCK=BLOCK, num_warps=4)]
+
+
+def plan_fwd(x, mask, shift_mean, unbiased, eps, arch=None):
+    """([Launch], whitened x) for contiguous x and a same-shaped bool mask; the plan's kernels run in order."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.numel()
     if n == 0:
-        return out
+        return [], out
     m = mask.view(torch.uint8)
     parts = triton.cdiv(n, CHUNK)
     cnt = torch.empty(parts, dtype=torch.int32, device=x.device)
     mean = torch.empty(parts, dtype=x.dtype, device=x.device)
     m2 = torch.empty(parts, dtype=x.dtype, device=x.device)
     stats = torch.empty(2, dtype=x.dtype, device=x.device)
-    wrap_triton(_moments_kernel)[(parts,)](x, m, cnt, mean, m2, n, CHUNK=CHUNK)
-    wrap_triton(_merge_kernel)[(1,)](cnt, mean, m2, stats, parts, eps, UNBIASED=bool(unbiased), BLOCK=MERGE_BLOCK)
-    wrap_triton(_normalize_kernel)[(triton.cdiv(n, BLOCK),)](x, m, stats, out, n, SHIFT=bool(shift_mean),
-                                                               BLOCK=BLOCK)
-    return out
+    plan = [Launch(_moments_kernel, (parts,), (x, m, cnt, mean, m2, n), dict(CHUNK=CHUNK)),
+            Launch(_merge_kernel, (1,), (cnt, mean, m2, stats, parts, eps),
+                   dict(UNBIASED=bool(unbiased), BLOCK=MERGE_BLOCK)),
+            Launch(_normalize_kernel, (triton.cdiv(n, BLOCK),), (x, m, stats, out, n),
+                   dict(SHIFT=bool(shift_mean), BLOCK=BLOCK))]
+    return plan, out
+
+
+def masked_whiten(x, mask, shift_mean, unbiased, eps):
+    return execute(plan_fwd(x, mask, shift_mean, unbiased, eps), x.device)

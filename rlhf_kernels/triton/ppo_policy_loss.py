@@ -8,7 +8,8 @@ elementwise pass, grad·row_weight·∂ℓ/∂logp at valid positions.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute
 
 BLOCK = 1024      # tokens per step of a row program
 BLOCK_R = 1024    # rows per step of the combine program
@@ -132,32 +133,60 @@ def _bwd_kernel(g_ptr, lp_ptr, ol_ptr, a_ptr, m_ptr, w_ptr, glp_ptr, gadv_ptr, L
         tl.store(gadv_ptr + base + offs, tl.where(v, scale * dadv, 0.0), mask=inb)
 
 
-def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation):
+def combine_configs():
+    """The configurations of the two fixed-order combine kernels (shared with ppo_value_loss)."""
+    return [dict(kernel=k, BLOCK_R=BLOCK_R, num_warps=4) for k in ("_combine_kernel", "_masked_means_kernel")]
+
+
+def configs(dtype=None, arch=None):
+    """The launch configurations the plans below can select (the same for every dtype and GPU)."""
+    return [dict(kernel=k, BLOCK=BLOCK, num_warps=4) for k in ("_fwd_rows_kernel", "_bwd_kernel")] + combine_configs()
+
+
+def combine_plan(row_sum, row_n, row_kl, row_clip, aggregation):
+    """([Launch], (loss, mean of row_kl per valid token as float32, clipped fraction, row weights)) from the
+    per-row sums and counts: the fixed-order second pass of both PPO losses."""
+    R = row_sum.shape[0]
+    loss = row_sum.new_zeros(())
+    kl = torch.zeros((), dtype=torch.float32, device=row_sum.device)
+    clipfrac = torch.zeros((), dtype=torch.float32, device=row_sum.device)
+    row_weight = row_sum.new_zeros(R)
+    plan = [Launch(_combine_kernel, (1,), (row_sum, row_n, row_weight, loss, R),
+                   dict(agg=aggregation, BLOCK_R=BLOCK_R)),
+            Launch(_masked_means_kernel, (1,), (row_n, row_kl, row_clip, kl, clipfrac, R), dict(BLOCK_R=BLOCK_R))]
+    return plan, (loss, kl, clipfrac, row_weight)
+
+
+def plan_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation, arch=None):
+    """([Launch], (loss, clipfrac, approx_kl, row_weight)) for contiguous [R, L] inputs (bool mask)."""
     R, L = logp.shape
     row_sum, row_kl = logp.new_zeros(R), logp.new_zeros(R)
     row_n = torch.zeros(R, dtype=torch.int32, device=logp.device)
     row_clip = torch.zeros(R, dtype=torch.int32, device=logp.device)
-    loss = logp.new_zeros(())
-    clipfrac = torch.zeros((), dtype=torch.float32, device=logp.device)
-    approx_kl = torch.zeros((), dtype=torch.float32, device=logp.device)
-    row_weight = logp.new_zeros(R)
-    if R:
-        m = mask.view(torch.uint8)
-        wrap_triton(_fwd_rows_kernel)[(R,)](logp, old_logp, advantages, m, row_sum, row_kl, row_n, row_clip, L,
-                                            clip_low, clip_high, dual_clip, BLOCK=BLOCK)
-        wrap_triton(_combine_kernel)[(1,)](row_sum, row_n, row_weight, loss, R, agg=aggregation, BLOCK_R=BLOCK_R)
-        wrap_triton(_masked_means_kernel)[(1,)](row_n, row_kl, row_clip, approx_kl, clipfrac, R, BLOCK_R=BLOCK_R)
-    return loss, clipfrac, approx_kl, row_weight
+    combine, (loss, approx_kl, clipfrac, row_weight) = combine_plan(row_sum, row_n, row_kl, row_clip, aggregation)
+    plan = [Launch(_fwd_rows_kernel, (R,), (logp, old_logp, advantages, mask.view(torch.uint8), row_sum, row_kl, row_n,
+                                            row_clip, L, clip_low, clip_high, dual_clip), dict(BLOCK=BLOCK))] + combine
+    return (plan if R else []), (loss, clipfrac, approx_kl, row_weight)
+
+
+def plan_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip, need_adv_grad,
+             arch=None):
+    """([Launch], (d logp, d advantages or an empty tensor))."""
+    R, L = logp.shape
+    g_logp = torch.empty_like(logp)
+    g_adv = torch.empty_like(advantages) if need_adv_grad else advantages.new_empty((0,))
+    plan = [Launch(_bwd_kernel, (R, triton.cdiv(L, BLOCK)),
+                   (grad_loss, logp, old_logp, advantages, mask.view(torch.uint8), row_weight, g_logp,
+                    g_adv if need_adv_grad else g_logp, L, clip_low, clip_high, dual_clip),
+                   dict(NEED_ADV=need_adv_grad, BLOCK=BLOCK))] if R and L else []
+    return plan, (g_logp, g_adv)
+
+
+def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation):
+    return execute(plan_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation), logp.device)
 
 
 def ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip,
                         need_adv_grad):
-    R, L = logp.shape
-    g_logp = torch.empty_like(logp)
-    g_adv = torch.empty_like(advantages) if need_adv_grad else advantages.new_empty((0,))
-    if R and L:
-        wrap_triton(_bwd_kernel)[(R, triton.cdiv(L, BLOCK))](
-            grad_loss, logp, old_logp, advantages, mask.view(torch.uint8), row_weight, g_logp,
-            g_adv if need_adv_grad else g_logp, L, clip_low, clip_high, dual_clip, NEED_ADV=need_adv_grad,
-            BLOCK=BLOCK)
-    return g_logp, g_adv
+    return execute(plan_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high, dual_clip,
+                            need_adv_grad), logp.device)

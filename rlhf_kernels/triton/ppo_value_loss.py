@@ -3,9 +3,9 @@ fixed-order combine of ppo_policy_loss (no atomics); backward is one elementwise
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .ppo_policy_loss import BLOCK, BLOCK_R, _combine_kernel, _masked_means_kernel
+from ._launch import Launch, execute
+from .ppo_policy_loss import BLOCK, combine_configs, combine_plan
 
 
 @triton.jit
@@ -64,32 +64,41 @@ def _bwd_kernel(g_ptr, v_ptr, vo_ptr, r_ptr, m_ptr, w_ptr, gv_ptr, go_ptr, gr_pt
         tl.store(gr_ptr + base + offs, tl.where(valid, -scale * err, 0.0), mask=inb)
 
 
-def ppo_value_loss_fwd(values, old_values, returns, mask, clip, aggregation):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plans below can select (the same for every dtype and GPU)."""
+    return [dict(kernel=k, BLOCK=BLOCK, num_warps=4) for k in ("_fwd_rows_kernel", "_bwd_kernel")] + combine_configs()
+
+
+def plan_fwd(values, old_values, returns, mask, clip, aggregation, arch=None):
+    """([Launch], (loss, clipfrac, row_weight)) for contiguous [R, L] inputs (bool mask)."""
     R, L = values.shape
     row_sum, row_zero = values.new_zeros(R), values.new_zeros(R)
     row_n = torch.zeros(R, dtype=torch.int32, device=values.device)
     row_clip = torch.zeros(R, dtype=torch.int32, device=values.device)
-    loss = values.new_zeros(())
-    clipfrac = torch.zeros((), dtype=torch.float32, device=values.device)
-    unused = torch.zeros((), dtype=torch.float32, device=values.device)
-    row_weight = values.new_zeros(R)
-    if R:
-        wrap_triton(_fwd_rows_kernel)[(R,)](values, old_values, returns, mask.view(torch.uint8), row_sum, row_n,
-                                            row_clip, L, clip, BLOCK=BLOCK)
-        wrap_triton(_combine_kernel)[(1,)](row_sum, row_n, row_weight, loss, R, agg=aggregation, BLOCK_R=BLOCK_R)
-        # the shared means kernel also averages a per-row sum: give it zeros and ignore that output
-        wrap_triton(_masked_means_kernel)[(1,)](row_n, row_zero, row_clip, unused, clipfrac, R, BLOCK_R=BLOCK_R)
-    return loss, clipfrac, row_weight
+    # the shared combine also averages a per-row sum (the policy loss's KL): give it zeros, drop that output
+    combine, (loss, _unused, clipfrac, row_weight) = combine_plan(row_sum, row_n, row_zero, row_clip, aggregation)
+    plan = [Launch(_fwd_rows_kernel, (R,), (values, old_values, returns, mask.view(torch.uint8), row_sum, row_n,
+                                            row_clip, L, clip), dict(BLOCK=BLOCK))] + combine
+    return (plan if R else []), (loss, clipfrac, row_weight)
 
 
-def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads):
+def plan_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads, arch=None):
+    """([Launch], (d values, d old_values, d returns), the last two empty unless need_data_grads)."""
     R, L = values.shape
     g_v = torch.empty_like(values)
     g_old = torch.empty_like(old_values) if need_data_grads else old_values.new_empty((0,))
     g_ret = torch.empty_like(returns) if need_data_grads else returns.new_empty((0,))
-    if R and L:
-        wrap_triton(_bwd_kernel)[(R, triton.cdiv(L, BLOCK))](
-            grad_loss, values, old_values, returns, mask.view(torch.uint8), row_weight, g_v,
-            g_old if need_data_grads else g_v, g_ret if need_data_grads else g_v, L, clip,
-            NEED_DATA=need_data_grads, BLOCK=BLOCK)
-    return g_v, g_old, g_ret
+    plan = [Launch(_bwd_kernel, (R, triton.cdiv(L, BLOCK)),
+                   (grad_loss, values, old_values, returns, mask.view(torch.uint8), row_weight, g_v,
+                    g_old if need_data_grads else g_v, g_ret if need_data_grads else g_v, L, clip),
+                   dict(NEED_DATA=need_data_grads, BLOCK=BLOCK))] if R and L else []
+    return plan, (g_v, g_old, g_ret)
+
+
+def ppo_value_loss_fwd(values, old_values, returns, mask, clip, aggregation):
+    return execute(plan_fwd(values, old_values, returns, mask, clip, aggregation), values.device)
+
+
+def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads):
+    return execute(plan_bwd(grad_loss, values, old_values, returns, mask, row_weight, clip, need_data_grads),
+                   values.device)

@@ -2,7 +2,8 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ._launch import Launch, execute
 
 BLOCK = 1024
 
@@ -76,22 +77,32 @@ def _token_kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, glogp_ptr, gref_ptr, n, cl
     tl.store(gref_ptr + offs, -gl, mask=ok)
 
 
-def _grid(n):
-    return (triton.cdiv(max(n, 1), BLOCK),)
+def configs(dtype=None, arch=None):
+    """The launch configurations the plans below can select (the same for every dtype and GPU)."""
+    return [dict(kernel=k, BLOCK=BLOCK, num_warps=4) for k in ("_token_kl_fwd_kernel", "_token_kl_bwd_kernel")]
+
+
+def plan_fwd(logp, ref_logp, estimator, clamp, arch=None):
+    """([Launch], kl) for the forward of same-shaped contiguous logp, ref_logp."""
+    out = torch.empty_like(logp)
+    n = logp.numel()
+    plan = [Launch(_token_kl_fwd_kernel, (triton.cdiv(n, BLOCK),), (logp, ref_logp, out, n, clamp),
+                   dict(estimator=estimator, BLOCK=BLOCK))] if n else []
+    return plan, out
+
+
+def plan_bwd(grad, logp, ref_logp, estimator, clamp, arch=None):
+    """([Launch], (d logp, d ref_logp))."""
+    g_logp, g_ref = torch.empty_like(logp), torch.empty_like(ref_logp)
+    n = logp.numel()
+    plan = [Launch(_token_kl_bwd_kernel, (triton.cdiv(n, BLOCK),), (grad, logp, ref_logp, g_logp, g_ref, n, clamp),
+                   dict(estimator=estimator, BLOCK=BLOCK))] if n else []
+    return plan, (g_logp, g_ref)
 
 
 def token_kl_fwd(logp, ref_logp, estimator, clamp):
-    out = torch.empty_like(logp)
-    n = logp.numel()
-    if n:
-        wrap_triton(_token_kl_fwd_kernel)[_grid(n)](logp, ref_logp, out, n, clamp, estimator=estimator, BLOCK=BLOCK)
-    return out
+    return execute(plan_fwd(logp, ref_logp, estimator, clamp), logp.device)
 
 
 def token_kl_bwd(grad, logp, ref_logp, estimator, clamp):
-    g_logp, g_ref = torch.empty_like(logp), torch.empty_like(ref_logp)
-    n = logp.numel()
-    if n:
-        wrap_triton(_token_kl_bwd_kernel)[_grid(n)](grad, logp, ref_logp, g_logp, g_ref, n, clamp,
-                                                     estimator=estimator, BLOCK=BLOCK)
-    return g_logp, g_ref
+    return execute(plan_bwd(grad, logp, ref_logp, estimator, clamp), logp.device)

@@ -3,8 +3,8 @@ its last valid position, a second writes the rewards."""
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from ._launch import Launch, execute, powers_of_two
 from ._scalars import _scalar
 from .token_kl import _kl
 
@@ -48,17 +48,31 @@ def _token_rewards_kernel(score_ptr, m_ptr, logp_ptr, ref_ptr, dense_ptr, out_pt
         tl.store(out_ptr + base + t, out.to(dt), mask=ok)
 
 
-def token_rewards(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
-                  score_after_eos):
+def configs(dtype=None, arch=None):
+    """The launch configurations the plan can select: the tile is the row length rounded up to a power of two,
+    capped at MAX_BLOCK."""
+    return [dict(kernel="_token_rewards_kernel", BLOCK=b, num_warps=4) for b in powers_of_two(MAX_BLOCK)]
+
+
+def plan_fwd(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip, score_after_eos,
+             arch=None):
+    """([Launch], rewards) for a contiguous [..., T] bool mask and same-shaped float inputs."""
     out = torch.empty(mask.shape, dtype=score.dtype, device=mask.device)
     if mask.numel() == 0:
-        return out
+        return [], out
     T = mask.shape[-1]
     R = mask.numel() // T
     est = kl_estimator if kl_coef != 0.0 else -1
     # absent inputs are never read (EST/DENSE); any pointer of the right dtype stands in
-    wrap_triton(_token_rewards_kernel)[(R,)](
-        score, mask.view(torch.uint8), logp if est >= 0 else out, ref_logp if est >= 0 else out,
-        dense if dense is not None else out, out, T, kl_coef, dense_coef, dense_clip, EST=est,
-        DENSE=dense is not None, AFTER_EOS=bool(score_after_eos), BLOCK=min(MAX_BLOCK, triton.next_power_of_2(T)))
-    return out
+    args = (score, mask.view(torch.uint8), logp if est >= 0 else out, ref_logp if est >= 0 else out,
+            dense if dense is not None else out, out, T, kl_coef, dense_coef, dense_clip)
+    plan = [Launch(_token_rewards_kernel, (R,), args,
+                   dict(EST=est, DENSE=dense is not None, AFTER_EOS=bool(score_after_eos),
+                        BLOCK=min(MAX_BLOCK, triton.next_power_of_2(T))))]
+    return plan, out
+
+
+def token_rewards(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
+                  score_after_eos):
+    return execute(plan_fwd(score, mask, logp, ref_logp, kl_coef, kl_estimator, dense, dense_coef, dense_clip,
+                            score_after_eos), mask.device)
