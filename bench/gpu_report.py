@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import functools
 import glob
 import importlib
-import inspect
 import json
 import multiprocessing
 import os
@@ -50,24 +49,6 @@ ROWS = (64, 4096)            # B x T of the row ops
 
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _plans(ret):
-    """The launches of a plan function's result: `[Launch]`, or a tuple whose first list is the plan."""
-    if isinstance(ret, list):
-        return ret
-    return next(x for x in ret if isinstance(x, list))
-
-
-def _call(fn, values):
-    """fn(**the values its parameters name): plan functions are called by parameter name, so a launcher module
-    may order (or extend with defaults) its arguments as it likes."""
-    params = inspect.signature(fn).parameters
-    missing = [n for n, p in params.items() if n not in values and p.default is inspect.Parameter.empty]
-    if missing:
-        f = getattr(fn, "func", fn)  # a plan function bound to a target (functools.partial)
-        raise TypeError(f"{f.__module__}.{f.__name__}: no representative value for {missing}")
-    return _plans(fn(**{n: values[n] for n in params if n in values}))
 
 
 # ---- representative calls of each op: [(dtype, shape label, [Launch])] ----
@@ -157,50 +138,25 @@ def _logprobs_from_logits(mod):
 
 
 def _linear_logprobs(mod):
-    """Through the module's plan_fwd/plan_bwd (called by parameter name) when it has them, else the launches
-    today's launchers make, built here."""
+    """Forward and backward plans at every shape, with and without bias / entropy gradient; fp32 both with
+    and without TF32 (the launcher follows torch's flag, so both variants are selectable)."""
     out = []
     for dt in HEAD_DTYPES:
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        for H in HS:
-            for V in VS:
-                for N in NS:
-                    r = _meta(N, dtype=acc)
-                    for bias, gent in ((None, None), (_meta(V, dtype=acc), r)):
-                        values = dict(hidden=_meta(N, H, dtype=dt), weight=_meta(V, H, dtype=dt), bias=bias,
-                                      tokens=_meta(N, dtype=torch.int64), temperature=1.0, ignore_index=-100,
-                                      return_entropy=gent is not None, grad_logp=r, grad_entropy=gent, lse=r,
-                                      entropy=r, need_hidden=True, need_weight=True, need_bias=bias is not None,
-                                      arch=mod.arch)
-                        label = f"N={N} H={H} V={V}" + (" bias+entropy" if bias is not None else "")
-                        if hasattr(mod, "plan_fwd"):
-                            plans = [_call(mod.plan_fwd, values), _call(mod.plan_bwd, values)]
-                        else:
-                            plans = [_legacy_linear_plan(mod, **values)]
-                        out += [(dt, label, p) for p in plans]
+        for tf32 in ((False, True) if dt == torch.float32 else (None,)):
+            for H in HS:
+                for V in VS:
+                    for N in NS:
+                        h, w, tok = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(N, dtype=torch.int64)
+                        r = _meta(N, dtype=acc)
+                        for bias, gent in ((None, None), (_meta(V, dtype=acc), r)):
+                            label = (f"N={N} H={H} V={V}" + (" bias+entropy" if bias is not None else "")
+                                     + (" tf32" if tf32 else ""))
+                            fwd = mod.plan_fwd(h, w, bias, tok, r, r, r, allow_tf32=tf32)
+                            bwd = mod.plan_bwd(r, gent, h, w, bias, tok, r, r, _meta(N, H, dtype=dt),
+                                               _meta(V, H, dtype=dt), bias, allow_tf32=tf32)
+                            out += [(dt, label, fwd), (dt, label, bwd)]
     return out
-
-
-def _legacy_linear_plan(mod, hidden, weight, bias, tokens, grad_logp, grad_entropy, lse, entropy, need_bias, **_):
-    """The launches of today's linear_logprobs launchers (which predate plans): forward, d(hidden), d(weight)."""
-    from rlhf_kernels.triton._launch import Launch
-    N, H = hidden.shape
-    V = weight.shape[0]
-    bn, bv, bh, warps, prec, upcast = mod._config(hidden.dtype)
-    acc = lse.dtype
-    b = bias if bias is not None else lse
-    flags = dict(HAS_BIAS=bias is not None, IS_FP64=acc == torch.float64, DOT_PREC=prec, UPCAST=upcast, BLOCK_N=bn,
-                 BLOCK_V=bv, BLOCK_H=bh)
-    grads = dict(flags, HAS_GENT=grad_entropy is not None)
-    gent = grad_entropy if grad_entropy is not None else grad_logp
-    rows = (b, tokens, grad_logp, gent, lse, entropy)
-    return [Launch(mod._fwd_kernel, (-(-N // bn),), (hidden, weight, b, tokens, lse, lse, lse, N, V, H, 1.0, -100),
-                   flags, warps),
-            Launch(mod._bwd_dh_kernel, (-(-N // bn),), (hidden, weight, *rows, _meta(N, H, dtype=acc), N, V, H, 1.0,
-                                                        -100), grads, warps),
-            Launch(mod._bwd_dw_kernel, (-(-V // bv),), (hidden, weight, *rows, _meta(V, H, dtype=acc),
-                                                       _meta(V, dtype=acc), N, V, H, 1.0, -100),
-                   dict(grads, NEED_W=True, NEED_B=need_bias), warps)]
 
 
 OPS = {"token_kl": _token_kl, "dpo_loss": _dpo_loss, "gae": _gae, "masked_whiten": _masked_whiten,
@@ -247,11 +203,19 @@ def matches(launch, config):
 
 def listed_configs(mod, dtype, arch):
     """The module's `configs(dtype, arch)` when they are dicts naming their kernel (what `matches` reads), else
-    None: a module that lists its configurations in another form is not checked against them."""
+    None: a module that lists its configurations in another form is checked through its own `config_of`."""
     listed = mod.configs(dtype, arch) if hasattr(mod, "configs") else None
     if listed is None or not all(isinstance(c, dict) and "kernel" in c for c in listed):
         return None
     return listed
+
+
+def selectable(mod, launch, dtype, arch):
+    """Whether `launch` uses a configuration its module lists for (dtype, arch); None when the module lists none."""
+    if hasattr(mod, "config_of"):
+        return mod.config_of(launch) in mod.configs(dtype, arch)
+    listed = listed_configs(mod, dtype, arch)
+    return None if listed is None else any(matches(launch, c) for c in listed)
 
 
 def launch_key(launch):
@@ -446,7 +410,6 @@ def collect(ops, archs):
             for dt, label, plan in cases(op, arch):
                 if not plan:
                     raise AssertionError(f"{op}: empty plan at {label} {dt} for sm_{arch}")
-                listed = listed_configs(mod, dt, arch)
                 for launch in plan:
                     full = launch_key(launch)
                     key = first.setdefault(variant(full), full)
@@ -457,8 +420,8 @@ def collect(ops, archs):
                     u["ops"].add(op)
                     u["dtypes"].add(str(dt).replace("torch.", ""))
                     u["shapes"].add(label)
-                    if listed is not None:
-                        ok = any(matches(launch, c) for c in listed)
+                    ok = selectable(mod, launch, dt, arch)
+                    if ok is not None:
                         u["selectable"] = ok if u["selectable"] is None else (u["selectable"] and ok)
     return units
 

@@ -116,32 +116,13 @@ def test_gpu_check_gpu_path_is_importable():
     assert set(gpu_check.BENCH_OPS) <= set(bench_main.ALL)
 
 
-def test_linear_logprobs_plans_are_called_by_parameter_name_for_each_target():
-    """The report's route for a linear_logprobs module with plan_fwd/plan_bwd/configs (branch wt-head): each plan
-    function gets the values its parameters name, for the target the report compiles."""
-    from types import SimpleNamespace
-
-    from rlhf_kernels.triton import token_kl
-    seen = []
-
-    def plan_fwd(tokens, weight, hidden, bias, temperature, ignore_index, arch=None):
-        seen.append(("fwd", tuple(hidden.shape), tuple(weight.shape), arch))
-        return token_kl.plan_fwd(tokens.float(), tokens.float(), 0, 0.0)[0], None
-
-    def plan_bwd(grad_logp, hidden, weight, bias, tokens, lse, entropy, need_hidden, need_weight, need_bias, arch=None,
-                 extra_knob=3):
-        seen.append(("bwd", need_bias, arch))
-        return token_kl.plan_fwd(lse, lse, 0, 0.0)[0]
-
-    fake = SimpleNamespace(plan_fwd=plan_fwd, plan_bwd=plan_bwd, configs=lambda dtype, arch: [])
-    out = gpu_report._linear_logprobs(gpu_report._ForArch(fake, 90))
+def test_linear_logprobs_plans_for_each_target():
+    """The report plans the head for the target it compiles, fp32 with and without TF32, every launch in a
+    configuration the module lists for that target."""
+    from rlhf_kernels.triton import linear_logprobs as mod
+    out = gpu_report._linear_logprobs(gpu_report._ForArch(mod, 86))
     assert out and all(plan for _dt, _label, plan in out)
-    assert {s[-1] for s in seen} == {90}
-    assert ("fwd", (2048, 4096), (128256, 4096), 90) in seen
-    assert {s[1] for s in seen if s[0] == "bwd"} == {False, True}  # without and with a bias
-
-    def needs_unknown(hidden, mystery):
-        return []
-
-    with pytest.raises(TypeError, match="mystery"):
-        gpu_report._call(needs_unknown, {"hidden": None})
+    precs = {launch.constexprs.get("DOT_PREC") for dt, _l, plan in out if dt == torch.float32 for launch in plan}
+    assert {"ieee", "tf32"} <= precs
+    for dt, _label, plan in out:
+        assert all(gpu_report.selectable(mod, launch, dt, 86) for launch in plan)

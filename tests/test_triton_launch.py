@@ -140,17 +140,14 @@ def test_meta_plans_are_nonempty_and_use_listed_configs(op):
     if not _has_plans(op):
         pytest.skip(f"triton/{op}.py has no launch plans yet")
     mod = importlib.import_module(f"rlhf_kernels.triton.{op}")
-    cases = gpu_report.cases(op)
+    cases = gpu_report.cases(op, 90)  # meta tensors carry no device to read the target from
     assert cases
     for dt, label, plan in cases:
         assert plan, (op, dt, label)
-        listed = gpu_report.listed_configs(mod, dt, None)
-        assert listed or op == "linear_logprobs", op  # every module but the head's (other branch) lists dicts
         for launch in plan:
             assert launch.kernel is getattr(importlib.import_module(launch.kernel.fn.__module__),
                                             gpu_report.kernel_name(launch.kernel))
-            if listed is not None:
-                assert any(gpu_report.matches(launch, c) for c in listed), (op, label, launch.constexprs)
+            assert gpu_report.selectable(mod, launch, dt, 90), (op, label, launch.constexprs)
 
 
 def test_config_matching():
