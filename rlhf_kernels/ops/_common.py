@@ -8,6 +8,10 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2}  # csrc/common.h: KlEstimator
 AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "token-sum": 3}  # Aggregation
 DPO_CODES = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}  # DpoLoss
+BASELINE_CODES = {"mean": 0, "leave_one_out": 1, "none": 2}  # GroupBaseline
+SCALE_CODES = {"std": 0, "none": 1}  # GroupScale
+RC_LEVEL_CODES = {"token": 0, "sequence": 1, "geometric": 2}  # RcLevel
+RC_MODE_CODES = {"truncate": 0, "mask": 1}  # RcMode
 
 try:
     import triton  # noqa: F401
