@@ -331,4 +331,14 @@ template <typename T> RK_HD T rc_weight(T ratio, bool valid, int64_t mode, T low
   return keep ? w : T(0);
 }
 
+// The four stats from the batch's totals (summed in double): masked means over the n valid tokens
+// (k1, k3, dropped fraction, weight); all 0 when nothing is valid.
+RK_HD void rc_stats(double k1, double k3, double w, int64_t n, int64_t kept, float* out) {
+  const double denom = double(n > 0 ? n : 1);
+  out[0] = float(k1 / denom);
+  out[1] = float(k3 / denom);
+  out[2] = float(double(n - kept) / denom);
+  out[3] = float(w / denom);
+}
+
 }  // namespace rk

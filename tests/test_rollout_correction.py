@@ -115,7 +115,9 @@ def test_hand_computed(backend):
 def test_matches_spec_fp64(backend, shape, kind, level):
     old, roll = _inputs(shape, seed=shape[-1] + len(shape), spread=0.5 if level == "token" else 0.05)
     m = all_masks(shape, seed=shape[-1])[kind]
-    for mode, low, high in (("truncate", None, 2.0), ("mask", 0.5, 2.0), ("truncate", 0.8, 1.2), ("mask", None, None)):
+    # two of the four bound settings per mask kind (the interpreter is slow); each kind covers all of them
+    combos = (("truncate", None, 2.0), ("mask", 0.5, 2.0), ("truncate", 0.8, 1.2), ("mask", None, None))
+    for mode, low, high in combos[KINDS.index(kind) % 2::2]:
         _check(backend, old, roll, m, level, mode, low, high, 1e-12)
 
 

@@ -8,7 +8,10 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common.h"
+#include "group_checks.h"
 
 namespace {
 
@@ -31,29 +34,14 @@ void group_range(const T* s, T* out, int64_t n, Index at, int64_t baseline, int6
 at::Tensor group_advantages(const at::Tensor& scores, const std::optional<at::Tensor>& order,
                             const std::optional<at::Tensor>& offsets, int64_t group_size, int64_t baseline,
                             int64_t scale, double eps) {
-  TORCH_CHECK(scores.dim() == 1, "group_advantages: scores must be 1-D, got ", scores.dim(), " dims");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "group_advantages: scores must be float32 or float64, got ", scores.scalar_type());
+  const int64_t slots = rk::check_groups(scores, order, offsets, group_size);
   const int64_t B = scores.size(0);
   const bool labelled = group_size == 0;
-  if (labelled) {
-    TORCH_CHECK(order && offsets, "group_advantages: group_size 0 needs order and offsets");
-    TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 && order->size(0) == B,
-                "group_advantages: order must be int64 [", B, "]");
-    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->dim() == 1 && offsets->size(0) == B + 1,
-                "group_advantages: offsets must be int64 [", B + 1, "]");
-    TORCH_CHECK(order->device() == scores.device() && offsets->device() == scores.device(),
-                "group_advantages: order and offsets must be on the scores' device");
-  } else {
-    TORCH_CHECK(group_size > 0 && B % group_size == 0, "group_advantages: group_size must be >= 1 and divide ", B,
-                ", got ", group_size);
-  }
   auto s = scores.contiguous();
   auto out = at::empty_like(s);
   if (B == 0) return out;
   const at::Tensor ord = labelled ? order->contiguous() : at::Tensor();
   const at::Tensor off = labelled ? offsets->contiguous() : at::Tensor();
-  const int64_t slots = labelled ? B : B / group_size;
   const int64_t grain = labelled ? 256 : std::max<int64_t>(1, (1 << 14) / group_size);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "group_advantages", [&] {
     const scalar_t* ps = s.const_data_ptr<scalar_t>();

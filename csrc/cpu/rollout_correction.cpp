@@ -100,12 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction(const at::Tens
       n += p.n;
       kept += p.kept;
     }
-    const double denom = double(n > 0 ? n : 1);
-    float* ps = stats.mutable_data_ptr<float>();
-    ps[0] = float(k1 / denom);
-    ps[1] = float(k3 / denom);
-    ps[2] = float(double(n - kept) / denom);
-    ps[3] = float(ws / denom);
+    rk::rc_stats(k1, k3, ws, n, kept, stats.mutable_data_ptr<float>());
   });
   return {w, mo, stats};
 }

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "group_checks.h"
 #include "cuda/launch.cuh"
 
 namespace {
@@ -69,28 +70,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 at::Tensor group_advantages(const at::Tensor& scores, const std::optional<at::Tensor>& order,
                             const std::optional<at::Tensor>& offsets, int64_t group_size, int64_t baseline,
                             int64_t scale, double eps) {
-  TORCH_CHECK(scores.dim() == 1, "group_advantages: scores must be 1-D, got ", scores.dim(), " dims");
+  const int64_t slots = rk::check_groups(scores, order, offsets, group_size);
   const int64_t B = scores.size(0);
   const bool labelled = group_size == 0;
-  if (labelled) {
-    TORCH_CHECK(order && offsets, "group_advantages: group_size 0 needs order and offsets");
-    TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 && order->size(0) == B,
-                "group_advantages: order must be int64 [", B, "]");
-    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->dim() == 1 && offsets->size(0) == B + 1,
-                "group_advantages: offsets must be int64 [", B + 1, "]");
-    TORCH_CHECK(order->device() == scores.device() && offsets->device() == scores.device(),
-                "group_advantages: order and offsets must be on the scores' device");
-  } else {
-    TORCH_CHECK(group_size > 0 && B % group_size == 0, "group_advantages: group_size must be >= 1 and divide ", B,
-                ", got ", group_size);
-  }
   c10::cuda::CUDAGuard guard(scores.device());
   auto s = scores.contiguous();
   auto out = at::empty_like(s);
   if (B == 0) return out;
   const at::Tensor ord = labelled ? order->contiguous() : at::Tensor();
   const at::Tensor off = labelled ? offsets->contiguous() : at::Tensor();
-  const int64_t slots = labelled ? B : B / group_size;
   const int64_t want = (slots + kWarps - 1) / kWarps;
   const auto blocks = static_cast<unsigned>(want < 65535 ? want : 65535);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -19,6 +19,16 @@
 
 namespace {
 
+// A row's (or the batch's) stats partials: sums of old − rollout, of k3 and of the weights; valid and kept counts.
+struct Partials {
+  double k1, k3, w;
+  int64_t n, kept;
+};
+
+__device__ Partials block_total(const Partials& p) {
+  return {rk::block_sum(p.k1), rk::block_sum(p.k3), rk::block_sum(p.w), rk::block_sum(p.n), rk::block_sum(p.kept)};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(rk::kThreads)
     rows_kernel(const T* __restrict__ o, const T* __restrict__ q, const uint8_t* __restrict__ m, T* __restrict__ w,
@@ -56,17 +66,13 @@ __global__ void __launch_bounds__(rk::kThreads)
       cnt += valid;
       kept += keep;
     }
-    k1 = rk::block_sum(k1);
-    k3 = rk::block_sum(k3);
-    ws = rk::block_sum(ws);
-    cnt = rk::block_sum(cnt);
-    kept = rk::block_sum(kept);
+    const Partials p = block_total({double(k1), double(k3), double(ws), cnt, kept});
     if (threadIdx.x == 0) {
-      sums[row * 3] = double(k1);
-      sums[row * 3 + 1] = double(k3);
-      sums[row * 3 + 2] = double(ws);
-      counts[row * 2] = cnt;
-      counts[row * 2 + 1] = kept;
+      sums[row * 3] = p.k1;
+      sums[row * 3 + 1] = p.k3;
+      sums[row * 3 + 2] = p.w;
+      counts[row * 2] = p.n;
+      counts[row * 2 + 1] = p.kept;
     }
   }
 }
@@ -74,27 +80,16 @@ __global__ void __launch_bounds__(rk::kThreads)
 __global__ void __launch_bounds__(rk::kThreads)
     combine_kernel(const double* __restrict__ sums, const int64_t* __restrict__ counts, int64_t R,
                    float* __restrict__ stats) {
-  double k1 = 0, k3 = 0, ws = 0;
-  int64_t cnt = 0, kept = 0;
+  Partials p{0, 0, 0, 0, 0};
   for (int64_t i = threadIdx.x; i < R; i += rk::kThreads) {
-    k1 += sums[i * 3];
-    k3 += sums[i * 3 + 1];
-    ws += sums[i * 3 + 2];
-    cnt += counts[i * 2];
-    kept += counts[i * 2 + 1];
+    p.k1 += sums[i * 3];
+    p.k3 += sums[i * 3 + 1];
+    p.w += sums[i * 3 + 2];
+    p.n += counts[i * 2];
+    p.kept += counts[i * 2 + 1];
   }
-  k1 = rk::block_sum(k1);
-  k3 = rk::block_sum(k3);
-  ws = rk::block_sum(ws);
-  cnt = rk::block_sum(cnt);
-  kept = rk::block_sum(kept);
-  if (threadIdx.x == 0) {
-    const double denom = double(cnt > 0 ? cnt : 1);
-    stats[0] = float(k1 / denom);
-    stats[1] = float(k3 / denom);
-    stats[2] = float(double(cnt - kept) / denom);
-    stats[3] = float(ws / denom);
-  }
+  p = block_total(p);
+  if (threadIdx.x == 0) rk::rc_stats(p.k1, p.k3, p.w, p.n, p.kept, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction(const at::Tensor& old_logp,

@@ -1,9 +1,11 @@
 """rk.rollout_correction: importance weights for the mismatch between the sampler and the trainer."""
+import math
+
 import torch
 
 from .. import reference
 from ._common import (HAVE_C, HAVE_TRITON, RC_LEVEL_CODES, RC_MODE_CODES, backend_for, choice, float_tensor,
-                      mask_tensor, number, rows, same_device, same_shape)
+                      mask_tensor, number, same_device, same_shape)
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
 STATS = ("mismatch_k1", "mismatch_k3", "masked_fraction", "weight_mean")  # the kernels' stats, in order
@@ -46,10 +48,16 @@ def rollout_correction(old_logp, rollout_logp, mask, *, level="token", mode="tru
     dt = reference.compute_dtype(old_logp, rollout_logp)
     op = (torch.ops.rlhf_kernels.rollout_correction_triton if name == "triton"
           else torch.ops.rlhf_kernels.rollout_correction)
-    weights, mask_out, stats = op(rows(old_logp, dt), rows(rollout_logp, dt), rows(mask), RC_LEVEL_CODES[level],
+    weights, mask_out, stats = op(_rows(old_logp, dt), _rows(rollout_logp, dt), _rows(mask), RC_LEVEL_CODES[level],
                                   RC_MODE_CODES[mode], 0.0 if low is None else low,
                                   float("inf") if high is None else high)
     return weights.view(mask.shape), mask_out.view(mask.shape), dict(zip(STATS, stats.unbind(0)))
+
+
+def _rows(x, dtype=None):
+    """[..., T] -> contiguous [R, T] (also for T = 0, where reshape(-1, 0) is ambiguous)."""
+    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return (x if dtype is None else x.to(dtype)).contiguous()
 
 
 def _fake(old_logp, rollout_logp, mask, level, mode, low, high):
