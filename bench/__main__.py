@@ -7,7 +7,7 @@ import time
 from bench.common import TABLES, machine, measure_ceilings
 
 ALL = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
-       "ppo_policy_loss", "ppo_value_loss", "dpo_loss", "train_step"]
+       "group_advantages", "rollout_correction", "ppo_policy_loss", "ppo_value_loss", "dpo_loss", "train_step"]
 
 
 def main(argv=None):

@@ -24,6 +24,10 @@ namespace rk {
 enum KlEstimator : int64_t { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2 };
 enum Aggregation : int64_t { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_TOKEN_SUM = 3 };
 enum DpoLoss : int64_t { DPO_SIGMOID = 0, DPO_IPO = 1, DPO_HINGE = 2, DPO_ROBUST = 3 };
+enum GroupBaseline : int64_t { BASELINE_MEAN = 0, BASELINE_LEAVE_ONE_OUT = 1, BASELINE_NONE = 2 };
+enum GroupScale : int64_t { SCALE_STD = 0, SCALE_NONE = 1 };
+enum RcLevel : int64_t { RC_TOKEN = 0, RC_SEQUENCE = 1, RC_GEOMETRIC = 2 };
+enum RcMode : int64_t { RC_TRUNCATE = 0, RC_MASK = 1 };
 
 // ---- precision-generic math (float and double overloads, host and device) ----
 #if defined(__CUDA_ARCH__)
@@ -333,6 +337,42 @@ template <typename T> RK_HD Moments<T> moments_merge(const Moments<T>& a, const 
 template <typename T> RK_HD T moments_inv_std(const Moments<T>& s, bool unbiased, T eps) {
   int64_t d = unbiased ? (s.n > 1 ? s.n - 1 : 1) : s.n;
   return T(1) / r_sqrt(s.m2 / T(d) + eps);
+}
+
+// ---- group-relative advantages: every member r of a group gets (r − shift)·mult ----
+// From the group's n members, their mean and m2 = Σ(r − mean)²: σ = sqrt(m2 / (n − 1)) (0 for n = 1);
+// "mean": r − mean; "leave_one_out": r − (S − r)/(n − 1) = (r − mean)·n/(n − 1); "none": r; then
+// scale "std" divides by σ + eps. With a baseline, a group of one gets 0.
+template <typename T> struct GroupAffine {
+  T shift, mult;
+};
+template <typename T>
+RK_HD GroupAffine<T> group_affine(int64_t n, T mean, T m2, int64_t baseline, int64_t scale, T eps) {
+  const T dof = T(n > 1 ? n - 1 : 1);
+  T mult = scale == SCALE_STD ? T(1) / (r_sqrt(m2 / dof) + eps) : T(1);
+  if (baseline == BASELINE_NONE) return {T(0), mult};
+  if (baseline == BASELINE_LEAVE_ONE_OUT) mult = mult * T(n) / dof;
+  return {mean, n > 1 ? mult : T(0)};
+}
+
+// ---- rollout correction: the weight of one token from its ratio ρ (token's or row's) ----
+// truncate (TIS): clamp(ρ, low, high), the token kept; mask (MIS): ρ if low ≤ ρ ≤ high, else 0 and dropped.
+// An invalid token gets 0 and is dropped. `keep` is an int so that the CPU loops calling this vectorise.
+template <typename T> RK_HD T rc_weight(T ratio, bool valid, int64_t mode, T low, T high, int32_t& keep) {
+  const bool inside = (ratio >= low) & (ratio <= high);
+  keep = valid & ((mode == RC_TRUNCATE) | inside);
+  const T w = mode == RC_TRUNCATE ? r_min(r_max(ratio, low), high) : ratio;
+  return keep ? w : T(0);
+}
+
+// The four stats from the batch's totals (summed in double): masked means over the n valid tokens
+// (k1, k3, dropped fraction, weight); all 0 when nothing is valid.
+RK_HD void rc_stats(double k1, double k3, double w, int64_t n, int64_t kept, float* out) {
+  const double denom = double(n > 0 ? n : 1);
+  out[0] = float(k1 / denom);
+  out[1] = float(k3 / denom);
+  out[2] = float(double(n - kept) / denom);
+  out[3] = float(w / denom);
 }
 
 }  // namespace rk

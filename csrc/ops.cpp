@@ -26,6 +26,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
         "Tensor? dense, float dense_coef, float dense_clip, bool score_after_eos) -> Tensor");
   // dones[R, T] (bool or uint8, like mask) or None: a done position ends its episode, cutting the recursion
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, Tensor? dones, float gamma, float lam) -> (Tensor, Tensor)");
+  // scores[B] -> advantages[B]; groups are consecutive blocks of group_size, or (group_size 0) the runs
+  // order[offsets[k]:offsets[k + 1]] (order int64 [B], offsets int64 [B + 1], from a stable sort of the labels)
+  m.def("group_advantages(Tensor scores, Tensor? order, Tensor? offsets, int group_size, int baseline, int scale, "
+        "float eps) -> Tensor");
+  // [R, T] inputs -> weights[R, T], mask_out[R, T] (bool), stats[4] float32 (k1, k3, masked fraction, weight mean)
+  m.def("rollout_correction(Tensor old_logp, Tensor rollout_logp, Tensor mask, int level, int mode, float low, "
+        "float high) -> (Tensor, Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
   // [R, T] inputs -> loss[], clipfrac[], approx_kl[], token weight per row [R] (saved for backward)
   m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "

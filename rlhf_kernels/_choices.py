@@ -9,6 +9,10 @@ KLEstimator = Literal["k1", "k2", "k3"]                                         
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]  # Aggregation
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]                                # DpoLoss
 ScorePosition = Literal["last", "eos+1"]
+GroupBaseline = Literal["mean", "leave_one_out", "none"]                                  # GroupBaseline
+GroupScale = Literal["std", "none"]                                                       # GroupScale
+RCLevel = Literal["token", "sequence", "geometric"]                                       # RcLevel
+RCMode = Literal["truncate", "mask"]                                                      # RcMode
 
 # --- trainer options -----------------------------------------------------------------------------
 LogprobImpl = Literal["fused", "naive"]

@@ -224,3 +224,62 @@ def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, bet
     else:  # robust
         losses = ((1 - eps) * -ls(beta * h) + eps * ls(-beta * h)) / (1 - 2 * eps)
     return losses, (beta * (c - cr)).detach(), (beta * (r - rr)).detach()
+
+
+def group_advantages(scores, group_size=None, group_ids=None, baseline="mean", scale="std", eps=1e-6):
+    # Groups: consecutive blocks of group_size, or equal labels of group_ids. Per group: n members, sum S,
+    # mean μ = S/n, std σ = sqrt(Σ(r − μ)² / (n − 1)) (0 for a group of one).
+    r = scores.to(compute_dtype(scores))
+    if group_ids is None:
+        idx = torch.arange(r.shape[0], device=r.device) // group_size
+    else:
+        idx = torch.unique(group_ids, return_inverse=True)[1]
+    groups = int(idx.max()) + 1 if idx.numel() else 0
+    zeros = torch.zeros(groups, dtype=r.dtype, device=r.device)
+    n = zeros.index_add(0, idx, torch.ones_like(r))[idx]
+    s = zeros.index_add(0, idx, r)[idx]
+    mean = s / n
+    m2 = zeros.index_add(0, idx, (r - mean) ** 2)[idx]
+    std = torch.sqrt(m2 / (n - 1).clamp(min=1))
+    if baseline == "mean":
+        adv = r - mean
+    elif baseline == "leave_one_out":
+        adv = r - (s - r) / (n - 1).clamp(min=1)  # the mean of the other members
+    else:
+        adv = r
+    if scale == "std":
+        adv = adv / (std + eps)
+    if baseline != "none":
+        adv = torch.where(n > 1, adv, torch.zeros_like(adv))
+    return adv
+
+
+def rollout_correction(old_logp, rollout_logp, mask, level="token", mode="truncate", low=None, high=2.0):
+    # ρ = π_old / π_rollout per token, or of the whole row (product, or its geometric mean) on its valid
+    # tokens; the stats use the token_kl estimators with logp = old_logp, ref_logp = rollout_logp.
+    mask = mask.bool()
+    dt = compute_dtype(old_logp, rollout_logp)
+    d = _masked_zero(old_logp.to(dt) - rollout_logp.to(dt), mask)
+    if level == "token":
+        log_ratio = d
+    else:
+        log_ratio = d.sum(-1, keepdim=True)
+        if level == "geometric":
+            log_ratio = log_ratio / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = log_ratio.expand_as(d)
+    ratio = torch.exp(log_ratio)
+    lo = 0.0 if low is None else low  # ρ > 0: no lower bound is the bound 0
+    hi = float("inf") if high is None else high
+    if mode == "truncate":
+        weights, keep = ratio.clamp(lo, hi), torch.ones_like(mask)
+    else:
+        keep = (ratio >= lo) & (ratio <= hi)
+        weights = torch.where(keep, ratio, torch.zeros_like(ratio))
+    mask_out = mask & keep
+    weights = _masked_zero(weights, mask_out if mode == "mask" else mask)
+    n = mask.sum().clamp(min=1)
+    stats = {"mismatch_k1": _masked_mean(d, mask).float(),
+             "mismatch_k3": _masked_mean(token_kl(old_logp.to(dt), rollout_logp.to(dt), "k3"), mask).float(),
+             "masked_fraction": ((mask.sum() - mask_out.sum()) / n).float(),
+             "weight_mean": _masked_mean(weights, mask).float()}
+    return weights.detach(), mask_out, {k: v.detach() for k, v in stats.items()}

@@ -2,14 +2,18 @@
 import torch
 
 from .. import _backend
-from .._choices import Aggregation, DPOLossType, KLEstimator, codes
+from .._choices import Aggregation, DPOLossType, GroupBaseline, GroupScale, KLEstimator, RCLevel, RCMode, codes
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# {value: code} of csrc/common.h's KlEstimator, Aggregation and DpoLoss; the values live in _choices.py
+# {value: code} of csrc/common.h's enums; the values live in _choices.py
 KL_CODES = codes(KLEstimator)
 AGG_CODES = codes(Aggregation)
 DPO_CODES = codes(DPOLossType)
+BASELINE_CODES = codes(GroupBaseline)
+SCALE_CODES = codes(GroupScale)
+RC_LEVEL_CODES = codes(RCLevel)
+RC_MODE_CODES = codes(RCMode)
 
 try:
     import triton  # noqa: F401
