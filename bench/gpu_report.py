@@ -69,6 +69,26 @@ def _token_kl(mod):
     return _row_cases(build)
 
 
+def _group_advantages(mod):
+    def build(B, T, dt):
+        n = B * T
+        s, order, offsets = _meta(n, dtype=dt), _meta(n, dtype=torch.int64), _meta(n + 1, dtype=torch.int64)
+        for group_size in (0, 8, 64):  # 0: groups by label
+            for baseline in (0, 1, 2):
+                for scale in (0, 1):
+                    yield mod.plan_fwd(s, order, offsets, group_size, baseline, scale, 1e-6)[0]
+    return _row_cases(build)
+
+
+def _rollout_correction(mod):
+    def build(B, T, dt):
+        a, m = _meta(B, T, dtype=dt), _meta(B, T, dtype=torch.bool)
+        for level in (0, 1, 2):
+            for mode in (0, 1):
+                yield mod.plan_fwd(a, a, m, level, mode, 0.0, 2.0)[0]
+    return _row_cases(build)
+
+
 def _dpo_loss(mod):
     def build(B, T, dt):
         x = _meta(B * T // 64, dtype=dt)  # one row per pair
@@ -161,7 +181,8 @@ def _linear_logprobs(mod):
 
 OPS = {"token_kl": _token_kl, "dpo_loss": _dpo_loss, "gae": _gae, "masked_whiten": _masked_whiten,
        "ppo_policy_loss": _ppo_policy_loss, "ppo_value_loss": _ppo_value_loss, "token_rewards": _token_rewards,
-       "logprobs_from_logits": _logprobs_from_logits, "linear_logprobs": _linear_logprobs}
+       "logprobs_from_logits": _logprobs_from_logits, "linear_logprobs": _linear_logprobs,
+       "group_advantages": _group_advantages, "rollout_correction": _rollout_correction}
 
 
 class _ForArch:

@@ -87,6 +87,8 @@ CUDA_DEFAULTS = {
     "ppo_policy_loss": ("cuda", "triton"),
     "ppo_value_loss": ("cuda", "triton"),
     "dpo_loss": ("cuda", "triton"),
+    "group_advantages": ("cuda", "triton"),
+    "rollout_correction": ("cuda", "triton"),
 }
 CUDA_FALLBACK = ("cuda", "triton")  # an op without an entry
 
