@@ -50,6 +50,7 @@ cp "$ROOT/.ci/smoke_installed.py" "$WORK/run/"
 (cd "$WORK/run" && "$PY" smoke_installed.py "$ROOT")
 (cd "$WORK/run" && "$WORK/venv/bin/rlhf-kernels" bench --help >"$WORK/bench-help.txt") \
     && grep -q -- "--quick" "$WORK/bench-help.txt" && grep -q "rlhf-kernels bench" "$WORK/bench-help.txt"
-(cd "$WORK/run" && "$WORK/venv/bin/rlhf-kernels" bench --quick --only token_kl | tee "$WORK/bench.txt" | tail -12)
+(cd "$WORK/run" && "$WORK/venv/bin/rlhf-kernels" bench --quick --only token_kl 2>"$WORK/bench.err" \
+    | tee "$WORK/bench.txt" | tail -8) || { tail -30 "$WORK/bench.err"; exit 1; }
 grep -q "rk cpu" "$WORK/bench.txt"
 step "passed"

@@ -10,6 +10,7 @@ from rlhf_kernels import reference
 pytestmark = pytest.mark.skipif(rk.available_backends()["cpu"] != "available", reason="native extension not built")
 
 NAN, INF = float("nan"), float("inf")
+NO_GRAD = {"gae", "masked_whiten", "token_rewards"}  # constants of the rollout: their backward raises
 
 
 def _outputs(out):
@@ -24,6 +25,7 @@ def _agree(op, args, kwargs=None, fast_only=None, grad=True):
     """rk.<op>(..., backend="cpu") == reference.<op>(float64 copies), outputs and input gradients, NaN where the
     reference has NaN. `fast_only` holds keyword arguments the reference does not take (validate)."""
     kwargs = kwargs or {}
+    grad = grad and op not in NO_GRAD
 
     def inputs(double):
         out = []
@@ -39,10 +41,10 @@ def _agree(op, args, kwargs=None, fast_only=None, grad=True):
     assert len(fast) == len(slow)
     for i, (f, s) in enumerate(zip(fast, slow)):
         assert f.shape == s.shape, (op, i)
-        torch.testing.assert_close(f.double(), s.detach(), rtol=1e-5, atol=1e-6, equal_nan=True,
+        torch.testing.assert_close(f.double(), s.detach().double(), rtol=1e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m, i=i: f"{op} output {i}: {m}")
     pairs = [(f, s) for f, s in zip(fast, slow) if f.requires_grad]
-    if grad and pairs:
+    if pairs:
         sum(f.nan_to_num(0.0).sum() for f, _ in pairs).backward()
         sum(s.nan_to_num(0.0).sum() for _, s in pairs).backward()
         for i, (a, b) in enumerate(zip(fast_in, ref_in)):
@@ -74,15 +76,28 @@ def test_logprobs_from_logits_out_of_range_ids_unvalidated():
     assert torch.isnan(lp[:6]).all() and torch.isfinite(lp[6:]).all() and lp[8] == 0
 
 
-def test_logprobs_from_logits_inf_and_nan_logits():
-    V = 6
-    logits = _rand(5, V, seed=2)
-    logits[0, 1] = INF      # the row's max is inf
-    logits[1, :] = -INF     # no finite logit
+def _non_finite_logits(V, seed):
+    """Rows 0-2 have no defined distribution (an inf max, no finite logit, a NaN); row 3 has one impossible
+    token (-inf) and a well-defined distribution; row 4 is ordinary."""
+    logits = _rand(5, V, seed=seed)
+    logits[0, 1] = INF
+    logits[1, :] = -INF
     logits[2, 3] = NAN
-    logits[3, 0] = -INF     # one impossible token, the rest fine
-    tokens = torch.tensor([1, 2, 3, 0, 4])
-    _agree("logprobs_from_logits", (logits, tokens), dict(return_entropy=True))
+    logits[3, 0] = -INF
+    return logits, torch.tensor([1, 2, 3, 0, 4])
+
+
+def test_logprobs_from_logits_inf_and_nan_logits():
+    logits, tokens = _non_finite_logits(6, seed=2)
+    _agree("logprobs_from_logits", (logits, tokens), grad=False)  # values only: rows 0-2 have no gradient to speak of
+    lp, ent = _agree("logprobs_from_logits", (logits[3:], tokens[3:]), dict(return_entropy=True))
+    assert lp[0] == -INF and torch.isfinite(ent).all()
+
+
+def test_entropy_of_rows_without_a_distribution_is_nan():
+    logits, tokens = _non_finite_logits(6, seed=2)
+    lp, ent = _agree("logprobs_from_logits", (logits[:3], tokens[:3]), dict(return_entropy=True), grad=False)
+    assert torch.isnan(lp).all() and torch.isnan(ent).all()
 
 
 def test_logprobs_from_logits_strided():
@@ -107,13 +122,16 @@ def test_linear_logprobs_out_of_range_ids_unvalidated():
     assert torch.isnan(lp[:4]).all() and torch.isfinite(lp[4:]).all()
 
 
-def test_linear_logprobs_inf_hidden_and_strided_weight():
+def test_linear_logprobs_non_finite_hidden_and_strided_weight():
     H, V = 6, 11
     hidden = _rand(4, H, seed=9)
     hidden[1, 2] = INF
     hidden[2, 0] = NAN
     weight = _rand(H, 2 * V, seed=10).t()[::2]  # [V, H] with strides (2, 2V)
-    _agree("linear_logprobs", (hidden, weight, torch.tensor([0, 3, 10, -100])), dict(return_entropy=True))
+    tokens = torch.tensor([0, 3, 10, -100])
+    _agree("linear_logprobs", (hidden, weight, tokens), grad=False)
+    _agree("linear_logprobs", (hidden[[0, 3]], weight, tokens[[0, 3]]), dict(bias=_rand(V, seed=11),
+                                                                            return_entropy=True))
 
 
 # ---- token ops and losses: T=1, all-masked, empty batch, inf/NaN values, strided views ------------------------
@@ -149,21 +167,36 @@ def test_all_masked_batch_gives_zero_not_nan():
     assert not w.any()
 
 
-def test_non_finite_values_at_masked_and_valid_positions():
+def _non_finite_batch(masked_only):
     B, T = 3, 6
     m = _masks(B, T)
     a, b, c = (_rand(B, T, seed=s) for s in (18, 19, 20))
     for x in (a, b, c):
-        x[0, 1] = NAN   # masked row: must not leak
-        x[1, 0] = INF
-    a[2, 5], b[1, 2] = -INF, NAN  # a[2, 5] is masked, b[1, 2] is valid
-    _agree("token_kl", (a, b), dict(estimator="k2"))
+        x[0, 1] = NAN  # row 0 is all masked
+        x[0, 4] = INF
+    a[2, 5], b[2, 4], c[2, 3] = -INF, NAN, INF  # masked positions of row 2
+    if not masked_only:
+        a[1, 0], b[1, 2] = INF, NAN
+    return a, b, c, m
+
+
+@pytest.mark.parametrize("masked_only", [True, False], ids=["masked", "valid"])
+def test_non_finite_values(masked_only):
+    """At masked positions inf/NaN must not reach any output or gradient; at valid ones the outputs agree with
+    the reference, NaN where it has NaN (gradients there are 0·NaN artefacts of autograd, not compared)."""
+    a, b, c, m = _non_finite_batch(masked_only)
+    grad = masked_only
+    _agree("token_kl", (a, b), dict(estimator="k2"), grad=grad)
     _agree("gae", (a, b, m))
     _agree("masked_whiten", (a, m))
-    _agree("token_rewards", (_rand(B, seed=21), m), dict(logp=a, ref_logp=b, kl_coef=0.5, dense=c, dense_clip=1.0))
-    _agree("ppo_policy_loss", (a, b, c, m), dict(aggregation="seq-mean-token-mean"))
-    _agree("ppo_value_loss", (a, b, c, m))
-    _agree("dpo_loss", (a[:, 0], b[:, 0], c[:, 0], a[:, 3]), dict(loss_type="robust", label_smoothing=0.1))
+    _agree("token_rewards", (_rand(3, seed=21), m), dict(logp=a, ref_logp=b, kl_coef=0.5, dense=c, dense_clip=1.0))
+    _agree("ppo_policy_loss", (a, b, c, m), dict(aggregation="seq-mean-token-mean"), grad=grad)
+    _agree("ppo_value_loss", (a, b, c, m), grad=grad)
+    if masked_only:
+        for out in (rk.gae(a, b, m, backend="cpu"), rk.ppo_policy_loss(a, b, c, m, backend="cpu")[0]):
+            assert all(torch.isfinite(t).all() for t in _outputs(out))
+    _agree("dpo_loss", (a[:, 0], b[:, 0], c[:, 0], a[:, 3]), dict(loss_type="robust", label_smoothing=0.1),
+           grad=grad)
 
 
 def test_non_contiguous_inputs():
