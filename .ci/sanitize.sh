@@ -31,7 +31,10 @@ ln -s "$SO" "$PKG/"
 
 ASAN_LIB=$("$CXX" -print-file-name=libasan.so)
 [ -f "$ASAN_LIB" ] || { echo "sanitize: libasan.so not found ($ASAN_LIB)"; exit 1; }
-export LD_PRELOAD="$ASAN_LIB"
+# libstdc++ right after libasan: Python itself does not link it, and without it ASan cannot find the real
+# __cxa_throw when a C++ extension (triton's, torch's) throws during import
+STDCXX_LIB=$(readlink -f "$("$CXX" -print-file-name=libstdc++.so)")
+export LD_PRELOAD="$ASAN_LIB $STDCXX_LIB"
 # Python's allocator keeps memory by design: leak reports would be noise. Anything else stops the run.
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
@@ -40,7 +43,7 @@ step "the extension is instrumented"
 ldd "$SO" | grep -E "libasan|libubsan"
 n_asan=$(nm -D --undefined-only "$SO" | grep -c "__asan_report_load" || true)
 n_ubsan=$(nm -D --undefined-only "$SO" | grep -c "__ubsan_handle" || true)
-echo "sanitize: $SO calls $n_asan __asan_report_load* and $n_ubsan __ubsan_handle_* hooks"
+echo "sanitize: $SO imports $n_asan distinct __asan_report_load* and $n_ubsan __ubsan_handle_* hooks"
 [ "$n_asan" -gt 0 ] && [ "$n_ubsan" -gt 0 ] || { echo "sanitize: the extension is not instrumented"; exit 1; }
 
 step "self-check: a deliberate out-of-bounds read and a signed overflow must be caught"
