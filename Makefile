@@ -16,7 +16,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test bench build clean gpu-report gpu-check
+.PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,22 @@ $(VENV)/.built: $(VENV)/.base $(SOURCES)
 
 build: $(VENV)/.built
 
+# the suite, then the instrumented CPU build, the install from the sdist, and the linter
 test: build
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory sanitize sdist-check lint
+
+# ruff (rules in pyproject.toml; also a pre-commit hook: .pre-commit-config.yaml)
+lint: build
+	$(PY) -m ruff check .
+
+# the CPU extension under AddressSanitizer + UBSan (build/sanitize/), the CPU op tests against it
+sanitize: build
+	bash .ci/sanitize.sh $(PY)
+
+# sdist -> wheel -> install in a fresh venv (CPU-only build), smoke test of every op from outside the checkout
+sdist-check:
+	bash .ci/sdist_check.sh $(PYTHON) build/sdist-check
 
 demo: build
 	$(PY) -m rlhf_kernels demo --out runs/demo

@@ -5,6 +5,8 @@ Environment:
   RLHF_KERNELS_CUDA=0     skip the CUDA part (quick local iteration)
   TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
   MAX_JOBS                parallel compile jobs (ninja)
+  RLHF_KERNELS_SANITIZE   extra compile+link flags for an instrumented CPU build, e.g. "-fsanitize=address"
+                          (`make sanitize` sets it and builds into build/sanitize/, never over the normal .so)
 """
 import glob
 import os
@@ -15,7 +17,7 @@ import sys
 import sysconfig
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -131,6 +133,11 @@ def extensions():
     if has_openmp():
         cxx.append("-fopenmp")
         ldflags.append("-fopenmp")
+    sanitize = os.environ.get("RLHF_KERNELS_SANITIZE", "").split()
+    if sanitize and with_cuda:
+        sys.exit("error: RLHF_KERNELS_SANITIZE instruments the CPU kernels only; set RLHF_KERNELS_CUDA=0")
+    cxx += sanitize
+    ldflags += sanitize
     macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -151,5 +158,12 @@ def extensions():
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
+def packages():
+    """Every rlhf_kernels subpackage, and the repository's bench/ shipped inside as rlhf_kernels.bench so that
+    `rlhf-kernels bench` works from a wheel, with no checkout."""
+    return {"packages": find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]) + ["rlhf_kernels.bench"],
+            "package_dir": {"rlhf_kernels.bench": "bench"}}
+
+
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **packages())

@@ -18,7 +18,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import DEVICE, measure, report, rk_backends, script_main
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 
 def python_loop_gae(rewards, values, mask, gamma=1.0, lam=0.95):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import rlhf_kernels as rk
 
-from bench.common import DEVICE, interleaved, peak_bytes, peers, report, rk_backends, script_main, table
+from .common import DEVICE, interleaved, peak_bytes, peers, report, rk_backends, script_main, table
 
 FULL, QUICK = (2048, 256, 128256), (256, 256, 8192)
 
@@ -183,8 +183,12 @@ def _agreement():
 
 def agreement_table():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "bench.bench_linear_logprobs", "--agreement-json"], cwd=root, env=env,
+    # the folder holding the top-level package: the checkout (bench) or site-packages (rlhf_kernels.bench)
+    root = os.path.abspath(__file__)
+    for _ in range(__package__.count(".") + 2):
+        root = os.path.dirname(root)
+    r = subprocess.run([sys.executable, "-m", f"{__package__}.bench_linear_logprobs", "--agreement-json"], cwd=root,
+                       env=env,
                        capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         print(f"agreement run failed: {r.stderr[-2000:]}")

@@ -22,7 +22,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from bench.common import DEVICE, measure, peers, report, rk_backends, script_main
+from .common import DEVICE, measure, peers, report, rk_backends, script_main
 
 
 def log_softmax_gather(logits, tokens):

@@ -19,8 +19,8 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import DEVICE, measure, peers, report, rk_backends, script_main
-from bench.fused_linear import agreement, head_inputs, naive_logp, step
+from .common import DEVICE, measure, peers, report, rk_backends, script_main
+from .fused_linear import agreement, head_inputs, naive_logp, step
 
 BYTES_PER_TOKEN = 30
 

@@ -12,7 +12,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import DEVICE, measure, report, rk_backends, script_main
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 BYTES_PER_TOKEN = 30
 

@@ -9,7 +9,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import DEVICE, measure, report, rk_backends, script_main
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 
 def run(quick=False, csv_dir=None, ceilings=None):

@@ -11,7 +11,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from bench.common import DEVICE, measure, report, rk_backends, script_main
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 KW = dict(kl_coef=0.05, kl_estimator="k3", dense_coef=0.5, dense_clip=1.0, score_position="last")
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rlhf_kernels as rk
 from rlhf_kernels.train.core.models import hidden_states, token_logprobs
 
-from bench.common import DEVICE, measure, report, script_main
+from .common import DEVICE, measure, report, script_main
 
 
 def _setup(B, T, V, H, seed=0):

@@ -32,19 +32,20 @@ def machine():
         except (OSError, StopIteration):
             pass
         where += f", {torch.get_num_threads()} threads"
-    import triton
-    return (f"{where}; torch {torch.__version__}, triton {getattr(triton, '__version__', '?')}, "
+    return (f"{where}; torch {torch.__version__}, {_version('triton')}, "
             f"python {platform.python_version()}; peers: {peer_versions()}")
 
 
+def _version(dist):
+    """'<dist> <version>', or '<dist> not installed' (a CPU-only install has no triton: the CPU rows still run)."""
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{dist} not installed"
+
+
 def peer_versions():
-    out = []
-    for dist in ("trl", "liger-kernel", "cut-cross-entropy"):
-        try:
-            out.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            out.append(f"{dist} not installed")
-    return ", ".join(out)
+    return ", ".join(_version(dist) for dist in ("trl", "liger-kernel", "cut-cross-entropy"))
 
 
 def rk_backends(op):

@@ -9,7 +9,7 @@ and check that every contender gives the naive eager loss and hidden-state gradi
 """
 import torch
 
-from bench.common import DEVICE
+from .common import DEVICE
 
 
 def head_inputs(rows, T, H, V, seed=0):

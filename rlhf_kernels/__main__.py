@@ -1,5 +1,6 @@
-"""`python -m rlhf_kernels` is the `rlhf-kernels` command: `bench` runs the benchmarks of the source
-checkout (bench/); everything else is the trainer's CLI (rlhf_kernels/train/cli.py)."""
+"""`python -m rlhf_kernels` is the `rlhf-kernels` command: `bench` runs the benchmarks (bench/, shipped in the
+wheel as rlhf_kernels.bench); everything else is the trainer's CLI (rlhf_kernels/train/cli.py)."""
+import importlib.util
 import os
 import sys
 
@@ -12,17 +13,26 @@ def bench_root():
     return root if os.path.isfile(os.path.join(root, "bench", "__main__.py")) else None
 
 
-def bench_main(argv):
+def bench_package():
+    """Where the benchmarks are imported from: the checkout's bench/ (so edits there run as they are),
+    else the copy an installed wheel carries as rlhf_kernels.bench; None when neither exists."""
     root = bench_root()
-    if root is None:
+    if root is not None:
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        return "bench"
+    return "rlhf_kernels.bench" if importlib.util.find_spec("rlhf_kernels.bench") is not None else None
+
+
+def bench_main(argv):
+    package = bench_package()
+    if package is None:
         here = os.path.dirname(os.path.abspath(__file__))
-        print(f"rlhf-kernels: error: the benchmarks live in the repository's bench/ folder, which is not next to "
-              f"this install ({here}). Run them from a source checkout: `pip install -e .` there, then "
-              f"`rlhf-kernels bench`, or `python -m bench` from the checkout's root.", file=sys.stderr)
+        print(f"rlhf-kernels: error: the benchmarks are neither in this install ({here}/bench, which a wheel "
+              f"carries) nor in a source checkout's bench/ next to it. Reinstall from the sdist or wheel, or "
+              f"run `python -m bench` from the checkout's root.", file=sys.stderr)
         return 2
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench.__main__ import main as run_benchmarks
+    run_benchmarks = importlib.import_module(f"{package}.__main__").main
     return run_benchmarks(argv) or 0
 
 

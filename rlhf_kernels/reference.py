@@ -34,8 +34,9 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, ret
     if not return_entropy:
         return lp
     p = logp_all.exp()
-    # p·log p with p = 0 (−inf logits) contributes 0
-    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    # p·log p with p = 0 (−inf logits) contributes 0, and so does its gradient (zero log p itself, not the
+    # product: where() would send 0·(−inf) = NaN back); a NaN row stays NaN
+    ent = -(p * torch.where(p == 0, torch.zeros_like(p), logp_all)).sum(-1)
     ent = torch.where(valid, ent, torch.zeros_like(ent))
     return lp, ent
 

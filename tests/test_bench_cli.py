@@ -1,4 +1,6 @@
-"""`rlhf-kernels bench`: routing to the checkout's bench/, its error without one, and --plot."""
+"""`rlhf-kernels bench`: routing to the checkout's bench/ or the wheel's rlhf_kernels.bench, the error without
+either, and --plot. (The installed-wheel path runs for real in `make sdist-check`.)"""
+import importlib.util
 import os
 
 import pytest
@@ -21,8 +23,16 @@ def test_bench_runs_one_op_with_csv_and_plot(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_without_checkout_is_a_clear_error(monkeypatch, capsys):
+def test_bench_prefers_the_checkout_then_the_installed_copy(monkeypatch):
+    assert entry.bench_package() == "bench"  # tests run from the source checkout
     monkeypatch.setattr(entry, "bench_root", lambda: None)
+    # an editable install maps rlhf_kernels.bench to the checkout's bench/; a plain checkout has no such module
+    expected = "rlhf_kernels.bench" if importlib.util.find_spec("rlhf_kernels.bench") else None
+    assert entry.bench_package() == expected
+
+
+def test_bench_without_checkout_or_install_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(entry, "bench_package", lambda: None)
     assert entry.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "bench/" in err and "source checkout" in err
