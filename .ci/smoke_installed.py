@@ -9,7 +9,8 @@ import rlhf_kernels as rk
 from rlhf_kernels import reference
 
 CHECKOUT = sys.argv[1] if len(sys.argv) > 1 else None
-NO_GRAD = {"gae", "masked_whiten", "token_rewards"}  # constants of the rollout: their backward raises
+# constants of the rollout: their backward raises (or they take no gradient)
+NO_GRAD = {"gae", "masked_whiten", "token_rewards", "group_advantages", "rollout_correction"}
 
 
 def rand(*shape, g):
@@ -37,6 +38,9 @@ def cases(g):
                             dict(dual_clip=3.0, aggregation="seq-mean-token-mean")),
         "ppo_value_loss": ((rand(B, T, g=g), rand(B, T, g=g), rand(B, T, g=g), mask), dict(clip=0.2)),
         "dpo_loss": ((lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1]), dict(beta=0.5, label_smoothing=0.1)),
+        "group_advantages": ((rand(6, g=g),), dict(group_ids=torch.tensor([3, 1, 3, 7, 1, 3]),
+                                                   baseline="leave_one_out")),
+        "rollout_correction": ((lp, ref, mask), dict(level="geometric", mode="mask", low=0.5, high=1.5)),
     }
 
 
