@@ -201,7 +201,7 @@ def test_gpu_matches_reference(backend, T):
         torch.testing.assert_close(ret.cpu(), er, rtol=1e-12, atol=1e-12)
 
 
-# ---- dones: rows holding several episodes (ALGORITHMS.md §1.3, done-mask form) ---------------------------
+# ---- dones: rows holding several episodes (docs/algorithms.md §1.3, done-mask form) ---------------------------
 
 def loop_gae(r, v, m, d, gamma, lam):
     """The spec written out as a plain float64 loop over (row, t): the next valid position of the row

@@ -1,4 +1,4 @@
-"""RRHF loss (ALGORITHMS.md §6): a hand-computed batch, a float64 double loop over pairs, gradcheck."""
+"""RRHF loss (docs/algorithms.md §6): a hand-computed batch, a float64 double loop over pairs, gradcheck."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""A2C is a special case of PPO (Huang et al. 2022, ALGORITHMS.md §5): under `--preset a2c` the
+"""A2C is a special case of PPO (Huang et al. 2022, docs/algorithms.md §5): under `--preset a2c` the
 gradient the trainer's update takes equals the A2C gradient, computed here with plain torch
 (logits + log_softmax), on a tiny Llama and a real rollout batch; with the default PPO settings
 and a policy moved away from the one that sampled, the same comparison fails."""

@@ -1,4 +1,4 @@
-"""The confidence task and PPO-C / PPO-M (ALGORITHMS.md §8) on hand-built numbers: confidence
+"""The confidence task and PPO-C / PPO-M (docs/algorithms.md §8) on hand-built numbers: confidence
 parsing, the gold reward ignoring the confidence, the calibration metrics, PPO-C's adjustment and
 EMA order, the CRM loss, and the config checks."""
 import math

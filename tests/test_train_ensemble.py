@@ -1,4 +1,4 @@
-"""Reward-model ensembles (ALGORITHMS.md §7): the mean/WCO/UWO aggregations on hand-built [k, B]
+"""Reward-model ensembles (docs/algorithms.md §7): the mean/WCO/UWO aggregations on hand-built [k, B]
 scores against numpy, their validation, the best-of-n estimator, and, on the tiny task, an
 ensemble trained by `train rm --ensemble=2` scoring PPO rollouts, best-of-n and the
 overoptimisation experiment end to end."""

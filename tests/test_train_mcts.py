@@ -1,4 +1,4 @@
-"""PPO-MCTS decoding (mcts.py, ALGORITHMS.md §9): PUCT selection, backup and child-Q initialisation
+"""PPO-MCTS decoding (mcts.py, docs/algorithms.md §9): PUCT selection, backup and child-Q initialisation
 on hand-built trees (numbers computed by hand), the decision temperature, the KV-cache path against
 a full re-encode, S=1 equals greedy, `rlhf-kernels generate` and `experiment mcts` end to end."""
 import json

@@ -1,4 +1,4 @@
-"""PPO-max (ALGORITHMS.md §2): running moments, reward scaling and normalize-and-clip, minibatch
+"""PPO-max (docs/algorithms.md §2): running moments, reward scaling and normalize-and-clip, minibatch
 advantage whitening and clipping, critic pretraining, the PPO-ptx loss, the presets, and resume
 equality with the new state."""
 import json

@@ -1,4 +1,4 @@
-"""Reference-model EMA (Xu et al. 2024, ALGORITHMS.md §1.12): θ_ref ← (1−η)θ_ref + η·θ_actor."""
+"""Reference-model EMA (Xu et al. 2024, docs/algorithms.md §1.12): θ_ref ← (1−η)θ_ref + η·θ_actor."""
 import pytest
 import torch
 

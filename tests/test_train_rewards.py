@@ -34,7 +34,7 @@ def test_value_mask_eos_plus_one():
 
 
 def test_ppo_wiring_by_hand():
-    """Score at eos+1 flows back to the EOS token through γλ·A as in N+ (ALGORITHMS.md §1.1)."""
+    """Score at eos+1 flows back to the EOS token through γλ·A as in N+ (docs/algorithms.md §1.1)."""
     mask = torch.tensor([[1, 1, 0]]).bool()
     logp, ref = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, 0.0]])
     r = rk.token_rewards(torch.tensor([2.0]), mask, logp=logp, ref_logp=ref, kl_coef=0.1, score_position="eos+1")

@@ -2,7 +2,7 @@
 space, N vectorised environments, rows of `horizon` steps that hold several episodes.
 
 One iteration: act for `horizon` steps in every environment (auto-reset), compute values, cut each row
-at its episode ends with `rk.gae(..., dones=...)` (γ = 0.99, λ = 0.95: ALGORITHMS.md §1.3, done-mask
+at its episode ends with `rk.gae(..., dones=...)` (γ = 0.99, λ = 0.95: docs/algorithms.md §1.3, done-mask
 form), whiten advantages with `rk.masked_whiten`, then `epochs` × `minibatches` updates of
 `rk.ppo_policy_loss` + vf_coef·`rk.ppo_value_loss` − ent_coef·entropy over shuffled steps.
 

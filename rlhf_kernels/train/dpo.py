@@ -1,4 +1,4 @@
-"""DPO (ALGORITHMS.md §4) with every rk.dpo_loss type: sequence log-probs summed over response
+"""DPO (docs/algorithms.md §4) with every rk.dpo_loss type: sequence log-probs summed over response
 tokens (rk.linear_logprobs), reference log-probs computed once before training, or taken as 0
 (`reference_free`)."""
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""PPO for language models as in ALGORITHMS.md §1 (N+ / OpenRLHF conventions, each choice a knob).
+"""PPO for language models as in docs/algorithms.md §1 (N+ / OpenRLHF conventions, each choice a knob).
 
 One iteration: sample responses (fixed length, truncated after the first <eos>), score them (reward
 model or gold reward; no-EOS penalty), take old/reference log-probs and values in the same
@@ -250,9 +250,9 @@ kl_key = topic("KL penalty")
 reward_key = topic("reward shaping")
 adv_key = topic("advantages (GAE)")
 update_key = topic("PPO update")
-max_key = topic("PPO-max, A2C, reference EMA (ALGORITHMS.md §2, §5, §1.12)")
-ppoc_key = topic("PPO-C, calibrated reward calculation (ALGORITHMS.md §8)")
-ens_key = topic("reward-model ensembles (ALGORITHMS.md §7)")
+max_key = topic("PPO-max, A2C, reference EMA (docs/algorithms.md §2, §5, §1.12)")
+ppoc_key = topic("PPO-C, calibrated reward calculation (docs/algorithms.md §8)")
+ens_key = topic("reward-model ensembles (docs/algorithms.md §7)")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The PPO-max tricks (Secrets of RLHF Part I, ALGORITHMS.md §2) that the PPO trainer can switch on
+"""The PPO-max tricks (Secrets of RLHF Part I, docs/algorithms.md §2) that the PPO trainer can switch on
 one by one: running reward scaling or normalisation, minibatch-level advantage whitening and
 advantage clipping, critic pretraining, and the PPO-ptx pretraining loss. The small experience
 buffer is `batch_size`/`minibatches`/`epochs` and global grad-norm clipping is `max_grad_norm`.
@@ -130,7 +130,7 @@ def ptx_backward(trainer, step, generator):
 
 
 def check(cfg):
-    """The PPO-max, A2C and reference-EMA keys (ALGORITHMS.md §2, §5, §1.12)."""
+    """The PPO-max, A2C and reference-EMA keys (docs/algorithms.md §2, §5, §1.12)."""
     if cfg.advantage_clip is not None and cfg.advantage_clip <= 0:
         raise ConfigError(f"advantage_clip must be > 0 or null, got {cfg.advantage_clip}")
     if not 0 <= cfg.critic_pretrain_steps < cfg.steps:

@@ -1,8 +1,8 @@
 """Presets of `train ppo` and `train rto` (`--preset NAME`): settings applied before the config file
-and the overrides, which can still change any of them. Each setting names its source in ALGORITHMS.md."""
+and the overrides, which can still change any of them. Each setting names its source in docs/algorithms.md."""
 
 PRESETS = {
-    # PPO-max, Secrets of RLHF Part I §5.4 (ALGORITHMS.md §2)
+    # PPO-max, Secrets of RLHF Part I §5.4 (docs/algorithms.md §2)
     "ppo-max": {
         "reward_norm": "normalize",        # "normalize and clip the current group of rewards based on
                                            # historical mean and variance"
@@ -23,7 +23,7 @@ PRESETS = {
         "gamma": 1.0, "lam": 0.95,         # GAE as in the MOSS code
         "clip_low": 0.2,                   # pg_clip
     },
-    # A2C as a special case of PPO, Huang et al. 2022 (ALGORITHMS.md §5): one full-batch step per
+    # A2C as a special case of PPO, Huang et al. 2022 (docs/algorithms.md §5): one full-batch step per
     # rollout, so the ratio is 1 where the gradient is taken and the clipped loss is A2C's
     "a2c": {
         "epochs": 1,                       # K = 1 update epoch

@@ -1,4 +1,4 @@
-"""Reference-model EMA (Xu et al. 2024, "Is DPO Superior to PPO?", ALGORITHMS.md §1.12; the
+"""Reference-model EMA (Xu et al. 2024, "Is DPO Superior to PPO?", docs/algorithms.md §1.12; the
 `ref_ema_eta` of their ReaLHF code): θ_ref ← (1 − η)·θ_ref + η·θ_actor over every parameter and
 floating buffer. The trainer applies it once per PPO iteration, after that iteration's update,
 because ReaLHF runs it as a hook after each actor_train call and one such call trains on a whole

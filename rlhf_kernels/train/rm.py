@@ -26,7 +26,7 @@ from .tasks.data import demonstration_set, pair_set
 def train(cfg):
     if cfg.ensemble > 1:  # k members with different seeds (train_members)
         return train_members(cfg)
-    if cfg.calibrated:  # PPO-M's calibrated reward model (ALGORITHMS.md §8)
+    if cfg.calibrated:  # PPO-M's calibrated reward model (docs/algorithms.md §8)
         return crm.train(cfg)
     run = Run(cfg, "rm")
     task = tasks.get(cfg.task)
@@ -84,8 +84,8 @@ def train_members(cfg):
 
 
 data_key = topic("model and data")
-crm_key = topic("calibrated reward model, PPO-M (ALGORITHMS.md §8)")
-ensemble_key = topic("reward-model ensembles (ALGORITHMS.md §7)")
+crm_key = topic("calibrated reward model, PPO-M (docs/algorithms.md §8)")
+ensemble_key = topic("reward-model ensembles (docs/algorithms.md §7)")
 
 
 @dataclass

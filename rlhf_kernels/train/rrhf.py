@@ -1,4 +1,4 @@
-"""RRHF (ALGORITHMS.md §6, Yuan et al. 2023): rank several responses per prompt by a reward and
+"""RRHF (docs/algorithms.md §6, Yuan et al. 2023): rank several responses per prompt by a reward and
 train the policy's length-normalised sequence log-probs to follow that ranking, plus the SFT loss
 on the best response.
 

@@ -1,4 +1,4 @@
-"""RTO (ALGORITHMS.md §3): PPO whose per-token reward adds the DPO policy's dense token reward
+"""RTO (docs/algorithms.md §3): PPO whose per-token reward adds the DPO policy's dense token reward
 clip(β1·(log π_dpo − log π_dpo_ref), ±clip) to the KL penalty −β2·KL and the reward-model score at
 the last token, all assembled by rk.token_rewards."""
 import copy
@@ -52,7 +52,7 @@ def train(cfg):
     return RTO(cfg).train()
 
 
-dense_key = topic("RTO dense reward (ALGORITHMS.md §3)")
+dense_key = topic("RTO dense reward (docs/algorithms.md §3)")
 
 
 @dataclass

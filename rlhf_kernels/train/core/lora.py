@@ -1,4 +1,4 @@
-"""LoRA through peft (ALGORITHMS.md §11, Hu/Somayajula et al.: LoRA-only SFT and PPO).
+"""LoRA through peft (docs/algorithms.md §11, Hu/Somayajula et al.: LoRA-only SFT and PPO).
 
 With `lora_r > 0` the sft, ppo, dpo and rto trainers wrap the policy with `peft.get_peft_model`
 and train its low-rank adapters only. The reference model is the same network with its adapters

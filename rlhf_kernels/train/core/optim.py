@@ -1,6 +1,6 @@
 """Optimizers over param groups [(params, lr)], each group keeping `base_lr` for LR annealing: AdamW
 (every trainer) and, for PPO, the choice of AdamW or RMSprop as in A2C (Stable-Baselines3: alpha
-0.99, eps 1e-5, weight decay 0; ALGORITHMS.md §5)."""
+0.99, eps 1e-5, weight decay 0; docs/algorithms.md §5)."""
 import torch
 
 

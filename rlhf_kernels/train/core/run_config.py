@@ -8,7 +8,7 @@ from .config import ConfigError, positive, topic
 run_key = topic("run")
 optim_key = topic("optimisation")
 evaluation_key = topic("evaluation and sampling")
-lora_key = topic("LoRA (peft; ALGORITHMS.md §11)")
+lora_key = topic("LoRA (peft; docs/algorithms.md §11)")
 
 
 @dataclass

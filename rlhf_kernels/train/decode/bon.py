@@ -1,5 +1,5 @@
 """Best-of-n against a proxy reward (one RM or an ensemble aggregated as in ensemble.py,
-ALGORITHMS.md §7): draw n responses per prompt from the policy, keep the one the proxy scores
+docs/algorithms.md §7): draw n responses per prompt from the policy, keep the one the proxy scores
 highest, and report its mean gold and proxy reward for n = 1, 2, 4, ..., n, with the analytic
 KL_bon = log n − (n − 1)/n of the best-of-n policy from the sampling one.
 

@@ -77,7 +77,7 @@ def run(cfg):
 
 
 models_key = topic("models")
-search_key = topic("MCTS search (PPO-MCTS, ALGORITHMS.md §9)")
+search_key = topic("MCTS search (PPO-MCTS, docs/algorithms.md §9)")
 value_key = topic("MCTS values")
 decode_key = topic("decoding")
 

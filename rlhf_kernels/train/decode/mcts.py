@@ -1,4 +1,4 @@
-"""PPO-MCTS value-guided decoding (Liu et al. 2023, ALGORITHMS.md §9).
+"""PPO-MCTS value-guided decoding (Liu et al. 2023, docs/algorithms.md §9).
 
 For every generated token, `simulations` rounds of select → expand → evaluate → backup run on a
 tree rooted at the current prefix; then the token is chosen from the root's visit counts. There is

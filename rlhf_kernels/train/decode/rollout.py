@@ -1,5 +1,5 @@
 """Rollouts: sampling with `generate`, EOS truncation, scoring (reward model or gold), the no-EOS
-penalty (ALGORITHMS.md §1.9), and micro-batched forwards in a given row order."""
+penalty (docs/algorithms.md §1.9), and micro-batched forwards in a given row order."""
 from dataclasses import dataclass
 
 import torch

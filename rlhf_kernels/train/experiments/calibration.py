@@ -1,4 +1,4 @@
-"""PPO vs PPO-C vs PPO-M on the confidence task (ALGORITHMS.md §8), with the shipped defaults:
+"""PPO vs PPO-C vs PPO-M on the confidence task (docs/algorithms.md §8), with the shipped defaults:
 
     rlhf-kernels experiment calibration [--out runs/calibration] [--seed 0] [--full=true]
 

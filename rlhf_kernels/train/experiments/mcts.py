@@ -1,4 +1,4 @@
-"""`rlhf-kernels experiment mcts` (ALGORITHMS.md §9): PPO-MCTS against greedy and sampled decoding
+"""`rlhf-kernels experiment mcts` (docs/algorithms.md §9): PPO-MCTS against greedy and sampled decoding
 of the same PPO policy, on the held-out prompts every trainer evaluates on.
 
 The policy, critic and reward model default to `make demo`'s PPO run and reward model. The

@@ -1,4 +1,4 @@
-"""`rlhf-kernels experiment overoptimization` (Coste et al., ALGORITHMS.md §7) on the embedded task:
+"""`rlhf-kernels experiment overoptimization` (Coste et al., docs/algorithms.md §7) on the embedded task:
 an SFT policy, k proxy reward models trained on few, noisily labelled preference pairs (different
 seeds, same data), then PPO with a small KL penalty against a single proxy (member 0) and against
 the WCO and UWO ensembles, same seed and steps. Each PPO run logs, per iteration, the gold reward

@@ -1,4 +1,4 @@
-"""PPO-C, calibrated reward calculation (ALGORITHMS.md §8, Leng et al. 2024), on the confidence
+"""PPO-C, calibrated reward calculation (docs/algorithms.md §8, Leng et al. 2024), on the confidence
 task (tasks/confidence.py). Per rollout batch:
 
     r  = clamp(RM(x, y without its confidence), ±10)

@@ -1,4 +1,4 @@
-"""PPO-M's calibrated reward model (ALGORITHMS.md §8; the source's crm_trainer.py), run by
+"""PPO-M's calibrated reward model (docs/algorithms.md §8; the source's crm_trainer.py), run by
 `rlhf-kernels train rm --task=confidence --calibrated=true`. Every preference pair (y_c ≻ y_r) of
 the confidence task is shown with a high and a low stated confidence (cwh, cwl, rwh, rwl) and the
 reward model learns to pay for confidence on the better answer and for doubt on the worse:
@@ -11,7 +11,7 @@ averaged over pairs. The plain pair is the one the ordinary RM trains on (conten
 independent SFT confidence). The high/low ranges (`crm_high_min`..10, 0..`crm_low_max`, default
 7..10 and 0..3) are ours: the source takes them from its dataset, whose ranges are unverified.
 (In the source `variant_1` sets no flag and so runs the sigmoid loss; here it is the loss its name
-and ALGORITHMS.md describe.) `sigmoid` never compares two different answers, so it only teaches
+and docs/algorithms.md describe.) `sigmoid` never compares two different answers, so it only teaches
 calibration on top of a model that already ranks answers: as in the source (which fine-tunes a
 trained RM), `--model` may be a saved reward model, whose head is then trained further. PPO-M is
 plain PPO with the resulting model as `reward_model`.

@@ -1,4 +1,4 @@
-"""Reward-model ensembles (ALGORITHMS.md §7, Coste et al.): k reward models trained on the same
+"""Reward-model ensembles (docs/algorithms.md §7, Coste et al.): k reward models trained on the same
 preference data with different seeds (initialisation and data order), whose scores [k, B] are
 aggregated per response by
 

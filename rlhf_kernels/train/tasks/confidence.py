@@ -1,5 +1,5 @@
 """The confidence variant of the embedded task (`task="confidence"`), for PPO-C and PPO-M
-(ALGORITHMS.md §8). It is sentiment.py with a verbalised confidence added; the default task is untouched.
+(docs/algorithms.md §8). It is sentiment.py with a verbalised confidence added; the default task is untouched.
 
 - Vocabulary: sentiment.WORDS followed by the confidence tokens conf0 … conf10 (ids from
   len(sentiment.WORDS) on), so every id of the default task keeps its meaning.
