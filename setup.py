@@ -10,6 +10,7 @@ Environment:
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -92,23 +93,41 @@ def has_openmp():
         return False
 
 
-def cpu_arch_flags():
-    """Vector ISA flags for the CPU kernels. RLHF_KERNELS_CPU_ARCH=auto (default) adds AVX2+FMA when the
-    building CPU has them (the kernels' exp then runs 8 lanes wide); `none` builds for baseline x86-64
-    (a binary to copy to older CPUs); any other value is passed as -march=<value>."""
-    arch = os.environ.get("RLHF_KERNELS_CPU_ARCH", "auto")
-    # no errno and no FP traps: lets gcc if-convert and vectorise the math loops; IEEE results are unchanged
-    base = ["-fno-math-errno", "-fno-trapping-math"]
-    if arch == "none":
-        return base
-    if arch != "auto":
-        return base + [f"-march={arch}"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return base + (["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else [])
+# The CPU kernel loops (csrc/cpu/kernels/) are compiled once per ISA into their own namespace and picked
+# at load time (csrc/cpu/isa.h), so one binary runs on any x86-64 and uses the best ISA it finds; nothing
+# else is compiled for more than the architecture's baseline. Every flag here must be checked by
+# csrc/cpu/isa.cpp before its kernels run.
+ISA_FLAGS = {
+    "baseline": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+# no errno and no FP traps: lets gcc if-convert and vectorise the math loops; IEEE results are unchanged
+MATH_FLAGS = ["-fno-math-errno", "-fno-trapping-math"]
+
+
+def cpu_isas():
+    """The ISAs to build kernels for: all three on x86-64, the baseline elsewhere (e.g. aarch64)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return list(ISA_FLAGS) if x86 else ["baseline"]
+
+
+def per_isa_build_ext(base):
+    """torch's BuildExtension that also compiles csrc/cpu/kernels/*.cpp once per ISA, each with its flags
+    and -DRK_CPU_CAPABILITY=<isa>, and links those objects into the extension."""
+    class BuildExt(base):
+        def build_extension(self, ext):
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            kernels = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+            objects = []
+            for isa in cpu_isas():
+                objects += self.compiler.compile(
+                    kernels, output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
+                    macros=ext.define_macros + [("RK_CPU_CAPABILITY", isa)], include_dirs=ext.include_dirs,
+                    debug=self.debug, extra_postargs=cxx + ISA_FLAGS[isa], depends=ext.depends)
+            ext.extra_objects = list(dict.fromkeys(ext.extra_objects + objects))  # once, however often run
+            super().build_extension(ext)
+    return BuildExt
 
 
 def has_cxx():
@@ -127,8 +146,8 @@ def extensions():
     from torch.utils import cpp_extension as ce
 
     with_cuda = want_cuda(cuda_home)
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"] + cpu_arch_flags()
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"] + MATH_FLAGS
     ldflags = []
     if has_openmp():
         cxx.append("-fopenmp")
@@ -138,7 +157,7 @@ def extensions():
         sys.exit("error: RLHF_KERNELS_SANITIZE instruments the CPU kernels only; set RLHF_KERNELS_CUDA=0")
     cxx += sanitize
     ldflags += sanitize
-    macros = []
+    macros = [("RK_CPU_X86_VARIANTS", "1")] if len(cpu_isas()) > 1 else []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -155,7 +174,7 @@ def extensions():
             extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
     print(f"rlhf_kernels: building the {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
           + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": per_isa_build_ext(ce.BuildExtension).with_options(use_ninja=True)}
 
 
 def packages():

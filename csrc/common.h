@@ -9,6 +9,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RK_HD __host__ __device__ __forceinline__
+#elif defined(RK_CPU_CAPABILITY) && defined(__GNUC__)
+// In the per-ISA kernel files (csrc/cpu/kernels/, compiled once per ISA) every helper is forced inline:
+// an out-of-line copy built with AVX-512 could otherwise be picked by the linker for baseline code.
+#define RK_HD inline __attribute__((always_inline))
 #else
 #define RK_HD inline
 #endif
@@ -20,7 +24,7 @@
 
 namespace rk {
 
-// ---- codes shared with the Python layer (rlhf_kernels/_codes.py) ----
+// ---- codes shared with the Python layer (rlhf_kernels/ops/_common.py; tests/test_build.py compares them) ----
 enum KlEstimator : int64_t { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2 };
 enum Aggregation : int64_t { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_TOKEN_SUM = 3 };
 enum DpoLoss : int64_t { DPO_SIGMOID = 0, DPO_IPO = 1, DPO_HINGE = 2, DPO_ROBUST = 3 };
@@ -38,7 +42,7 @@ RK_HD float r_exp(float x) { return expf(x); }
 // for e^r (Cephes' coefficients), then 2^k applied as two factors so every k in [−150, 128] stays a
 // normal float. Within 1 ulp of the correctly rounded value for normal results (checked on every
 // 16th float of [−103, 88.7]); exp(x ≤ −104) = 0, exp(+inf) = inf, exp(NaN) = NaN.
-// always_inline: it must inline into target("avx2")/target_clones hot loops too, or they stop vectorising.
+// always_inline: a call left in a hot loop stops it vectorising.
 inline __attribute__((always_inline)) float r_exp(float x) {
   // clamping keeps k in range; NaN fails both tests and flows through the arithmetic
   float xc = x < -104.0f ? -104.0f : x;

@@ -1,7 +1,13 @@
 // The op schemas of rlhf_kernels (one namespace, one name per op) and the Python module init.
-// Backends register implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
+// Backends register implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, the losses' autograd
+// (every device) in csrc/autograd.cpp.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <c10/util/Exception.h>
+
+#include "common.h"
+#include "cpu/isa.h"
 
 TORCH_LIBRARY(rlhf_kernels, m) {
   // logits[..., V] (vocabulary dim contiguous, leading dims any strides), tokens[...] int64
@@ -57,13 +63,70 @@ TORCH_LIBRARY(rlhf_kernels, m) {
 #define RLHF_CUDA_ARCHS ""
 #endif
 
+namespace {
+
+// _C.cpu_isa() -> "baseline" | "avx2" | "avx512": the ISA of the CPU kernels in this process.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(rk::cpu::isa_name(rk::cpu::selected_isa()));
+  } catch (const c10::Error& e) {  // a bad RLHF_KERNELS_CPU_ISA
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+// The C++ enums the ops take as ints, {enum: {enumerator: value}}, so that a test can hold the
+// Python codes (rlhf_kernels/ops/_common.py) to them.
+PyObject* codes() {
+  struct Code {
+    const char *group, *name;
+    int64_t value;
+  };
+  static const Code all[] = {
+      {"KlEstimator", "KL_K1", rk::KL_K1},
+      {"KlEstimator", "KL_K2", rk::KL_K2},
+      {"KlEstimator", "KL_K3", rk::KL_K3},
+      {"Aggregation", "AGG_TOKEN_MEAN", rk::AGG_TOKEN_MEAN},
+      {"Aggregation", "AGG_SEQ_MEAN_TOKEN_MEAN", rk::AGG_SEQ_MEAN_TOKEN_MEAN},
+      {"Aggregation", "AGG_SEQ_MEAN_TOKEN_SUM", rk::AGG_SEQ_MEAN_TOKEN_SUM},
+      {"Aggregation", "AGG_TOKEN_SUM", rk::AGG_TOKEN_SUM},
+      {"DpoLoss", "DPO_SIGMOID", rk::DPO_SIGMOID},
+      {"DpoLoss", "DPO_IPO", rk::DPO_IPO},
+      {"DpoLoss", "DPO_HINGE", rk::DPO_HINGE},
+      {"DpoLoss", "DPO_ROBUST", rk::DPO_ROBUST},
+  };
+  PyObject* out = PyDict_New();
+  for (const Code& c : all) {
+    PyObject* group = PyDict_GetItemString(out, c.group);  // borrowed
+    if (group == nullptr) {
+      group = PyDict_New();
+      PyDict_SetItemString(out, c.group, group);
+      Py_DECREF(group);
+    }
+    PyObject* v = PyLong_FromLongLong(c.value);
+    PyDict_SetItemString(group, c.name, v);
+    Py_DECREF(v);
+  }
+  return out;
+}
+
+PyMethodDef rk_methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, "The ISA the CPU kernels run with."},
+                            {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 static struct PyModuleDef rk_module = {PyModuleDef_HEAD_INIT, "_C",
                                        "rlhf_kernels native kernels (ops live in torch.ops.rlhf_kernels)", -1,
-                                       nullptr};
+                                       rk_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
+  // choose the CPU kernels' ISA now, so that a bad RLHF_KERNELS_CPU_ISA fails the import, not a later op
+  PyObject* isa = cpu_isa(nullptr, nullptr);
+  if (isa == nullptr) return nullptr;
+  Py_DECREF(isa);
   PyObject* m = PyModule_Create(&rk_module);
   if (m == nullptr) return nullptr;
+  PyModule_AddObject(m, "codes", codes());
 #ifdef RLHF_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else

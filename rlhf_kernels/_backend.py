@@ -39,6 +39,13 @@ def cuda_archs():
     return [a for a in (_C.cuda_archs if _C is not None else "").split(";") if a]
 
 
+def cpu_isa():
+    """The vector ISA the CPU kernels run with in this process: "baseline", "avx2" or "avx512" (the best
+    this CPU supports, or the one RLHF_KERNELS_CPU_ISA forces; see docs/backends.md), or None when the
+    native extension is not built."""
+    return _C.cpu_isa() if _C is not None else None
+
+
 def available_backends():
     """{backend: "available" or the reason it is not}."""
     out = {"reference": "available"}

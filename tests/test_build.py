@@ -21,6 +21,19 @@ def test_extension_imports():
     assert _C.with_openmp == 1, "built without OpenMP: at::parallel_for would run on one thread"
 
 
+def test_cpp_enums_match_the_python_codes():
+    """The C++ enums the kernels switch on (csrc/common.h) are the codes the Python layer passes: same
+    names (the Python name upper-cased behind the enum's prefix) and same values, none missing."""
+    from rlhf_kernels import _C
+    from rlhf_kernels.ops import _common
+
+    for enum, prefix, py in (("KlEstimator", "KL_", _common.KL_CODES), ("Aggregation", "AGG_", _common.AGG_CODES),
+                             ("DpoLoss", "DPO_", _common.DPO_CODES)):
+        expected = {prefix + name.upper().replace("-", "_"): code for name, code in py.items()}
+        assert _C.codes[enum] == expected, enum
+    assert set(_C.codes) == {"KlEstimator", "Aggregation", "DpoLoss"}
+
+
 def test_backends_listed_with_reasons():
     av = rk.available_backends()
     assert set(av) == {"reference", "cpu", "triton", "cuda"}

@@ -1,43 +1,44 @@
-// The fixed-order combine shared by the CPU loss kernels: per-row partial sums → the aggregated loss
-// and the per-row token weight that backward multiplies ∂ℓ/∂x by.
+// The fixed-order combine shared by the CPU loss entry points: per-row partial sums → the aggregated
+// loss, the clipped fraction and the per-row token weight that backward multiplies ∂ℓ/∂x by.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "common.h"
+#include "cpu/kernels.h"
 
 namespace rk {
 namespace cpu {
 
-struct Totals {
-  int64_t tokens = 0;  // valid tokens in the batch
-  int64_t rows = 0;    // rows with at least one valid token
-};
-
-inline Totals count_totals(const std::vector<int64_t>& row_n) {
-  Totals t;
-  for (int64_t n : row_n) {
-    t.tokens += n;
-    t.rows += n > 0;
-  }
-  return t;
-}
-
-// Writes weight[r] and returns Σ_r weight[r]·row_sum[r], summed in row order in double.
-template <typename T>
-double combine_rows(int64_t agg, const std::vector<int64_t>& row_n, const std::vector<T>& row_sum, const Totals& tot,
-                    T* weight) {
-  double loss = 0;
-  for (size_t r = 0; r < row_n.size(); ++r) {
-    T w = aggregation_weight<T>(agg, T(row_n[r]), T(tot.tokens), T(tot.rows));
-    weight[r] = w;
-    loss += double(w) * double(row_sum[r]);
-  }
-  return loss;
-}
+// Rows per parallel task of the loss kernels: ~16k tokens, at least one row.
+inline int64_t loss_row_grain(int64_t n) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1)); }
 
 // Σ x / max(n, 1) in double: masked means of the stats (0 for an all-masked batch).
 inline double masked_mean(double sum, int64_t n) { return sum / double(n > 0 ? n : 1); }
+
+struct Combined {
+  double loss;      // Σ_r weight[r]·sum[r], summed in row order
+  double clipfrac;  // clipped tokens / valid tokens
+  int64_t tokens;   // valid tokens in the batch
+};
+
+// Writes weight[r] (the weight of each valid token of row r under `agg`) and the combined loss.
+template <typename T> Combined combine(int64_t agg, const std::vector<RowPartial<T>>& part, T* weight) {
+  int64_t tokens = 0, rows = 0, clipped = 0;
+  for (const auto& p : part) {
+    tokens += p.n;
+    rows += p.n > 0;
+    clipped += p.clipped;
+  }
+  double loss = 0;
+  for (size_t r = 0; r < part.size(); ++r) {
+    const T w = aggregation_weight<T>(agg, T(part[r].n), T(tokens), T(rows));
+    weight[r] = w;
+    loss += double(w) * double(part[r].sum);
+  }
+  return {loss, masked_mean(double(clipped), tokens), tokens};
+}
 
 }  // namespace cpu
 }  // namespace rk

@@ -11,7 +11,7 @@
 #include <algorithm>
 
 #include "common.h"
-#include "group_checks.h"
+#include "checks.h"
 
 namespace {
 

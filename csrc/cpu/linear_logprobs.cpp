@@ -1,6 +1,6 @@
-// CPU kernels of rlhf_kernels::linear_logprobs_{fwd,bwd}: log-probs and entropy of given tokens
+// CPU entry points of rlhf_kernels::linear_logprobs_{fwd,bwd}: log-probs and entropy of given tokens
 // straight from hidden[N, H] and weight[V, H], never holding more than one small logits tile per
-// worker.
+// worker. The GEMMs run here; the fused passes over each tile are in cpu/kernels/linear_logprobs.cpp.
 //
 // Work is cut into tiles of Nc rows × Vc vocabulary entries (about 1 MiB of logits, so a tile stays
 // in L2 between its GEMM and the fused pass over it). The vocabulary chunks are split into G
@@ -30,129 +30,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
+#include "cpu/kernels.h"
 #include "linear_logprobs_plan.h"
-
-// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RK_CLONES
-#endif
 
 namespace rk_linear_cpu {
 
-// e^x in the fused passes is rk::r_exp (common.h): branch-free, so the loops that call it vectorise;
-// it gives exactly 0 below e^-87.3, which is what the callers want for -inf logits.
-
-// ---- the fused per-tile passes (z = (x + b)·invT) ----
-
-// One row of a logits tile: scale it in place, return its (max, Σe, Σe·(z − max)) state.
-template <typename T, bool kBias>
-__attribute__((always_inline)) inline rk::LseState<T> row_state(T* z, const T* b, int64_t vc, T inv_t) {
-  T m = -rk::r_inf<T>();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < vc; ++j) {
-    T v = (z[j] + (kBias ? b[j] : T(0))) * inv_t;
-    z[j] = v;
-    m = v > m ? v : m;
-  }
-  if (m == -rk::r_inf<T>()) return rk::lse_init<T>();
-  T s = 0, w = 0;
-#pragma omp simd reduction(+ : s, w)
-  for (int64_t j = 0; j < vc; ++j) {
-    T d = z[j] - m;
-    T e = rk::r_exp(d);
-    s += e;
-    w += e > T(0) ? e * d : T(0);  // e·d is 0·(−inf) for −inf logits
-  }
-  return {m, s, w};
-}
-
-// One row of a logits tile turned into d(logits): the per-logit gradient of g_lp·logp + g_H·H
-// (rk::logprob_entropy_grad, without its target term, which the caller adds), times invT.
-template <typename T, bool kBias>
-__attribute__((always_inline)) inline void row_grad(T* z, const T* b, int64_t vc, T inv_t, T lse, T ent, T g_lp,
-                                                    T g_h) {
-  const T a = -g_lp * inv_t, c = -g_h * inv_t;
-#pragma omp simd
-  for (int64_t j = 0; j < vc; ++j) {
-    T lp = (z[j] + (kBias ? b[j] : T(0))) * inv_t - lse;
-    T p = rk::r_exp(lp);
-    T pe = p > T(0) ? p * (lp + ent) : T(0);
-    z[j] = a * p + c * pe;
-  }
-}
-
-struct TileArgs {
-  int64_t nr, vc, v0, vocab, ignore_index;
-  const int64_t* tok;  // this tile's rows
-};
-
-// Forward pass over a tile: merge each row's chunk state into st[i], pick the target logit.
-template <typename T>
-__attribute__((always_inline)) inline void fwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a,
-                                                         rk::LseState<T>* st, T* tgt) {
-  for (int64_t i = 0; i < a.nr; ++i) {
-    T* z = Z + i * a.vc;
-    rk::LseState<T> s = b ? row_state<T, true>(z, b, a.vc, inv_t) : row_state<T, false>(z, b, a.vc, inv_t);
-    st[i] = rk::lse_merge(st[i], s);
-    const int64_t t = a.tok[i] - a.v0;
-    if (t >= 0 && t < a.vc) tgt[i] = z[t];
-  }
-}
-
-// Backward pass over a tile: Z becomes d(logits) in place; db (if given) += its column sums.
-template <typename T>
-__attribute__((always_inline)) inline void bwd_tile_impl(T* Z, const T* b, T inv_t, const TileArgs& a,
-                                                         const T* lse, const T* ent, const T* g_lp, const T* g_h,
-                                                         T* db) {
-  for (int64_t i = 0; i < a.nr; ++i) {
-    T* z = Z + i * a.vc;
-    const int64_t tok = a.tok[i];
-    const bool valid = tok != a.ignore_index;
-    // an out-of-range token (validate=False) has logp = NaN and, as in the reference, no logp gradient
-    const T g1 = valid && tok >= 0 && tok < a.vocab ? g_lp[i] : T(0);
-    const T g2 = valid && g_h ? g_h[i] : T(0);
-    if (g1 == T(0) && g2 == T(0)) {
-      std::memset(z, 0, sizeof(T) * a.vc);
-      continue;
-    }
-    if (b) row_grad<T, true>(z, b, a.vc, inv_t, lse[i], ent[i], g1, g2);
-    else row_grad<T, false>(z, b, a.vc, inv_t, lse[i], ent[i], g1, g2);
-    const int64_t t = tok - a.v0;
-    if (t >= 0 && t < a.vc) z[t] += g1 * inv_t;
-  }
-  if (db) {
-    for (int64_t i = 0; i < a.nr; ++i) {
-      const T* z = Z + i * a.vc;
-#pragma omp simd
-      for (int64_t j = 0; j < a.vc; ++j) db[j] += z[j];
-    }
-  }
-}
-
-RK_CLONES void fwd_tile(float* Z, const float* b, float inv_t, const TileArgs& a, rk::LseState<float>* st,
-                        float* tgt) {
-  fwd_tile_impl(Z, b, inv_t, a, st, tgt);
-}
-RK_CLONES void fwd_tile(double* Z, const double* b, double inv_t, const TileArgs& a, rk::LseState<double>* st,
-                        double* tgt) {
-  fwd_tile_impl(Z, b, inv_t, a, st, tgt);
-}
-RK_CLONES void bwd_tile(float* Z, const float* b, float inv_t, const TileArgs& a, const float* lse, const float* ent,
-                        const float* g_lp, const float* g_h, float* db) {
-  bwd_tile_impl(Z, b, inv_t, a, lse, ent, g_lp, g_h, db);
-}
-RK_CLONES void bwd_tile(double* Z, const double* b, double inv_t, const TileArgs& a, const double* lse,
-                        const double* ent, const double* g_lp, const double* g_h, double* db) {
-  bwd_tile_impl(Z, b, inv_t, a, lse, ent, g_lp, g_h, db);
-}
+using rk::cpu::TileArgs;
 
 // ---- tiling plan ----
 
@@ -168,26 +55,6 @@ rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int
 
 int64_t budget_of(int64_t chunk_bytes) { return chunk_bytes > 0 ? chunk_bytes : kDefaultBudget; }
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                  const at::Tensor& tokens) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "linear_logprobs: expected hidden [N, H] and weight [V, H]");
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_logprobs: hidden and weight dtypes differ");
-  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && tokens.is_contiguous(),
-              "linear_logprobs: expected contiguous inputs");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.numel() == hidden.size(0),
-              "linear_logprobs: expected int64 tokens [N]");
-  if (bias) {
-    auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(bias->scalar_type() == acc && bias->numel() == weight.size(0) && bias->is_contiguous(),
-                "linear_logprobs: expected a contiguous bias [V] in the accumulation dtype");
-  }
-}
-
-at::ScalarType acc_type(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Rows [r0, r0 + n) of src as a GEMM operand: a view, or (bf16/fp16 inputs) their fp32 copy in buf.
 at::Tensor operand(const at::Tensor& src, int64_t r0, int64_t n, at::Tensor& buf) {
   const at::Tensor rows = src.narrow(0, r0, n);
@@ -199,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
                                                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
                                                         double temperature, int64_t ignore_index, int64_t budget) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const auto acc = acc_type(hidden);
+  const auto acc = rk::accumulation_type(hidden);
   const bool cast = weight.scalar_type() != acc;
   auto opts = hidden.options().dtype(acc);
   auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
@@ -214,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
   const T inv_t = T(1) / T(temperature);
+  auto* fwd_tile = rk::cpu::linear_logprobs_kernels().fwd_tile.of<T>();
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: each worker needs its own
@@ -258,10 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const c10::optional<at::Tensor>& bias,
                                                                    const at::Tensor& tokens, double temperature,
                                                                    int64_t ignore_index, int64_t chunk_bytes) {
-  check_inputs(hidden, weight, bias, tokens);
+  rk::check_linear_logprobs(hidden, weight, bias, tokens);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
   const int64_t budget = budget_of(chunk_bytes);
-  if (acc_type(hidden) == at::kDouble)
+  if (rk::accumulation_type(hidden) == at::kDouble)
     return fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, budget);
   return fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, budget);
 }
@@ -275,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
                                                         double temperature, int64_t ignore_index, bool need_h,
                                                         bool need_w, bool need_b, int64_t budget) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const auto acc = acc_type(hidden);
+  const auto acc = rk::accumulation_type(hidden);
   auto opts = hidden.options().dtype(acc);
   const bool cast = weight.scalar_type() != acc;
   at::Tensor grad_w = need_w ? at::empty({V, H}, weight.options()) : at::empty({0}, weight.options());
@@ -300,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const T* g2 = gh.defined() ? gh.const_data_ptr<T>() : nullptr;
   T* dbp = need_b ? grad_b.mutable_data_ptr<T>() : nullptr;
   const T inv_t = T(1) / T(temperature);
+  auto* bwd_tile = rk::cpu::linear_logprobs_kernels().bwd_tile.of<T>();
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1e) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -343,11 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
     int64_t chunk_bytes) {
-  check_inputs(hidden, weight, bias, tokens);
-  TORCH_CHECK(!need_b || bias, "linear_logprobs_bwd: a bias gradient was asked for without a bias");
+  rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t budget = budget_of(chunk_bytes);
-  if (acc_type(hidden) == at::kDouble)
+  if (rk::accumulation_type(hidden) == at::kDouble)
     return bwd_impl<double>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
                             ignore_index, need_h, need_w, need_b, budget);
   return bwd_impl<float>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,

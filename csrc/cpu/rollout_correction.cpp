@@ -14,7 +14,7 @@
 
 #include "common.h"
 #include "cpu/vec_math.h"
-#include "row_checks.h"
+#include "checks.h"
 
 namespace {
 
@@ -68,8 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction(const at::Tens
                                                                   const at::Tensor& rollout_logp,
                                                                   const at::Tensor& mask, int64_t level, int64_t mode,
                                                                   double low, double high) {
-  rk::check_rows("rollout_correction", old_logp, {rollout_logp}, mask);
-  TORCH_CHECK(old_logp.dim() == 2, "rollout_correction: expected [R, T] inputs, got ", old_logp.dim(), " dims");
+  rk::check_rollout_correction(old_logp, rollout_logp, mask);
   auto o = old_logp.contiguous(), q = rollout_logp.contiguous(), m = mask.contiguous();
   auto w = at::empty_like(o);
   auto mo = at::empty(m.sizes(), m.options().dtype(at::kBool));

@@ -1,5 +1,5 @@
 // CUDA kernels of rlhf_kernels::dpo_loss_{fwd,bwd}: elementwise over the pairs (grid-stride, int64).
-// (Autograd for this op is registered device-independently in csrc/cpu/dpo_loss.cpp.)
+// (Its autograd, for every device, is in csrc/autograd.cpp.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
 
@@ -35,20 +36,10 @@ __global__ void dpo_bwd_kernel(const T* g, const T* c, const T* r, const T* cr, 
   }
 }
 
-void check_inputs(const at::Tensor& c, const at::Tensor& r, const at::Tensor& cr, const at::Tensor& rr) {
-  TORCH_CHECK(r.sizes() == c.sizes() && cr.sizes() == c.sizes() && rr.sizes() == c.sizes(),
-              "dpo_loss: inputs must share chosen_logp's shape");
-  TORCH_CHECK(r.scalar_type() == c.scalar_type() && cr.scalar_type() == c.scalar_type() &&
-                  rr.scalar_type() == c.scalar_type(),
-              "dpo_loss: inputs must share a dtype");
-  TORCH_CHECK(c.is_contiguous() && r.is_contiguous() && cr.is_contiguous() && rr.is_contiguous(),
-              "dpo_loss: inputs must be contiguous");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c, const at::Tensor& r,
                                                             const at::Tensor& cr, const at::Tensor& rr, double beta,
                                                             int64_t type, double eps) {
-  check_inputs(c, r, cr, rr);
+  rk::check_dpo_loss(c, r, cr, rr);
   c10::cuda::CUDAGuard guard(c.device());
   auto loss = at::empty_like(c), c_rew = at::empty_like(c), r_rew = at::empty_like(c);
   const int64_t n = c.numel();
@@ -69,9 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_bwd(const at
                                                                         const at::Tensor& r, const at::Tensor& cr,
                                                                         const at::Tensor& rr, double beta,
                                                                         int64_t type, double eps) {
-  check_inputs(c, r, cr, rr);
-  TORCH_CHECK(grad.sizes() == c.sizes() && grad.is_contiguous() && grad.scalar_type() == c.scalar_type(),
-              "dpo_loss_bwd: grad_losses must be contiguous, of chosen_logp's shape and dtype");
+  rk::check_dpo_loss(c, r, cr, rr, &grad);
   c10::cuda::CUDAGuard guard(c.device());
   auto gc = at::empty_like(c), gr = at::empty_like(c), gcr = at::empty_like(c), grr = at::empty_like(c);
   const int64_t n = c.numel();

@@ -12,7 +12,7 @@
 
 #include "common.h"
 #include "cuda/launch.cuh"
-#include "row_checks.h"
+#include "checks.h"
 
 namespace {
 
@@ -102,8 +102,7 @@ __global__ void __launch_bounds__(kWarps * 32) gae_kernel(const T* __restrict__ 
 
 std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
                                        const std::optional<at::Tensor>& dones, double gamma, double lam) {
-  rk::check_rows("gae", rewards, {values}, mask);
-  if (dones) rk::check_flags("gae", "dones", *dones, rewards);
+  rk::check_gae(rewards, values, mask, dones);
   c10::cuda::CUDAGuard guard(rewards.device());
   auto r = rewards.contiguous(), v = values.contiguous(), m = mask.contiguous();
   const at::Tensor d = dones ? dones->contiguous() : at::Tensor();

@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "group_checks.h"
+#include "checks.h"
 #include "cuda/launch.cuh"
 
 namespace {

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "checks.h"
 #include "common.h"
 #include "linear_logprobs_plan.h"
 #include "cuda/launch.cuh"
@@ -135,22 +136,6 @@ rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int
 
 bool is_low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
 
-void check(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-           const at::Tensor& tokens) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "linear_logprobs: expected hidden [N, H] and weight [V, H]");
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_logprobs: hidden and weight dtypes differ");
-  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && tokens.is_contiguous(),
-              "linear_logprobs: expected contiguous inputs");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.numel() == hidden.size(0),
-              "linear_logprobs: expected int64 tokens [N]");
-  if (bias) {
-    auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(bias->scalar_type() == acc && bias->numel() == weight.size(0) && bias->is_contiguous(),
-                "linear_logprobs: expected a contiguous bias [V] in the accumulation dtype");
-  }
-}
-
 // z = h_r · W_cᵀ in the accumulation dtype (fp32 output straight from bf16/fp16 operands).
 void logits_gemm(at::Tensor& z, const at::Tensor& hr, const at::Tensor& w, bool low) {
   if (low) at::mm_out(z, hr, w.t(), at::kFloat);
@@ -199,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const c10::optional<at::Tensor>& bias,
                                                                    const at::Tensor& tokens, double temperature,
                                                                    int64_t ignore_index, int64_t chunk_bytes) {
-  check(hidden, weight, bias, tokens);
+  rk::check_linear_logprobs(hidden, weight, bias, tokens);
   c10::cuda::CUDAGuard guard(hidden.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
   const bool dbl = hidden.scalar_type() == at::kDouble;
@@ -293,8 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
     int64_t chunk_bytes) {
-  check(hidden, weight, bias, tokens);
-  TORCH_CHECK(!need_b || bias, "linear_logprobs_bwd: a bias gradient was asked for without a bias");
+  rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
   c10::cuda::CUDAGuard guard(hidden.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
 #include "row_index.h"
@@ -162,23 +163,6 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& tokens) {
-  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, "logprobs_from_logits: logits must be [..., V] with V > 0");
-  TORCH_CHECK(logits.stride(-1) == 1, "logprobs_from_logits: the vocabulary dim of logits must be contiguous");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
-              "logprobs_from_logits: tokens must be contiguous int64");
-  TORCH_CHECK(tokens.device() == logits.device(), "logprobs_from_logits: tokens and logits on different devices");
-  TORCH_CHECK(tokens.sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "logprobs_from_logits: tokens must have the shape of logits without its last dim");
-}
-
-at::Tensor readable(const at::Tensor& logits, rk::RowIndex& rows) {
-  if (rk::make_row_index(logits.sizes().data(), logits.strides().data(), logits.dim(), rows)) return logits;
-  at::Tensor c = logits.contiguous();
-  TORCH_CHECK(rk::make_row_index(c.sizes().data(), c.strides().data(), c.dim(), rows));
-  return c;
-}
-
 unsigned grid_for(int64_t N) { return static_cast<unsigned>(N < kMaxGrid ? N : kMaxGrid); }
 
 // in_t: the logits dtype; T: the accumulation dtype (double for fp64 logits, float otherwise)
@@ -195,10 +179,10 @@ template <typename F> void dispatch_logits(at::ScalarType st, F f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits_in,
                                                                         const at::Tensor& tokens, double temperature,
                                                                         int64_t ignore_index, bool return_entropy) {
-  check_inputs(logits_in, tokens);
+  rk::check_logprobs_from_logits(logits_in, tokens);
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
-  const at::Tensor logits = readable(logits_in, rows);
+  const at::Tensor logits = rk::readable_rows(logits_in, rows);
   const bool f64 = logits.scalar_type() == at::kDouble;
   auto opts = logits.options().dtype(f64 ? at::kDouble : at::kFloat);
   at::Tensor logp = at::empty(tokens.sizes(), opts), lse = at::empty(tokens.sizes(), opts);
@@ -222,26 +206,13 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index) {
-  check_inputs(logits_in, tokens);
+  rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
-  const at::Tensor logits = readable(logits_in, rows);
-  const bool f64 = logits.scalar_type() == at::kDouble;
-  const auto acc = f64 ? at::kDouble : at::kFloat;
+  const at::Tensor logits = rk::readable_rows(logits_in, rows);
   const int64_t N = tokens.numel(), V = logits.size(-1);
   const bool has_glp = grad_logp.has_value() && grad_logp->defined();
   const bool has_gH = grad_entropy.has_value() && grad_entropy->defined();
-  auto check_row_tensor = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous() && t.numel() == N && t.device() == logits.device(),
-                "logprobs_from_logits_bwd: ", name, " must be a contiguous ", acc,
-                " tensor with one value per row, on the device of logits");
-  };
-  if (has_glp) check_row_tensor(*grad_logp, "grad_logp");
-  if (has_gH) {
-    check_row_tensor(*grad_entropy, "grad_entropy");
-    check_row_tensor(entropy, "entropy");
-  }
-  check_row_tensor(lse, "lse");
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -12,7 +12,7 @@
 
 #include "common.h"
 #include "cuda/launch.cuh"
-#include "row_checks.h"
+#include "checks.h"
 
 namespace {
 
@@ -100,7 +100,7 @@ __global__ void normalize_kernel(const T* __restrict__ x, const uint8_t* __restr
 }
 
 at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& mask, bool shift_mean, bool unbiased, double eps) {
-  rk::check_rows("masked_whiten", x, {}, mask);
+  rk::check_masked_whiten(x, mask);
   c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous(), mc = mask.contiguous();
   auto out = at::empty_like(xc);

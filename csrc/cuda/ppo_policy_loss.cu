@@ -2,7 +2,7 @@
 // loss, ½(logp − old)², valid and clipped counts over its tokens; one single-block kernel combines
 // the rows in a fixed order (deterministic, no atomics). Backward: one grid-stride elementwise pass.
 // Only valid positions are read, so garbage at masked positions cannot reach any result.
-// (Autograd for this op is registered device-independently in csrc/cpu/ppo_policy_loss.cpp.)
+// (Its autograd, for every device, is in csrc/autograd.cpp.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
 #include "cuda/loss_reduce.cuh"
@@ -63,21 +64,10 @@ __global__ void policy_bwd_kernel(const T* g, const T* lp, const T* old, const T
   }
 }
 
-void check_inputs(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv, const at::Tensor& mask) {
-  TORCH_CHECK(logp.dim() == 2 && logp.is_contiguous(), "ppo_policy_loss: logp must be a contiguous [R, T] tensor");
-  TORCH_CHECK(old.sizes() == logp.sizes() && adv.sizes() == logp.sizes() && mask.sizes() == logp.sizes(),
-              "ppo_policy_loss: inputs must share logp's shape");
-  TORCH_CHECK(old.scalar_type() == logp.scalar_type() && adv.scalar_type() == logp.scalar_type(),
-              "ppo_policy_loss: logp, old_logp and advantages must share a dtype");
-  TORCH_CHECK(old.is_contiguous() && adv.is_contiguous() && mask.is_contiguous(),
-              "ppo_policy_loss: inputs must be contiguous");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "ppo_policy_loss: mask must be bool");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd(
     const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv, const at::Tensor& mask, double clip_low,
     double clip_high, double dual_clip, int64_t agg) {
-  check_inputs(logp, old, adv, mask);
+  rk::check_ppo_policy_loss(logp, old, adv, mask);
   c10::cuda::CUDAGuard guard(logp.device());
   const int64_t R = logp.size(0), L = logp.size(1);
   auto loss = at::empty({}, logp.options());
@@ -111,10 +101,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_bwd(const at::Tensor& grad_lo
                                                        const at::Tensor& mask, const at::Tensor& row_weight,
                                                        double clip_low, double clip_high, double dual_clip,
                                                        bool need_adv_grad) {
-  check_inputs(logp, old, adv, mask);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == logp.scalar_type() &&
-                  row_weight.numel() == logp.size(0),
-              "ppo_policy_loss_bwd: grad_loss must be a scalar of logp's dtype and row_weight [R]");
+  rk::check_ppo_policy_loss(logp, old, adv, mask);
+  rk::check_ppo_loss_bwd("ppo_policy_loss_bwd", grad_loss, row_weight, logp);
   c10::cuda::CUDAGuard guard(logp.device());
   auto g_lp = at::empty_like(logp);
   auto g_adv = need_adv_grad ? at::empty_like(adv) : at::empty({0}, adv.options());

@@ -1,7 +1,7 @@
 // CUDA kernels of rlhf_kernels::ppo_value_loss_{fwd,bwd}: one block per row for the row sums and
 // counts, the fixed-order single-block combine of loss_reduce.cuh (no atomics), then one grid-stride
 // elementwise backward. Only valid positions are read.
-// (Autograd for this op is registered device-independently in csrc/cpu/ppo_value_loss.cpp.)
+// (Its autograd, for every device, is in csrc/autograd.cpp.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
 #include "cuda/loss_reduce.cuh"
@@ -62,21 +63,10 @@ __global__ void value_bwd_kernel(const T* g, const T* v, const T* vo, const T* r
   }
 }
 
-void check_inputs(const at::Tensor& v, const at::Tensor& vo, const at::Tensor& ret, const at::Tensor& mask) {
-  TORCH_CHECK(v.dim() == 2 && v.is_contiguous(), "ppo_value_loss: values must be a contiguous [R, T] tensor");
-  TORCH_CHECK(vo.sizes() == v.sizes() && ret.sizes() == v.sizes() && mask.sizes() == v.sizes(),
-              "ppo_value_loss: inputs must share values' shape");
-  TORCH_CHECK(vo.scalar_type() == v.scalar_type() && ret.scalar_type() == v.scalar_type(),
-              "ppo_value_loss: values, old_values and returns must share a dtype");
-  TORCH_CHECK(vo.is_contiguous() && ret.is_contiguous() && mask.is_contiguous(),
-              "ppo_value_loss: inputs must be contiguous");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "ppo_value_loss: mask must be bool");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd(const at::Tensor& v, const at::Tensor& vo,
                                                                   const at::Tensor& ret, const at::Tensor& mask,
                                                                   double clip, int64_t agg) {
-  check_inputs(v, vo, ret, mask);
+  rk::check_ppo_value_loss(v, vo, ret, mask);
   c10::cuda::CUDAGuard guard(v.device());
   const int64_t R = v.size(0), L = v.size(1);
   auto loss = at::empty({}, v.options());
@@ -106,9 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_bwd(const at::Tens
                                                                   const at::Tensor& vo, const at::Tensor& ret,
                                                                   const at::Tensor& mask, const at::Tensor& row_weight,
                                                                   double clip, bool need_data_grads) {
-  check_inputs(v, vo, ret, mask);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == v.scalar_type() && row_weight.numel() == v.size(0),
-              "ppo_value_loss_bwd: grad_loss must be a scalar of values' dtype and row_weight [R]");
+  rk::check_ppo_value_loss(v, vo, ret, mask);
+  rk::check_ppo_loss_bwd("ppo_value_loss_bwd", grad_loss, row_weight, v);
   c10::cuda::CUDAGuard guard(v.device());
   auto g_v = at::empty_like(v);
   auto g_old = need_data_grads ? at::empty_like(vo) : at::empty({0}, vo.options());

@@ -15,7 +15,7 @@
 #include "common.h"
 #include "cuda/launch.cuh"
 #include "cuda/loss_reduce.cuh"
-#include "row_checks.h"
+#include "checks.h"
 
 namespace {
 
@@ -96,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction(const at::Tens
                                                                   const at::Tensor& rollout_logp,
                                                                   const at::Tensor& mask, int64_t level, int64_t mode,
                                                                   double low, double high) {
-  rk::check_rows("rollout_correction", old_logp, {rollout_logp}, mask);
-  TORCH_CHECK(old_logp.dim() == 2, "rollout_correction: expected [R, T] inputs, got ", old_logp.dim(), " dims");
+  rk::check_rollout_correction(old_logp, rollout_logp, mask);
   c10::cuda::CUDAGuard guard(old_logp.device());
   auto o = old_logp.contiguous(), q = rollout_logp.contiguous(), m = mask.contiguous();
   auto w = at::empty_like(o);

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
 
@@ -27,6 +28,7 @@ __global__ void token_kl_bwd_kernel(const T* g, const T* a, const T* b, T* ga, T
 }
 
 at::Tensor token_kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t est, double clamp) {
+  rk::check_token_kl(logp, ref);
   c10::cuda::CUDAGuard guard(logp.device());
   auto out = at::empty_like(logp);
   const int64_t n = logp.numel();
@@ -43,6 +45,7 @@ at::Tensor token_kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t e
 
 std::tuple<at::Tensor, at::Tensor> token_kl_bwd(const at::Tensor& grad, const at::Tensor& logp,
                                                  const at::Tensor& ref, int64_t est, double clamp) {
+  rk::check_token_kl(logp, ref, &grad);
   c10::cuda::CUDAGuard guard(logp.device());
   auto g_logp = at::empty_like(logp), g_ref = at::empty_like(ref);
   const int64_t n = logp.numel();

@@ -10,7 +10,7 @@
 
 #include "common.h"
 #include "cuda/launch.cuh"
-#include "row_checks.h"
+#include "checks.h"
 
 namespace {
 
@@ -55,15 +55,8 @@ at::Tensor token_rewards(const at::Tensor& score, const at::Tensor& mask, const 
                          const std::optional<at::Tensor>& ref_logp, double kl_coef, int64_t kl_estimator,
                          const std::optional<at::Tensor>& dense, double dense_coef, double dense_clip,
                          bool score_after_eos) {
-  TORCH_CHECK(mask.dim() >= 1, "token_rewards: mask must be [..., T]");
-  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte,
-              "token_rewards: mask must be bool or uint8, got ", mask.scalar_type());
-  TORCH_CHECK(score.numel() * mask.size(-1) == mask.numel() || mask.numel() == 0,
-              "token_rewards: score must have one value per row of mask");
-  TORCH_CHECK(score.device() == mask.device(), "token_rewards: score and mask must be on one device");
   const bool use_kl = kl_coef != 0.0;
-  TORCH_CHECK(!use_kl || (logp.has_value() && ref_logp.has_value()), "token_rewards: kl_coef != 0 needs logp and ref_logp");
-  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 2, "token_rewards: unknown kl_estimator ", kl_estimator);
+  rk::check_token_rewards(score, mask, logp, ref_logp, use_kl, kl_estimator, dense);
   c10::cuda::CUDAGuard guard(mask.device());
   auto out = at::empty(mask.sizes(), score.options());
   if (mask.numel() == 0) return out;
@@ -71,16 +64,10 @@ at::Tensor token_rewards(const at::Tensor& score, const at::Tensor& mask, const 
   auto s = score.contiguous(), m = mask.contiguous();
   at::Tensor lp, rf, dn;
   if (use_kl) {
-    rk::check_rows("token_rewards", *logp, {*ref_logp}, mask);
-    TORCH_CHECK(logp->scalar_type() == s.scalar_type(), "token_rewards: logp must have the dtype of score");
     lp = logp->contiguous();
     rf = ref_logp->contiguous();
   }
-  if (dense.has_value()) {
-    rk::check_rows("token_rewards", *dense, {}, mask);
-    TORCH_CHECK(dense->scalar_type() == s.scalar_type(), "token_rewards: dense must have the dtype of score");
-    dn = dense->contiguous();
-  }
+  if (dense.has_value()) dn = dense->contiguous();
   const auto blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
   auto stream = c10::cuda::getCurrentCUDAStream();
   RK_DISPATCH_FLOAT_DOUBLE(s.scalar_type(), [&](auto tag) {

@@ -1,0 +1,140 @@
+// The C++ autograd of the three losses (ppo_policy_loss, ppo_value_loss, dpo_loss), for every device:
+// each forward calls the op's kernel through the dispatcher (CPU or CUDA) and saves what its backward
+// needs. In C++ rather than torch.library.register_autograd: the Python autograd.Function round trip
+// costs more than these ops' whole kernel time at RLHF sizes.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The typed handle of rlhf_kernels::<name>.
+template <typename Sig> c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using PolicyFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                             const Tensor&, double, double, double, int64_t);
+using PolicyBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, double, double, double, bool);
+
+class PolicyLossFn : public torch::autograd::Function<PolicyLossFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logp, const Tensor& old, const Tensor& adv,
+                               const Tensor& mask, double clip_low, double clip_high, double dual_clip, int64_t agg) {
+    static const auto fwd = op<PolicyFwd>("rlhf_kernels::ppo_policy_loss_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, clipfrac, approx_kl, row_weight] = fwd.call(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg);
+    ctx->save_for_backward({logp, old, adv, mask, row_weight});
+    ctx->saved_data["clip_low"] = clip_low;
+    ctx->saved_data["clip_high"] = clip_high;
+    ctx->saved_data["dual_clip"] = dual_clip;
+    ctx->mark_non_differentiable({clipfrac, approx_kl, row_weight});
+    return {loss, clipfrac, approx_kl, row_weight};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<PolicyBwd>("rlhf_kernels::ppo_policy_loss_bwd");
+    const auto s = ctx->get_saved_variables();
+    const bool need_adv = ctx->needs_input_grad(2);
+    auto [g_lp, g_adv] = bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["clip_low"].toDouble(),
+                                  ctx->saved_data["clip_high"].toDouble(), ctx->saved_data["dual_clip"].toDouble(),
+                                  need_adv);
+    return {ctx->needs_input_grad(0) ? g_lp : Tensor(), ctx->needs_input_grad(1) ? g_lp.neg() : Tensor(),
+            need_adv ? g_adv : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_fwd(const Tensor& logp, const Tensor& old,
+                                                              const Tensor& adv, const Tensor& mask, double clip_low,
+                                                              double clip_high, double dual_clip, int64_t agg) {
+  auto out = PolicyLossFn::apply(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+using ValueFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    double, int64_t);
+using ValueBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, const Tensor&, double, bool);
+
+class ValueLossFn : public torch::autograd::Function<ValueLossFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& val, const Tensor& old, const Tensor& ret,
+                               const Tensor& mask, double clip, int64_t agg) {
+    static const auto fwd = op<ValueFwd>("rlhf_kernels::ppo_value_loss_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, clipfrac, row_weight] = fwd.call(val, old, ret, mask, clip, agg);
+    ctx->save_for_backward({val, old, ret, mask, row_weight});
+    ctx->saved_data["clip"] = clip;
+    ctx->mark_non_differentiable({clipfrac, row_weight});
+    return {loss, clipfrac, row_weight};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<ValueBwd>("rlhf_kernels::ppo_value_loss_bwd");
+    const auto s = ctx->get_saved_variables();
+    const bool need_data = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    auto [g_v, g_old, g_ret] =
+        bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["clip"].toDouble(), need_data);
+    return {ctx->needs_input_grad(0) ? g_v : Tensor(), ctx->needs_input_grad(1) ? g_old : Tensor(),
+            ctx->needs_input_grad(2) ? g_ret : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> ppo_value_loss_fwd(const Tensor& val, const Tensor& old, const Tensor& ret,
+                                                      const Tensor& mask, double clip, int64_t agg) {
+  auto out = ValueLossFn::apply(val, old, ret, mask, clip, agg);
+  return {out[0], out[1], out[2]};
+}
+
+using DpoFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                                                  int64_t, double);
+using DpoBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                          const Tensor&, double, int64_t, double);
+
+class DpoLossFn : public torch::autograd::Function<DpoLossFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& c, const Tensor& r, const Tensor& cr,
+                               const Tensor& rr, double beta, int64_t type, double eps) {
+    static const auto fwd = op<DpoFwd>("rlhf_kernels::dpo_loss_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [losses, c_rew, r_rew] = fwd.call(c, r, cr, rr, beta, type, eps);
+    ctx->save_for_backward({c, r, cr, rr});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["type"] = type;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({c_rew, r_rew});  // the rewards are logged, not trained on
+    return {losses, c_rew, r_rew};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<DpoBwd>("rlhf_kernels::dpo_loss_bwd");
+    const auto s = ctx->get_saved_variables();
+    auto [gc, gr, gcr, grr] = bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3],
+                                       ctx->saved_data["beta"].toDouble(), ctx->saved_data["type"].toInt(),
+                                       ctx->saved_data["eps"].toDouble());
+    auto keep = [&](int i, const Tensor& g) { return ctx->needs_input_grad(i) ? g : Tensor(); };
+    return {keep(0, gc), keep(1, gr), keep(2, gcr), keep(3, grr), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> dpo_loss_fwd(const Tensor& c, const Tensor& r, const Tensor& cr, const Tensor& rr,
+                                                double beta, int64_t type, double eps) {
+  auto out = DpoLossFn::apply(c, r, cr, rr, beta, type, eps);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, Autograd, m) {
+  m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd);
+  m.impl("ppo_value_loss_fwd", &ppo_value_loss_fwd);
+  m.impl("dpo_loss_fwd", &dpo_loss_fwd);
+}

@@ -1,0 +1,200 @@
+// The interface between each op's CPU entry point (csrc/cpu/<op>.cpp: checks, allocation,
+// at::parallel_for) and its loops (csrc/cpu/kernels/<op>.cpp), which are compiled once per ISA
+// (cpu/isa.h). A kernel works on raw pointers over a range [lo, hi) of rows or elements; each
+// kernel file defines a constant table of them, and <op>_kernels() returns the selected ISA's table.
+// Kernel files include no ATen header: only this one, common.h and row_index.h.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+#include "cpu/isa.h"
+#include "row_index.h"
+
+namespace rk {
+namespace cpu {
+
+// One kernel per accumulation dtype (Fn is a function type template).
+template <template <typename> class Fn> struct ByType {
+  Fn<float>* f32;
+  Fn<double>* f64;
+  template <typename T> Fn<T>* of() const {
+    if constexpr (std::is_same_v<T, float>) return f32;
+    else return f64;
+  }
+};
+template <typename Args> using RangeFn = void(const Args&, int64_t lo, int64_t hi);
+
+// ---- logprobs_from_logits: rows of logits[..., V] ----
+enum class Dtype { f32, f64, bf16, f16 };
+struct LogitsFwdArgs {
+  const void* logits;  // in `dtype`; rows addressed through `rows`
+  Dtype dtype;
+  RowIndex rows;
+  int64_t V;
+  const int64_t* tokens;
+  void *logp, *ent, *lse;  // accumulation dtype (f64 for f64 logits, else f32); ent null when not asked for
+  double inv_t;
+  int64_t ignore_index;
+};
+struct LogitsBwdArgs {
+  const void* logits;
+  Dtype dtype;
+  RowIndex rows;
+  int64_t V;
+  const int64_t* tokens;
+  const void *g_logp, *g_ent;  // null: no gradient through it
+  const void *lse, *ent;
+  void* grad;  // contiguous [N, V] in the logits dtype
+  double inv_t;
+  int64_t ignore_index;
+};
+struct LogitsKernels {
+  RangeFn<LogitsFwdArgs>* fwd;
+  RangeFn<LogitsBwdArgs>* bwd;
+};
+
+// ---- linear_logprobs: the fused passes over one logits tile Z[nr, vc] = h_r · W_cᵀ ----
+struct TileArgs {
+  int64_t nr, vc, v0, vocab, ignore_index;
+  const int64_t* tok;  // this tile's rows
+};
+// merge each row's state into st[i], pick the target logit into tgt[i]
+template <typename T>
+using TileFwdFn = void(T* Z, const T* bias, T inv_t, const TileArgs& a, LseState<T>* st, T* tgt);
+// Z becomes d(logits) in place; db (if not null) += its column sums
+template <typename T>
+using TileBwdFn = void(T* Z, const T* bias, T inv_t, const TileArgs& a, const T* lse, const T* ent, const T* g_lp,
+                       const T* g_h, T* db);
+struct LinearKernels {
+  ByType<TileFwdFn> fwd_tile;
+  ByType<TileBwdFn> bwd_tile;
+};
+
+// ---- token_kl: elementwise ----
+template <typename T> struct KlArgs {
+  const T *grad, *logp, *ref;  // grad: backward only
+  T *out, *g_logp, *g_ref;     // out: forward only
+  int64_t estimator;
+  T clamp;
+};
+template <typename T> using KlFn = RangeFn<KlArgs<T>>;
+struct TokenKlKernels {
+  ByType<KlFn> fwd, bwd;
+};
+
+// ---- dpo_loss: elementwise over the pairs ----
+template <typename T> struct DpoArgs {
+  const T *grad, *c, *r, *cr, *rr;  // grad: backward only
+  T *losses, *c_rew, *r_rew;        // forward outputs
+  T *gc, *gr, *gcr, *grr;           // backward outputs
+  T beta, eps;
+  int64_t type;
+};
+template <typename T> using DpoFn = RangeFn<DpoArgs<T>>;
+struct DpoKernels {
+  ByType<DpoFn> fwd, bwd;
+};
+
+// ---- the row ops over contiguous [R, n] ----
+template <typename T> struct GaeArgs {
+  const T *r, *v;
+  const uint8_t *mask, *dones;  // dones null: none
+  T *adv, *ret;
+  int64_t n;
+  T gamma, lam;
+};
+template <typename T> using GaeFn = RangeFn<GaeArgs<T>>;
+struct GaeKernels {
+  ByType<GaeFn> rows;
+};
+
+template <typename T> struct RewardArgs {
+  const T *score, *logp, *ref, *dense;  // logp/ref null without a KL term, dense null without dense rewards
+  const uint8_t* mask;
+  T* out;
+  int64_t n, estimator;
+  T kl_coef, dense_coef, dense_clip;
+  bool after_eos;
+};
+template <typename T> using RewardFn = RangeFn<RewardArgs<T>>;
+struct TokenRewardsKernels {
+  ByType<RewardFn> rows;
+};
+
+// masked_whiten over a flat array: moments of one chunk, then the elementwise pass over [lo, hi)
+template <typename T> using MomentsFn = Moments<T>(const T* x, const uint8_t* m, int64_t n);
+template <typename T> struct WhitenArgs {
+  const T* x;
+  const uint8_t* mask;
+  T* out;
+  T mean, inv_std;
+  bool shift_mean;
+};
+template <typename T> using NormalizeFn = RangeFn<WhitenArgs<T>>;
+struct WhitenKernels {
+  ByType<MomentsFn> moments;
+  ByType<NormalizeFn> normalize;
+};
+
+// ---- the PPO losses: per-row partial sums forward, per-token gradients backward ----
+template <typename T> struct RowPartial {
+  T sum = 0, kl = 0;  // kl: Σ ½(logp − old)² (policy loss only)
+  int64_t n = 0, clipped = 0;
+};
+template <typename T> struct PolicyArgs {
+  const T *logp, *old, *adv;
+  const uint8_t* mask;
+  int64_t n;
+  T clip_low, clip_high, dual_clip;
+  RowPartial<T>* part;  // forward output, one per row
+  T grad;               // backward: ∂L/∂loss
+  const T* row_weight;
+  T *g_logp, *g_adv;  // g_adv null unless asked for
+};
+template <typename T> using PolicyFn = RangeFn<PolicyArgs<T>>;
+struct PolicyLossKernels {
+  ByType<PolicyFn> fwd, bwd;
+};
+
+template <typename T> struct ValueArgs {
+  const T *values, *old, *ret;
+  const uint8_t* mask;
+  int64_t n;
+  T clip;
+  RowPartial<T>* part;
+  T grad;
+  const T* row_weight;
+  T *g_values, *g_old, *g_ret;  // g_old and g_ret null unless asked for
+};
+template <typename T> using ValueFn = RangeFn<ValueArgs<T>>;
+struct ValueLossKernels {
+  ByType<ValueFn> fwd, bwd;
+};
+
+// ---- the tables: one per op in each compiled ISA, and the accessor of the selected one ----
+#if defined(RK_CPU_X86_VARIANTS)
+#define RK_CPU_TABLE(Type, name)          \
+  namespace baseline { extern const Type name; } \
+  namespace avx2 { extern const Type name; }     \
+  namespace avx512 { extern const Type name; }   \
+  inline const Type& name##_kernels() { return pick(baseline::name, avx2::name, avx512::name); }
+#else
+#define RK_CPU_TABLE(Type, name)          \
+  namespace baseline { extern const Type name; } \
+  inline const Type& name##_kernels() { return baseline::name; }
+#endif
+
+RK_CPU_TABLE(LogitsKernels, logprobs_from_logits)
+RK_CPU_TABLE(LinearKernels, linear_logprobs)
+RK_CPU_TABLE(TokenKlKernels, token_kl)
+RK_CPU_TABLE(DpoKernels, dpo_loss)
+RK_CPU_TABLE(GaeKernels, gae)
+RK_CPU_TABLE(TokenRewardsKernels, token_rewards)
+RK_CPU_TABLE(WhitenKernels, masked_whiten)
+RK_CPU_TABLE(PolicyLossKernels, ppo_policy_loss)
+RK_CPU_TABLE(ValueLossKernels, ppo_value_loss)
+#undef RK_CPU_TABLE
+
+}  // namespace cpu
+}  // namespace rk
