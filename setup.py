@@ -137,7 +137,7 @@ def has_cxx():
 def extensions():
     if not has_cxx():
         warnings.warn("rlhf_kernels: no C++ compiler found; installing without the native "
-                      "extension (only the 'reference' and 'triton' backends will be available)")
+                      "extension (only the 'reference' and 'triton' backends will be available)", stacklevel=2)
         return [], {}
     cuda_home = find_cuda_home()
     if cuda_home:

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu
 
 BACKENDS = cpu_backends("gae")
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -187,7 +187,7 @@ def test_gpu_opcheck_triton():
 @pytest.mark.parametrize("T", [1, 257, 3000])
 def test_gpu_matches_reference(backend, T):
     r, v = _inputs((5, T), seed=9)
-    for kind, m in all_masks((5, T), seed=9).items():
+    for _kind, m in all_masks((5, T), seed=9).items():
         adv, ret = rk.gae(r.cuda(), v.cuda(), m.cuda(), gamma=0.75, lam=0.5, backend=backend)
         ea, er = reference.gae(r, v, m, 0.75, 0.5)
         torch.testing.assert_close(adv.cpu(), ea, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu
 
 BACKENDS = cpu_backends("masked_whiten")
 FAST = [b for b in BACKENDS if b != "reference"]
@@ -102,7 +102,7 @@ def test_triton_many_partials(monkeypatch):
     monkeypatch.setattr(tw, "CHUNK", 64)  # 4·257 elements: 17 partials ...
     monkeypatch.setattr(tw, "MERGE_BLOCK", 4)  # ... merged in 5 tiles, some partials empty
     x = _x((4, 257), seed=4)
-    for kind, m in _masks((4, 257), seed=4).items():
+    for _kind, m in _masks((4, 257), seed=4).items():
         _check("triton", x, m, 1e-12, unbiased=True, eps=0.5 if m.sum() <= 1 else 0.0)
 
 
@@ -185,7 +185,7 @@ def test_gpu_opcheck():
 @pytest.mark.parametrize("shape", [(1,), (5, 257), (7, 3000), (1 << 20,)])
 def test_gpu_matches_reference_and_is_deterministic(backend, shape):
     x = _x(shape, seed=9)
-    for kind, m in _masks(shape, seed=9).items():
+    for _kind, m in _masks(shape, seed=9).items():
         for unbiased in (False, True):
             out = rk.masked_whiten(x.cuda(), m.cuda(), unbiased=unbiased, eps=0.5, backend=backend)
             torch.testing.assert_close(out.cpu(), reference.masked_whiten(x, m, True, unbiased, 0.5),

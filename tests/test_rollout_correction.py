@@ -283,7 +283,7 @@ def test_triton_plan_on_meta_tensors():
 @pytest.mark.parametrize("T", [1, 257, 3000])
 def test_gpu_matches_spec(backend, T):
     old, roll = _inputs((5, T), seed=T, spread=0.01)
-    for kind, m in all_masks((5, T), seed=T).items():
+    for _kind, m in all_masks((5, T), seed=T).items():
         for level in LEVELS:
             for mode, low in (("truncate", None), ("mask", 0.5)):
                 w, keep, stats = rk.rollout_correction(old.cuda(), roll.cuda(), m.cuda(), level=level, mode=mode,

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import all_masks, cpu_backends, needs_gpu, ragged_masks
+from conftest import all_masks, cpu_backends, needs_gpu
 
 BACKENDS = cpu_backends("token_rewards")
 FAST = [b for b in BACKENDS if b != "reference"]

@@ -9,6 +9,7 @@ from rlhf_kernels.train import ppo
 from rlhf_kernels.train.core import config
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.core.runlog import Run
+
 from train_helpers import FAST
 
 SMALL = {**FAST, "batch_size": 8, "micro_batch_size": 4, "steps": 2, "eval_every": 100}

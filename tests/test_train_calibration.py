@@ -11,8 +11,7 @@ from rlhf_kernels.train.core import config
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.decode import rollout
 from rlhf_kernels.train.rewards import calibration, crm
-from rlhf_kernels.train.tasks import confidence as C
-from rlhf_kernels.train.tasks import sentiment
+from rlhf_kernels.train.tasks import confidence as C, sentiment
 
 E, P = sentiment.EOS, sentiment.PAD
 W = {w: i for i, w in enumerate(C.WORDS)}

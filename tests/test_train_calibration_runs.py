@@ -9,6 +9,7 @@ from rlhf_kernels.train.core import models
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.rewards import crm
 from rlhf_kernels.train.tasks import confidence, sentiment
+
 from train_helpers import FAST, PPO_FAST, metrics
 
 SMALL = {**FAST, "steps": 2, "batch_size": 4, "micro_batch_size": 2, "task": "confidence"}

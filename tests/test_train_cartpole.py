@@ -11,6 +11,7 @@ from rlhf_kernels.train.cli import main
 from rlhf_kernels.train.core import config
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.tasks import cartpole as cartpole_env
+
 from train_helpers import interrupt_then_resume
 
 
@@ -25,7 +26,7 @@ def test_dynamics_hand_computed_from_rest():
 
 def test_dynamics_match_the_equations():
     x, xd, th, thd = 0.3, -0.7, 0.1, 0.5
-    g, mc, mp, l, f, tau = 9.8, 1.0, 0.1, 0.5, -10.0, 0.02  # action 0 pushes left
+    g, mc, mp, l, f, tau = 9.8, 1.0, 0.1, 0.5, -10.0, 0.02  # noqa: E741 (l: the pole length); action 0 pushes left
     M = mc + mp
     temp = (f + mp * l * thd ** 2 * math.sin(th)) / M
     thacc = (g * math.sin(th) - math.cos(th) * temp) / (l * (4 / 3 - mp * math.cos(th) ** 2 / M))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rlhf_kernels.train.cli import main
+
 from train_helpers import FAST, PPO_FAST
 
 

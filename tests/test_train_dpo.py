@@ -4,6 +4,7 @@ import torch
 
 from rlhf_kernels.train import dpo
 from rlhf_kernels.train.core.commands import build
+
 from train_helpers import FAST, metrics
 
 

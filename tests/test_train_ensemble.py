@@ -18,6 +18,7 @@ from rlhf_kernels.train.core.models import ScalarModel
 from rlhf_kernels.train.core.runlog import Run
 from rlhf_kernels.train.decode import bon
 from rlhf_kernels.train.rewards.ensemble import EnsembleRM, load_reward, member_dirs, reduce_scores
+
 from train_helpers import PPO_FAST, metrics
 
 SCORES = [[0.5, -1.0, 2.0, 0.0], [1.5, -3.0, 2.0, 4.0], [-0.5, 0.5, 2.0, 1.0]]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rlhf_kernels.train.cli import main
+
 from train_helpers import metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from rlhf_kernels.train.cli import main, parse_options
 from rlhf_kernels.train.core import config, lora, models
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.tasks import sentiment
+
 from train_helpers import FAST, PPO_FAST, interrupt_then_resume, metrics
 
 R, ALPHA = 4, 8.0

@@ -6,6 +6,7 @@ import torch
 from rlhf_kernels.train import ppo
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.core.runlog import CheckpointError, Run, TrainingDiverged
+
 from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 

@@ -13,6 +13,7 @@ from rlhf_kernels.train.core import config, models
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.core.runlog import Run
 from rlhf_kernels.train.presets import PRESETS
+
 from train_helpers import PPO_FAST, interrupt_then_resume, metrics
 
 

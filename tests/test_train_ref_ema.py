@@ -6,6 +6,7 @@ from rlhf_kernels.train import ppo, ref_ema
 from rlhf_kernels.train.core import config, models
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.core.runlog import Run
+
 from train_helpers import PPO_FAST
 
 

@@ -11,6 +11,7 @@ from rlhf_kernels.train.core import config, models
 from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.core.runlog import Run, clip_and_step
 from rlhf_kernels.train.tasks import sentiment
+
 from train_helpers import FAST, interrupt_then_resume, metrics
 
 RRHF_FAST = {**FAST, "steps": 2, "batch_size": 4, "micro_batch_size": 2, "samples": 2, "demonstrations": 1}

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from bench import gpu_report
 from rlhf_kernels._backend import interpreting
 from rlhf_kernels.triton import _launch
-
-from bench import gpu_report
 
 # where the triton backend runs: CPU tensors under the interpreter (make test), the GPU otherwise (make gpu-check)
 DEVICE = torch.device("cpu") if interpreting() else torch.empty(0, device="cuda").device if torch.cuda.is_available() \

@@ -11,7 +11,6 @@ dominate memory the way they do in a real LLM.
 import argparse
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf_kernels as rk

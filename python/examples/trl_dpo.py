@@ -25,8 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_module
-from trl.trainer.utils import FusedCausalLMOutput
-from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head as trl_add_fused_lm_head
 
 import rlhf_kernels as rk
 

@@ -4,8 +4,7 @@ import operator
 import torch
 
 from .. import reference
-from ._common import (BASELINE_CODES, HAVE_C, HAVE_TRITON, SCALE_CODES, backend_for, choice, float_tensor, number,
-                      same_device)
+from ._common import BASELINE_CODES, HAVE_C, HAVE_TRITON, SCALE_CODES, backend_for, choice, float_tensor, number, same_device
 from ._nograd import raise_on_backward
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())

@@ -8,8 +8,18 @@ old_logp (−grad_logp) and advantages (computed only when advantages require gr
 import torch
 
 from .. import reference
-from ._common import (AGG_CODES, HAVE_C, HAVE_TRITON, backend_for, choice, float_tensor, mask_tensor, number,
-                      same_device, same_shape)
+from ._common import (
+    AGG_CODES,
+    HAVE_C,
+    HAVE_TRITON,
+    backend_for,
+    choice,
+    float_tensor,
+    mask_tensor,
+    number,
+    same_device,
+    same_shape,
+)
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
 

@@ -4,8 +4,19 @@ import math
 import torch
 
 from .. import reference
-from ._common import (HAVE_C, HAVE_TRITON, RC_LEVEL_CODES, RC_MODE_CODES, backend_for, choice, float_tensor,
-                      mask_tensor, number, same_device, same_shape)
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    RC_LEVEL_CODES,
+    RC_MODE_CODES,
+    backend_for,
+    choice,
+    float_tensor,
+    mask_tensor,
+    number,
+    same_device,
+    same_shape,
+)
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
 STATS = ("mismatch_k1", "mismatch_k3", "masked_fraction", "weight_mean")  # the kernels' stats, in order

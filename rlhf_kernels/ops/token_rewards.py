@@ -2,8 +2,18 @@
 import torch
 
 from .. import reference
-from ._common import (HAVE_C, HAVE_TRITON, KL_CODES, backend_for, choice, float_tensor, mask_tensor, number,
-                      same_device, same_shape)
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    KL_CODES,
+    backend_for,
+    choice,
+    float_tensor,
+    mask_tensor,
+    number,
+    same_device,
+    same_shape,
+)
 from ._nograd import raise_on_backward
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, execute, powers_of_two
-
 from ._scalars import _scalar
 
 MAX_BLOCK = 1024

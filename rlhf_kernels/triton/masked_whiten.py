@@ -6,7 +6,6 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, execute
-
 from ._scalars import _scalar
 
 CHUNK = 4096  # elements per partial, fixed so the reduction order depends only on the size

@@ -5,8 +5,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import ConfigError
-from .config import build as build_config
+from .config import ConfigError, build as build_config
 
 
 @dataclass(frozen=True)

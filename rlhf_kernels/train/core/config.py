@@ -113,7 +113,7 @@ def _preset_layer(cls, layers):
     """[(settings, source)] of the preset named by the last layer that sets `preset`, or []. A config
     with presets has a `preset` field and a class attribute PRESETS: {name: {key: value}}."""
     name = ""
-    for settings, source in layers:
+    for settings, _source in layers:
         for key, value in settings.items():
             if str(key).replace("-", "_") == "preset":
                 if "preset" not in keys(cls):

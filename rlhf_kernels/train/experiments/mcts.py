@@ -15,8 +15,7 @@ from pathlib import Path
 from ..core.commands import Command
 from ..core.config import ConfigError, to_dict, topic
 from ..core.plots import _pyplot, _save
-from ..decode.generate import GenerateConfig
-from ..decode.generate import run as decode
+from ..decode.generate import GenerateConfig, run as decode
 
 sweep_key = topic("experiment")
 
