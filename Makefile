@@ -14,7 +14,8 @@ export FORCE_CUDA ?= 1
 endif
 endif
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cpu/kernels/*.cpp \
+           csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
 .PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check
 
@@ -30,10 +31,11 @@ $(VENV)/.built: $(VENV)/.base $(SOURCES)
 
 build: $(VENV)/.built
 
-# the suite, then the instrumented CPU build, the install from the sdist, and the linter
+# the linter, the suite, then the instrumented CPU build and the install from the sdist
 test: build
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q tests
-	$(MAKE) --no-print-directory sanitize sdist-check lint
+	$(MAKE) --no-print-directory sanitize sdist-check
 
 # ruff (rules in pyproject.toml; also a pre-commit hook: .pre-commit-config.yaml)
 lint: build
