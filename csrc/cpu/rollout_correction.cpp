@@ -12,9 +12,10 @@
 
 #include <vector>
 
-#include "common.h"
-#include "cpu/vec_math.h"
 #include "checks.h"
+#include "common.h"
+#include "cpu/parallel.h"
+#include "cpu/vec_math.h"
 
 namespace {
 
@@ -84,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_correction(const at::Tens
     auto* pmo = static_cast<uint8_t*>(mo.data_ptr());
     std::vector<RowStats<T>> part(R);
     const T lo = static_cast<T>(low), hi = static_cast<T>(high);
-    at::parallel_for(0, R, rk::row_grain(T_), [&](int64_t a, int64_t b) {
+    at::parallel_for(0, R, rk::cpu::row_grain(T_), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         const int64_t off = i * T_;
         part[i] = correct_row(po + off, pq + off, pm + off, pw + off, pmo + off, T_, level, mode, lo, hi);
