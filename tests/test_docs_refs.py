@@ -36,7 +36,8 @@ def test_algorithm_sections_cited_exist():
 
 
 def test_no_reference_to_files_outside_the_repository():
-    bad = [p for p in tracked(".py", ".md") if "ALGORITHMS.md" in open(os.path.join(ROOT, p), encoding="utf-8").read()]
+    private = "ALGORITHMS" + ".md"  # the private notes the docs were once written from: never cited
+    bad = [p for p in tracked(".py", ".md") if private in open(os.path.join(ROOT, p), encoding="utf-8").read()]
     assert not bad, bad
 
 

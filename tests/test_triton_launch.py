@@ -54,6 +54,10 @@ def _calls():
                                                                          return_entropy=True, **tri)),
         "linear_logprobs": lambda: _fwd_bwd(rk.linear_logprobs(rand(B * T, H, grad=True), rand(V, H, grad=True),
                                                                tokens(B * T), **tri)),
+        "group_advantages": lambda: rk.group_advantages(rand(6), group_ids=torch.tensor([2, 0, 2, 1, 0, 2]).to(DEVICE),
+                                                        **tri),
+        "rollout_correction": lambda: rk.rollout_correction(lp(B, T).detach(), lp(B, T).detach(), mask,
+                                                            level="sequence", **tri),
     }
 
 
@@ -119,6 +123,8 @@ def _meta_args(launcher):
         "ppo_value_loss_fwd": (x, x, x, msk, 0.2, 0), "ppo_value_loss_bwd": (s, x, x, x, msk, m(2), 0.2, True),
         "token_rewards": (m(2), msk, x, x, 0.1, 0, None, 1.0, 0.0, False),
         "logprobs_fwd": (z, tok, 1.0, -100, True), "logprobs_bwd": (r, r, z, tok, r, r, 1.0, -100),
+        "group_advantages": (m(8), m(8, dtype=torch.int64), m(9, dtype=torch.int64), 0, 0, 0, 1e-6),
+        "rollout_correction": (x, x, msk, 1, 0, 0.0, 2.0),
     }
     return table[launcher]
 
