@@ -33,9 +33,15 @@ build: $(VENV)/.built
 
 # the linter, the suite, then the instrumented CPU build and the install from the sdist
 test: build
+	@date +"make test: lint %T"
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q tests
-	$(MAKE) --no-print-directory sanitize sdist-check
+	@date +"make test: pytest %T"
+	$(PY) -m pytest -q --durations=25 tests
+	@date +"make test: sanitize %T"
+	$(MAKE) --no-print-directory sanitize
+	@date +"make test: sdist-check %T"
+	$(MAKE) --no-print-directory sdist-check
+	@date +"make test: done %T"
 
 # ruff (rules in pyproject.toml; also a pre-commit hook: .pre-commit-config.yaml)
 lint: build
