@@ -93,8 +93,10 @@ def test_low_precision_inputs_compute_in_fp32(backend, dtype):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gradcheck(backend, loss):
     ins = [t.requires_grad_(True) for t in _inputs((6,), seed=3, scale=2.0)]
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
     assert torch.autograd.gradcheck(
-        lambda *a: rk.dpo_loss(*a, beta=0.4, loss_type=loss[0], label_smoothing=loss[1], backend=backend)[0], ins)
+        lambda *a: rk.dpo_loss(*a, beta=0.4, loss_type=loss[0], label_smoothing=loss[1], backend=backend)[0], ins,
+        fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -112,7 +112,8 @@ def test_gradcheck(backend):
         lp, ent = rk.linear_logprobs(h, w, tokens, bias=bb, temperature=0.5, return_entropy=True, backend=backend)
         return lp, ent
 
-    assert torch.autograd.gradcheck(f, leaves)
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=backend == "triton")
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")

@@ -113,7 +113,8 @@ def test_gradcheck_through_logp_and_entropy(backend):
 
     # the Jacobian of both outputs at once (Triton's temperature is an fp32 scalar, the same in both passes);
     # one output alone is test_gradient_through_one_output_only
-    assert torch.autograd.gradcheck(f, (x,))
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

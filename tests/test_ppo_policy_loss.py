@@ -142,9 +142,10 @@ def test_gradcheck(backend, aggregation, clips):
     logp, old, adv = _inputs((3, 7), seed=11)
     mask = _mask((3, 7), "holes", seed=11)
     ins = [t.clone().requires_grad_(True) for t in (logp, old, adv)]
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
     assert torch.autograd.gradcheck(
         lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, aggregation=aggregation, backend=backend, **CLIPS[clips])[0],
-        ins)
+        ins, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

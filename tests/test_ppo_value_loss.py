@@ -134,8 +134,10 @@ def test_gradcheck(backend, aggregation, clip):
     v, vo, ret = _inputs((3, 7), seed=11)
     mask = _mask((3, 7), "holes", seed=11)
     ins = [t.clone().requires_grad_(True) for t in (v, vo, ret)]
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
     assert torch.autograd.gradcheck(
-        lambda a, b, c: rk.ppo_value_loss(a, b, c, mask, clip=clip, aggregation=aggregation, backend=backend)[0], ins)
+        lambda a, b, c: rk.ppo_value_loss(a, b, c, mask, clip=clip, aggregation=aggregation, backend=backend)[0], ins,
+        fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -47,8 +47,9 @@ def test_gradcheck(backend, estimator):
     logp, ref = _inputs((3, 7), torch.float64, seed=3)
     logp.requires_grad_(True)
     ref.requires_grad_(True)
+    # triton: one random projection (fast_mode); the sweeps compare its gradients with the reference elementwise
     assert torch.autograd.gradcheck(lambda a, b: rk.token_kl(a, b, estimator=estimator, clamp=0.8, backend=backend),
-                                    (logp, ref))
+                                    (logp, ref), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
