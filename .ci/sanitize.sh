@@ -5,6 +5,8 @@
 # Usage: .ci/sanitize.sh PYTHON
 set -euo pipefail
 PY=${1:-python3}
+# an absolute path: the tests run from another folder (a venv's python must not be resolved through its symlink)
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")";; esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT="$ROOT/build/sanitize"
 CXX=${CXX:-c++}
