@@ -8,7 +8,8 @@ WORK=$(realpath -m "${2:-build/sdist-check}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # torch for the fresh venv: the CPU build lies on this machine's disk (small and quick to install)
 SDIST_TORCH=${SDIST_TORCH:-torch==2.13.0}
-export RLHF_KERNELS_CUDA=0 MAX_JOBS=${MAX_JOBS:-2}
+# CPU-only, even where the Makefile exports FORCE_CUDA=1 (nvcc present)
+export RLHF_KERNELS_CUDA=0 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2}
 step() { echo "sdist-check: $* ($(( SECONDS - T0 )) s)"; }
 T0=$SECONDS
 
