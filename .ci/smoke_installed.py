@@ -81,9 +81,12 @@ def check(op, args, kwargs):
 def main():
     here = os.path.dirname(os.path.abspath(rk.__file__))
     if CHECKOUT:
-        assert not here.startswith(os.path.abspath(CHECKOUT) + os.sep), f"imported from the checkout: {here}"
+        # the work folder (and its venv) may sit inside the checkout; the package must not be the checkout's own
+        src = os.path.join(os.path.abspath(CHECKOUT), "rlhf_kernels")
+        assert os.path.realpath(here) != os.path.realpath(src), f"imported from the checkout: {here}"
     assert rk.available_backends()["cpu"] == "available", rk.available_backends()
-    public = {n for n in rk.__all__ if n != "available_backends"}
+    print(f"backends: {rk.available_backends()}; CPU ISA: {rk.cpu_isa()}")
+    public = {n for n in rk.__all__ if n not in ("available_backends", "cpu_isa")}  # the ops
     table = cases(torch.Generator().manual_seed(0))
     missing = public - set(table)
     assert not missing, f"public ops without a smoke case here: {sorted(missing)}"
