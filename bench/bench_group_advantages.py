@@ -8,7 +8,8 @@ the sort the label path needs). The kernel reads a group three times while it si
 import torch
 
 import rlhf_kernels as rk
-from bench.common import DEVICE, measure, report, rk_backends, script_main
+
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 
 def eager_grpo(scores, G, eps=1e-6):

@@ -8,8 +8,9 @@ sum must be known before any weight), from cache for rows of a few thousand toke
 import torch
 
 import rlhf_kernels as rk
-from bench.common import DEVICE, measure, report, rk_backends, script_main
 from rlhf_kernels import reference
+
+from .common import DEVICE, measure, report, rk_backends, script_main
 
 
 def eager_correction(old, roll, mask, level="token", mode="truncate", low=0.0, high=2.0):

@@ -187,7 +187,7 @@ def write_csv(path, rows, columns):
 def roofline_column(results, nbytes, flops, dtype, device_name):
     """(column name, {contender: measured / predicted}) against the roofline prediction (bench/roofline.py) of
     `nbytes` and `flops` on the GPU called `device_name`; (None, {}) off a GPU with published figures there."""
-    from bench.roofline import gpu_named, predict
+    from .roofline import gpu_named, predict
     gpu = gpu_named(device_name) if device_name else None
     if gpu is None or not (nbytes or flops):
         return None, {}

@@ -63,7 +63,8 @@ def head_memory(N=2048, H=4096, V=128256):
     import torch
 
     import rlhf_kernels as rk
-    from bench.common import peak_bytes
+
+    from .common import peak_bytes
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
@@ -103,7 +104,7 @@ def main(argv=None):
         return NO_GPU
     import torch
 
-    from bench.common import machine
+    from .common import machine
     parts = [f"# GPU check: {torch.cuda.get_device_name()}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
              f"machine: {machine()}", "", "Command: `make gpu-check` (python -m bench.gpu_check"

@@ -113,7 +113,7 @@ def main(argv=None):
     text = table()
     print(text)
     if a.benchmarks:
-        from bench.gpu_report import replace_between
+        from .gpu_report import replace_between
         replace_between(a.benchmarks, BEGIN, END, text)
     return 0
 
