@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from rlhf_kernels.triton._launch import uses
+
 # Max shared memory per block (opt-in dynamic + static) and the register file, from NVIDIA's CUDA C++ Programming
 # Guide, "Compute capabilities" (technical specifications per compute capability).
 KB = 1024
@@ -209,34 +211,9 @@ def kernel_name(kernel):
     return kernel.fn.__name__
 
 
-def matches(launch, config):
-    """Whether `launch` uses `config` (a dict: kernel name, tile constexprs, num_warps, optional num_stages)."""
-    if config.get("kernel") != kernel_name(launch.kernel):
-        return False
-    for k, v in config.items():
-        if k == "kernel":
-            continue
-        got = getattr(launch, k) if k in ("num_warps", "num_stages") else launch.constexprs.get(k, None)
-        if got != v:
-            return False
-    return True
-
-
-def listed_configs(mod, dtype, arch):
-    """The module's `configs(dtype, arch)` when they are dicts naming their kernel (what `matches` reads), else
-    None: a module that lists its configurations in another form is checked through its own `config_of`."""
-    listed = mod.configs(dtype, arch) if hasattr(mod, "configs") else None
-    if listed is None or not all(isinstance(c, dict) and "kernel" in c for c in listed):
-        return None
-    return listed
-
-
 def selectable(mod, launch, dtype, arch):
-    """Whether `launch` uses a configuration its module lists for (dtype, arch); None when the module lists none."""
-    if hasattr(mod, "config_of"):
-        return mod.config_of(launch) in mod.configs(dtype, arch)
-    listed = listed_configs(mod, dtype, arch)
-    return None if listed is None else any(matches(launch, c) for c in listed)
+    """Whether `launch` uses a configuration its module lists for (dtype, arch)."""
+    return any(uses(launch, c) for c in mod.configs(dtype, arch))
 
 
 def launch_key(launch):
@@ -435,15 +412,13 @@ def collect(ops, archs):
                     full = launch_key(launch)
                     key = first.setdefault(variant(full), full)
                     u = units.setdefault(key, {"archs": set(), "ops": set(), "dtypes": set(), "shapes": set(),
-                                               "selectable": None, "specialisations": set()})
+                                               "selectable": True, "specialisations": set()})
                     u["archs"].add(arch)
                     u["specialisations"].add(full)
                     u["ops"].add(op)
                     u["dtypes"].add(str(dt).replace("torch.", ""))
                     u["shapes"].add(label)
-                    ok = selectable(mod, launch, dt, arch)
-                    if ok is not None:
-                        u["selectable"] = ok if u["selectable"] is None else (u["selectable"] and ok)
+                    u["selectable"] = u["selectable"] and selectable(mod, launch, dt, arch)
     return units
 
 

@@ -159,10 +159,10 @@ def test_config_matching():
     from rlhf_kernels.triton import token_kl
     plan, _ = token_kl.plan_fwd(gpu_report._meta(4), gpu_report._meta(4), 0, 0.0)
     (launch,) = plan
-    assert gpu_report.matches(launch, {"kernel": "_token_kl_fwd_kernel", "BLOCK": token_kl.BLOCK, "num_warps": 4})
-    assert not gpu_report.matches(launch, {"kernel": "_token_kl_fwd_kernel", "BLOCK": 2 * token_kl.BLOCK})
-    assert not gpu_report.matches(launch, {"kernel": "_token_kl_bwd_kernel", "BLOCK": token_kl.BLOCK})
-    assert not gpu_report.matches(launch, {"kernel": "_token_kl_fwd_kernel", "num_warps": 8})
+    assert _launch.uses(launch, {"kernel": "_token_kl_fwd_kernel", "BLOCK": token_kl.BLOCK, "num_warps": 4})
+    assert not _launch.uses(launch, {"kernel": "_token_kl_fwd_kernel", "BLOCK": 2 * token_kl.BLOCK})
+    assert not _launch.uses(launch, {"kernel": "_token_kl_bwd_kernel", "BLOCK": token_kl.BLOCK})
+    assert not _launch.uses(launch, {"kernel": "_token_kl_fwd_kernel", "num_warps": 8})
 
 
 def test_empty_inputs_plan_nothing():

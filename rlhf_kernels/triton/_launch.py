@@ -22,6 +22,15 @@ class Launch(NamedTuple):
     num_stages: int | None = None  # None: Triton's default
 
 
+def uses(launch, config):
+    """Whether `launch` runs `config`, a dict every launcher module lists in its `configs(dtype, arch)`: the
+    kernel's name, its tile constexprs, num_warps and optionally num_stages."""
+    if config.get("kernel") != launch.kernel.fn.__name__:
+        return False
+    return all((getattr(launch, k) if k in ("num_warps", "num_stages") else launch.constexprs.get(k)) == v
+               for k, v in config.items() if k != "kernel")
+
+
 def device_guard(device):
     """Makes `device` the current CUDA device for the launches inside; a no-op for other devices."""
     device = torch.device(device)

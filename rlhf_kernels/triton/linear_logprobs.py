@@ -330,21 +330,16 @@ def _kernel_configs(dot_bytes, arch, prec):
 
 
 def configs(dtype, arch):
-    """Every Config the launchers can select for operands of `dtype` (the dot dtype: torch.float32 also
-    covers mixed hidden/weight dtypes) on compute capability `arch` (80, 90, ...; None: the interpreter).
-    fp32 lists both its IEEE and TF32 variants."""
+    """Every configuration the launchers can select for operands of `dtype` (the dot dtype: torch.float32
+    also covers mixed hidden/weight dtypes) on compute capability `arch` (80, 90, ...; None: the
+    interpreter), as _launch.uses reads them. fp32 lists both its IEEE and TF32 variants."""
     out = []
     for prec in _precisions(dtype.itemsize, None):
         (fwd, dlog), dw, dh, merge = _kernel_configs(dtype.itemsize, arch, prec)
         out += [fwd, dlog, dw, dh, merge]
-    return list(dict.fromkeys(out))
-
-
-def config_of(launch):
-    """The Config a Launch was built from (its kernel, tile constexprs, warps and stages)."""
-    names = {"_fwd_merge_kernel": ("BLOCK",)}.get(launch.kernel.__name__, ("BLOCK_N", "BLOCK_V", "BLOCK_H", "DOT_PREC"))
-    tiles = tuple(sorted((k, launch.constexprs[k]) for k in names))
-    return Config(launch.kernel.__name__, tiles, launch.num_warps, launch.num_stages)
+    return [dict(kernel=c.kernel, **dict(c.tiles), num_warps=c.num_warps,
+                 **({} if c.num_stages is None else {"num_stages": c.num_stages}))
+            for c in dict.fromkeys(out)]
 
 
 def _arch(tensor, arch):
