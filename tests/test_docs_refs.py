@@ -24,14 +24,16 @@ def sections():
 def test_algorithm_sections_cited_exist():
     have = sections()
     assert {"1", "1.1", "2", "9"} <= have
-    missing = []
+    missing, cited = [], 0
     for path in tracked(".py", ".md", ".cpp", ".h", ".cu"):
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             text = f.read()
         for cite in re.finditer(r"algorithms\.md((?:,? ?§\d+(?:\.\d+)?)+)", text):
             for sec in re.findall(r"§(\d+(?:\.\d+)?)", cite.group(1)):
+                cited += 1
                 if sec not in have:
                     missing.append(f"{path}: §{sec}")
+    assert cited > 30, cited  # the code does cite the page: the check reads real citations
     assert not missing, missing
 
 
@@ -42,7 +44,7 @@ def test_no_reference_to_files_outside_the_repository():
 
 
 def test_markdown_links_resolve():
-    broken = []
+    broken, checked = [], 0
     for path in tracked(".md"):
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             text = f.read()
@@ -50,6 +52,8 @@ def test_markdown_links_resolve():
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
             target = target.split("#")[0]
+            checked += 1
             if not os.path.exists(os.path.normpath(os.path.join(ROOT, os.path.dirname(path), target))):
                 broken.append(f"{path}: {target}")
+    assert checked > 20, checked
     assert not broken, broken
