@@ -1,4 +1,6 @@
 """Argument validation and the small helpers every public op shares."""
+import math
+
 import torch
 
 from .. import _backend
@@ -90,8 +92,9 @@ def number(name, value, *, positive=False, nonneg=False, optional=False):
 
 
 def rows(x, dtype=None):
-    """[..., T] -> contiguous [R, T] (a view when possible), cast to `dtype`."""
-    x = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+    """[..., T] -> contiguous [R, T] (a view when possible), cast to `dtype`; R counted explicitly, since
+    reshape(-1, 0) is ambiguous for T = 0."""
+    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
     return (x if dtype is None else x.to(dtype)).contiguous()
 
 

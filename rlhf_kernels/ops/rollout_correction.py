@@ -1,5 +1,4 @@
 """rk.rollout_correction: importance weights for the mismatch between the sampler and the trainer."""
-import math
 
 import torch
 
@@ -14,6 +13,7 @@ from ._common import (
     float_tensor,
     mask_tensor,
     number,
+    rows,
     same_device,
     same_shape,
 )
@@ -59,16 +59,10 @@ def rollout_correction(old_logp, rollout_logp, mask, *, level="token", mode="tru
     dt = reference.compute_dtype(old_logp, rollout_logp)
     op = (torch.ops.rlhf_kernels.rollout_correction_triton if name == "triton"
           else torch.ops.rlhf_kernels.rollout_correction)
-    weights, mask_out, stats = op(_rows(old_logp, dt), _rows(rollout_logp, dt), _rows(mask), RC_LEVEL_CODES[level],
+    weights, mask_out, stats = op(rows(old_logp, dt), rows(rollout_logp, dt), rows(mask), RC_LEVEL_CODES[level],
                                   RC_MODE_CODES[mode], 0.0 if low is None else low,
                                   float("inf") if high is None else high)
     return weights.view(mask.shape), mask_out.view(mask.shape), dict(zip(STATS, stats.unbind(0)))
-
-
-def _rows(x, dtype=None):
-    """[..., T] -> contiguous [R, T] (also for T = 0, where reshape(-1, 0) is ambiguous)."""
-    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return (x if dtype is None else x.to(dtype)).contiguous()
 
 
 def _fake(old_logp, rollout_logp, mask, level, mode, low, high):
