@@ -83,7 +83,8 @@ def _usable(name, device_type):
 
 # The backend `backend=None` runs an op's CUDA tensors on, first choice first; the reasons are in
 # docs/backends.md ("Default backend on CUDA tensors"). The second entry is the fallback when the
-# first is not usable here (an extension built without CUDA, or no triton).
+# first is not usable here (an extension built without CUDA, or no triton). Every op has a row
+# (tests/test_backend_choice.py): a new op's default is a decision, not a fallback.
 CUDA_DEFAULTS = {
     "linear_logprobs": ("cuda", "triton"),
     "logprobs_from_logits": ("cuda", "triton"),
@@ -97,13 +98,12 @@ CUDA_DEFAULTS = {
     "group_advantages": ("cuda", "triton"),
     "rollout_correction": ("cuda", "triton"),
 }
-CUDA_FALLBACK = ("cuda", "triton")  # an op without an entry
 
 
 def preference(op, device_type):
     """The backends `backend=None` tries for `op` on `device_type` tensors, in order."""
     if device_type == "cuda":
-        return CUDA_DEFAULTS.get(op, CUDA_FALLBACK) + ("reference",)
+        return CUDA_DEFAULTS[op] + ("reference",)
     return ("cpu", "reference") if device_type == "cpu" else ("reference",)
 
 
