@@ -17,6 +17,7 @@ ISAS = ("baseline", "avx2", "avx512")
 ISA_CPU_FLAGS = {"baseline": set(), "avx2": {"avx2", "fma", "f16c"},
                  "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 HAVE_CPU = rk.available_backends()["cpu"] == "available"
+OPS = sorted(n for n in rk.__all__ if n not in ("available_backends", "cpu_isa"))
 
 
 def supported_isas():
@@ -76,14 +77,19 @@ def _flat(out):
     return items
 
 
-def _check(name, fn, inputs, dtype, grad_of=()):
+CHECKED = set()  # the ops the sweep ran: every op must be among them
+
+
+def _check(name, fn, inputs, dtype, grad_of=(), tol_dtype=None):
     """fn(backend, *inputs) on the cpu backend in `dtype` against the reference in float64 on the same
     (rounded) values: outputs, and the gradients of a fixed random weighting of the outputs with respect
-    to inputs[i] for i in grad_of."""
+    to inputs[i] for i in grad_of. tol_dtype: the outputs' dtype when it is not `dtype` (float32 stats)."""
+    CHECKED.add(name.split()[0])
     # the cpu backend computes in fp32 (fp64) on the same rounded inputs as the reference, so values agree
     # to fp32 rounding; bf16/fp16 gradients are rounded once to their dtype (half an ulp: 2^-9 / 2^-12)
     tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-5, atol=2e-5),
-           torch.bfloat16: dict(rtol=2 ** -8, atol=1e-5), torch.float16: dict(rtol=2 ** -11, atol=1e-5)}[dtype]
+           torch.bfloat16: dict(rtol=2 ** -8, atol=1e-5),
+           torch.float16: dict(rtol=2 ** -11, atol=1e-5)}[tol_dtype or dtype]
     inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
     results = {}
     for backend, dt in (("reference", torch.float64), ("cpu", dtype)):
@@ -150,6 +156,25 @@ def sweep():
             _check(f"dpo_loss {loss_type}", lambda b, *lps: rk.dpo_loss(
                 *lps, beta=0.5, loss_type=loss_type, label_smoothing=eps, backend=b),
                 [randn(9, scale=2) for _ in range(4)], dt, (0, 1, 2, 3))
+        # groups of 4 in blocks, and by label with groups of 1, 2, 4 and 5 (a group of one gets 0)
+        labels = torch.tensor([3, 1, 3, 7, 1, 3, 9, 3, 0, 0, 0, 0])
+        for baseline in ("mean", "leave_one_out", "none"):
+            for scale in ("std", "none"):
+                _check(f"group_advantages {baseline} {scale}", lambda b, s: (
+                    rk.group_advantages(s, 4, baseline=baseline, scale=scale, backend=b),
+                    rk.group_advantages(s, group_ids=labels, baseline=baseline, scale=scale, backend=b)),
+                    [randn(12, scale=2)], dt)
+        for level in ("token", "sequence", "geometric"):
+            for mode in ("truncate", "mask"):
+                def rc(b, old, roll, level=level, mode=mode):
+                    return rk.rollout_correction(old, roll, mask, level=level, mode=mode, low=0.8, high=1.25, backend=b)
+                old = -randn(4, 37).abs()
+                roll = old + randn(4, 37, scale=0.2)
+                _check(f"rollout_correction {level} {mode}", lambda b, o, r: rc(b, o, r)[:2], [old, roll], dt)
+                # the stats are float32 whatever the inputs' dtype
+                _check(f"rollout_correction {level} {mode} stats", lambda b, o, r: rc(b, o, r)[2:], [old, roll], dt,
+                       tol_dtype=torch.float32)
+    assert CHECKED == set(OPS), f"ops the sweep does not run: {sorted(set(OPS) - CHECKED)}"
 
 
 if __name__ == "__main__":

@@ -172,6 +172,40 @@ struct ValueLossKernels {
   ByType<ValueFn> fwd, bwd;
 };
 
+// ---- group_advantages: groups of scores[B], each read in member order (sum, squared deviations, output) ----
+template <typename T> struct GroupArgs {
+  const T* scores;
+  const int64_t *order, *offsets;  // labelled groups: order[offsets[k]:offsets[k + 1]]; null: blocks of group_size
+  T* out;
+  int64_t B, group_size, baseline, scale;
+  T eps;
+};
+// Malformed order/offsets (only possible in labelled groups) stop the range: the entry point raises.
+enum class GroupStatus { ok, bad_offsets, bad_order };
+template <typename T> using GroupFn = GroupStatus(const GroupArgs<T>&, int64_t lo, int64_t hi);
+struct GroupAdvantagesKernels {
+  ByType<GroupFn> groups;
+};
+
+// ---- rollout_correction: rows of [R, n]; each row's stats partials, combined in row order by the entry ----
+template <typename T> struct RcRowStats {
+  T k1 = 0, k3 = 0, w = 0;
+  int64_t n = 0, kept = 0;
+};
+template <typename T> struct RcArgs {
+  const T *old, *rollout;
+  const uint8_t* mask;
+  T* weights;
+  uint8_t* mask_out;
+  RcRowStats<T>* part;  // one per row
+  int64_t n, level, mode;
+  T low, high;
+};
+template <typename T> using RcFn = RangeFn<RcArgs<T>>;
+struct RolloutCorrectionKernels {
+  ByType<RcFn> rows;
+};
+
 // ---- the tables: one per op in each compiled ISA, and the accessor of the selected one ----
 #if defined(RK_CPU_X86_VARIANTS)
 #define RK_CPU_TABLE(Type, name)          \
@@ -194,6 +228,8 @@ RK_CPU_TABLE(TokenRewardsKernels, token_rewards)
 RK_CPU_TABLE(WhitenKernels, masked_whiten)
 RK_CPU_TABLE(PolicyLossKernels, ppo_policy_loss)
 RK_CPU_TABLE(ValueLossKernels, ppo_value_loss)
+RK_CPU_TABLE(GroupAdvantagesKernels, group_advantages)
+RK_CPU_TABLE(RolloutCorrectionKernels, rollout_correction)
 #undef RK_CPU_TABLE
 
 }  // namespace cpu
