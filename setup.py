@@ -5,6 +5,8 @@ Environment:
   RLHF_KERNELS_CUDA=0     skip the CUDA part (quick local iteration)
   TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
   MAX_JOBS                parallel compile jobs (ninja)
+  RLHF_KERNELS_CPU_ISAS   the CPU kernels' ISA copies to build, e.g. "baseline,avx2" (default: all this
+                          architecture has; baseline always included; see docs/backends.md, "CPU ISA")
   RLHF_KERNELS_SANITIZE   extra compile+link flags for an instrumented CPU build, e.g. "-fsanitize=address"
                           (`make sanitize` sets it and builds into build/sanitize/, never over the normal .so)
 """
@@ -107,9 +109,22 @@ MATH_FLAGS = ["-fno-math-errno", "-fno-trapping-math"]
 
 
 def cpu_isas():
-    """The ISAs to build kernels for: all three on x86-64, the baseline elsewhere (e.g. aarch64)."""
+    """The ISAs to build kernels for: all three on x86-64, the baseline elsewhere (e.g. aarch64); or the subset
+    RLHF_KERNELS_CPU_ISAS names (a quicker build, e.g. an instrumented one that only needs what this CPU runs).
+    The baseline is always in it: it is what any CPU falls back to."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return list(ISA_FLAGS) if x86 else ["baseline"]
+    possible = list(ISA_FLAGS) if x86 else ["baseline"]
+    env = os.environ.get("RLHF_KERNELS_CPU_ISAS", "").strip()
+    if not env:
+        return possible
+    want = [w.strip() for w in env.split(",") if w.strip()]
+    bad = [w for w in want if w not in possible]
+    if bad:
+        sys.exit(f"error: RLHF_KERNELS_CPU_ISAS={env}: {', '.join(bad)} cannot be built on {platform.machine()}; "
+                 f"expected a comma-separated subset of {','.join(possible)}")
+    if "baseline" not in want:
+        sys.exit(f"error: RLHF_KERNELS_CPU_ISAS={env} must include baseline (the kernels any CPU can run)")
+    return [isa for isa in possible if isa in want]
 
 
 def per_isa_build_ext(base):
@@ -157,7 +172,8 @@ def extensions():
         sys.exit("error: RLHF_KERNELS_SANITIZE instruments the CPU kernels only; set RLHF_KERNELS_CUDA=0")
     cxx += sanitize
     ldflags += sanitize
-    macros = [("RK_CPU_X86_VARIANTS", "1")] if len(cpu_isas()) > 1 else []
+    # which per-ISA copies exist (csrc/cpu/isa.h): the dispatcher only offers those
+    macros = [(f"RK_CPU_WITH_{isa.upper()}", "1") for isa in cpu_isas() if isa != "baseline"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -172,7 +188,8 @@ def extensions():
         ext = ce.CppExtension(
             "rlhf_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
-    print(f"rlhf_kernels: building the {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
+    print(f"rlhf_kernels: building the {'CPU+CUDA' if with_cuda else 'CPU-only'} extension, CPU kernels for "
+          f"{','.join(cpu_isas())}"
           + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
     return [ext], {"build_ext": per_isa_build_ext(ce.BuildExtension).with_options(use_ninja=True)}
 

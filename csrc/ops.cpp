@@ -75,6 +75,20 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// _C.built_cpu_isas: the ISAs whose CPU kernels this build holds (setup.py RLHF_KERNELS_CPU_ISAS), in order.
+PyObject* built_cpu_isas() {
+  PyObject* out = PyList_New(0);
+  for (rk::cpu::Isa isa : {rk::cpu::Isa::baseline, rk::cpu::Isa::avx2, rk::cpu::Isa::avx512}) {
+    if (!rk::cpu::built(isa)) continue;
+    PyObject* name = PyUnicode_FromString(rk::cpu::isa_name(isa));
+    PyList_Append(out, name);
+    Py_DECREF(name);
+  }
+  PyObject* t = PyList_AsTuple(out);
+  Py_DECREF(out);
+  return t;
+}
+
 // The C++ enums the ops take as ints, {enum: {enumerator: value}}, so that a test can hold the
 // Python codes (rlhf_kernels/ops/_common.py) to them.
 PyObject* codes() {
@@ -127,6 +141,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&rk_module);
   if (m == nullptr) return nullptr;
   PyModule_AddObject(m, "codes", codes());
+  PyModule_AddObject(m, "built_cpu_isas", built_cpu_isas());
 #ifdef RLHF_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else

@@ -4,6 +4,8 @@ every ISA this CPU supports against the reference, each ISA in its own process (
 per process). Run as a script, this file is that sweep."""
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +19,8 @@ ISAS = ("baseline", "avx2", "avx512")
 ISA_CPU_FLAGS = {"baseline": set(), "avx2": {"avx2", "fma", "f16c"},
                  "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 HAVE_CPU = rk.available_backends()["cpu"] == "available"
+# the ISA copies this build holds (all three on x86-64 unless setup.py's RLHF_KERNELS_CPU_ISAS chose fewer)
+BUILT = tuple(rk._backend._C.built_cpu_isas) if HAVE_CPU else ()
 OPS = sorted(n for n in rk.__all__ if n not in ("available_backends", "cpu_isa"))
 
 
@@ -46,11 +50,35 @@ pytestmark = pytest.mark.skipif(not HAVE_CPU, reason="native extension not built
 
 def test_default_is_the_best_supported_isa():
     env_isa = os.environ.get("RLHF_KERNELS_CPU_ISA")
-    assert rk.cpu_isa() == (env_isa or supported_isas()[-1])
+    assert rk.cpu_isa() == (env_isa or [i for i in supported_isas() if i in BUILT][-1])
+
+
+def test_the_dispatcher_offers_exactly_the_built_copies():
+    """The ISAs the extension reports built are those whose kernel tables its binary holds, the baseline among
+    them, and each holds one table per op (all the loops of every op are compiled per ISA)."""
+    assert BUILT[0] == "baseline" and list(BUILT) == [i for i in ISAS if i in BUILT], BUILT
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert BUILT == ("baseline",)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to read the extension's symbols")
+    out = subprocess.run([nm, "-D", "--defined-only", "-C", rk._backend._C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    tables = {}
+    for isa, name in re.findall(r"\brk::cpu::(\w+)::(\w+)$", out, flags=re.M):
+        tables.setdefault(isa, set()).add(name)
+    assert sorted(tables) == sorted(BUILT), (sorted(tables), BUILT)
+    for isa in BUILT:
+        assert tables[isa] == set(OPS), (isa, sorted(set(OPS) ^ tables[isa]))
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_op_under_each_isa(isa):
+    if isa not in BUILT:  # a build with fewer copies (RLHF_KERNELS_CPU_ISAS) refuses, naming what it has
+        r = run_with_isa(isa, "import rlhf_kernels")
+        assert r.returncode != 0 and f"RLHF_KERNELS_CPU_ISA={isa}: this build has no {isa} kernels" in r.stderr \
+            and ",".join(BUILT) in r.stderr, r.stderr[-2000:]
+        return
     if isa not in supported_isas():
         r = run_with_isa(isa, "import rlhf_kernels")
         assert r.returncode != 0 and f"RLHF_KERNELS_CPU_ISA={isa}" in r.stderr, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-// The choice of the CPU kernels' ISA (see isa.h): the best this CPU supports, or RLHF_KERNELS_CPU_ISA.
+// The choice of the CPU kernels' ISA (see isa.h): the best built copy this CPU supports, or RLHF_KERNELS_CPU_ISA.
 #include "cpu/isa.h"
 
 #include <c10/util/Exception.h>
@@ -13,8 +13,8 @@ namespace {
 
 // What this CPU (and OS: __builtin_cpu_supports checks the saved register state) can run; each level
 // needs every flag its copy is compiled with (setup.py: ISA_FLAGS).
-bool supports(Isa isa) {
-#if defined(RK_CPU_X86_VARIANTS)
+bool cpu_runs(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   switch (isa) {
@@ -25,21 +25,33 @@ bool supports(Isa isa) {
     default: return true;
   }
 #else
-  return isa == Isa::baseline;  // other architectures build the baseline copy only
+  return isa == Isa::baseline;  // other architectures have the baseline copy only
 #endif
+}
+
+constexpr Isa kAll[] = {Isa::baseline, Isa::avx2, Isa::avx512};
+
+std::string built_list() {
+  std::string out;
+  for (Isa isa : kAll)
+    if (built(isa)) out += std::string(out.empty() ? "" : ",") + isa_name(isa);
+  return out;
 }
 
 Isa detect() {
   const char* env = std::getenv("RLHF_KERNELS_CPU_ISA");
   if (env == nullptr || *env == '\0') {
     for (Isa isa : {Isa::avx512, Isa::avx2})
-      if (supports(isa)) return isa;
+      if (built(isa) && cpu_runs(isa)) return isa;
     return Isa::baseline;
   }
   const std::string want(env);
-  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
+  for (Isa isa : kAll) {
     if (want != isa_name(isa)) continue;
-    TORCH_CHECK(supports(isa), "RLHF_KERNELS_CPU_ISA=", want, ": this CPU (or this build) cannot run the ", want,
+    TORCH_CHECK(built(isa), "RLHF_KERNELS_CPU_ISA=", want, ": this build has no ", want,
+                " kernels (it holds ", built_list(), ": RLHF_KERNELS_CPU_ISAS at build time); use one of those, or ",
+                "unset it to pick the best");
+    TORCH_CHECK(cpu_runs(isa), "RLHF_KERNELS_CPU_ISA=", want, ": this CPU cannot run the ", want,
                 " kernels; use one of the ISAs it supports, or unset it to pick the best");
     return isa;
   }

@@ -207,17 +207,28 @@ struct RolloutCorrectionKernels {
 };
 
 // ---- the tables: one per op in each compiled ISA, and the accessor of the selected one ----
-#if defined(RK_CPU_X86_VARIANTS)
-#define RK_CPU_TABLE(Type, name)          \
-  namespace baseline { extern const Type name; } \
-  namespace avx2 { extern const Type name; }     \
-  namespace avx512 { extern const Type name; }   \
-  inline const Type& name##_kernels() { return pick(baseline::name, avx2::name, avx512::name); }
+// A copy this build lacks (setup.py RLHF_KERNELS_CPU_ISAS) is neither declared nor offered: a null table.
+#if defined(RK_CPU_WITH_AVX2)
+#define RK_CPU_DECLARE_AVX2(Type, name) namespace avx2 { extern const Type name; }
+#define RK_CPU_TABLE_AVX2(name) &avx2::name
 #else
-#define RK_CPU_TABLE(Type, name)          \
-  namespace baseline { extern const Type name; } \
-  inline const Type& name##_kernels() { return baseline::name; }
+#define RK_CPU_DECLARE_AVX2(Type, name)
+#define RK_CPU_TABLE_AVX2(name) nullptr
 #endif
+#if defined(RK_CPU_WITH_AVX512)
+#define RK_CPU_DECLARE_AVX512(Type, name) namespace avx512 { extern const Type name; }
+#define RK_CPU_TABLE_AVX512(name) &avx512::name
+#else
+#define RK_CPU_DECLARE_AVX512(Type, name)
+#define RK_CPU_TABLE_AVX512(name) nullptr
+#endif
+#define RK_CPU_TABLE(Type, name)                   \
+  namespace baseline { extern const Type name; } \
+  RK_CPU_DECLARE_AVX2(Type, name)                \
+  RK_CPU_DECLARE_AVX512(Type, name)              \
+  inline const Type& name##_kernels() {          \
+    return pick<Type>(&baseline::name, RK_CPU_TABLE_AVX2(name), RK_CPU_TABLE_AVX512(name)); \
+  }
 
 RK_CPU_TABLE(LogitsKernels, logprobs_from_logits)
 RK_CPU_TABLE(LinearKernels, linear_logprobs)
@@ -231,6 +242,10 @@ RK_CPU_TABLE(ValueLossKernels, ppo_value_loss)
 RK_CPU_TABLE(GroupAdvantagesKernels, group_advantages)
 RK_CPU_TABLE(RolloutCorrectionKernels, rollout_correction)
 #undef RK_CPU_TABLE
+#undef RK_CPU_DECLARE_AVX2
+#undef RK_CPU_TABLE_AVX2
+#undef RK_CPU_DECLARE_AVX512
+#undef RK_CPU_TABLE_AVX512
 
 }  // namespace cpu
 }  // namespace rk
