@@ -120,8 +120,8 @@ def cpu_isas():
     want = [w.strip() for w in env.split(",") if w.strip()]
     bad = [w for w in want if w not in possible]
     if bad:
-        sys.exit(f"error: RLHF_KERNELS_CPU_ISAS={env}: {', '.join(bad)} cannot be built on {platform.machine()}; "
-                 f"expected a comma-separated subset of {','.join(possible)}")
+        sys.exit(f"error: RLHF_KERNELS_CPU_ISAS={env}: expected a comma-separated subset of {','.join(possible)} "
+                 f"(the copies a build on {platform.machine()} can hold), got {', '.join(bad)}")
     if "baseline" not in want:
         sys.exit(f"error: RLHF_KERNELS_CPU_ISAS={env} must include baseline (the kernels any CPU can run)")
     return [isa for isa in possible if isa in want]
