@@ -18,8 +18,21 @@ T0=$SECONDS
 cd "$ROOT"
 mkdir -p "$OUT"
 
-step "building the instrumented CPU extension into $OUT"
-RLHF_KERNELS_CUDA=0 FORCE_CUDA=0 RLHF_KERNELS_SANITIZE="$FLAGS" "$PY" setup.py -q build_ext \
+# the CPU kernels' ISA copies to instrument: the baseline, and the one the kernels run with here (RLHF_KERNELS_CPU_ISA,
+# else the best this CPU runs, from the /proc/cpuinfo flags each copy is compiled with: setup.py ISA_FLAGS). Other
+# copies would not run here; tests/test_cpu_isa.py checks that the dispatcher agrees and refuses them by name.
+best_isa() {
+    local flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    has() { local f; for f in "$@"; do [[ "$flags" == *" $f "* ]] || return 1; done; }
+    if has avx2 fma f16c avx512f avx512bw avx512vl avx512dq; then echo avx512
+    elif has avx2 fma f16c; then echo avx2
+    else echo baseline; fi  # no x86 flags line (another architecture): the baseline copy is all there is
+}
+RUN_ISA=${RLHF_KERNELS_CPU_ISA:-$(best_isa)}
+if [ "$RUN_ISA" = baseline ]; then ISAS=baseline; else ISAS="baseline,$RUN_ISA"; fi
+
+step "building the instrumented CPU extension (CPU kernels for $ISAS) into $OUT"
+RLHF_KERNELS_CUDA=0 FORCE_CUDA=0 RLHF_KERNELS_CPU_ISAS="$ISAS" RLHF_KERNELS_SANITIZE="$FLAGS" "$PY" setup.py -q build_ext \
     --build-lib "$OUT/lib" --build-temp "$OUT/temp" >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 SO=$(ls "$OUT"/lib/rlhf_kernels/_C*.so)
 

@@ -8,8 +8,10 @@ WORK=$(realpath -m "${2:-build/sdist-check}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # torch for the fresh venv: the CPU build lies on this machine's disk (small and quick to install)
 SDIST_TORCH=${SDIST_TORCH:-torch==2.13.0}
-# CPU-only, even where the Makefile exports FORCE_CUDA=1 (nvcc present)
+# CPU-only, even where the Makefile exports FORCE_CUDA=1 (nvcc present); but every ISA copy of the CPU kernels,
+# as a plain `pip install` of the sdist builds them (this check is about the default build)
 export RLHF_KERNELS_CUDA=0 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2}
+unset RLHF_KERNELS_CPU_ISAS
 step() { echo "sdist-check: $* ($(( SECONDS - T0 )) s)"; }
 T0=$SECONDS
 
@@ -49,6 +51,11 @@ step "install the wheel, smoke test from outside the checkout"
 "$PY" -m pip install -q --no-deps "$WHEEL" >>"$WORK/pip.log" 2>&1 || { tail -30 "$WORK/pip.log"; exit 1; }
 cp "$ROOT/.ci/smoke_installed.py" "$WORK/run/"
 (cd "$WORK/run" && "$PY" smoke_installed.py "$ROOT")
+(cd "$WORK/run" && "$PY" -c "import platform, rlhf_kernels._C as c
+x86 = platform.machine().lower() in ('x86_64', 'amd64')
+want = ('baseline', 'avx2', 'avx512') if x86 else ('baseline',)
+assert c.built_cpu_isas == want, f'the default build holds {c.built_cpu_isas}, expected {want}'
+print('sdist-check: CPU kernels built for', ','.join(want))")
 (cd "$WORK/run" && "$WORK/venv/bin/rlhf-kernels" bench --help >"$WORK/bench-help.txt") \
     && grep -q -- "--quick" "$WORK/bench-help.txt" && grep -q "rlhf-kernels bench" "$WORK/bench-help.txt"
 (cd "$WORK/run" && "$WORK/venv/bin/rlhf-kernels" bench --quick --only token_kl 2>"$WORK/bench.err" \
