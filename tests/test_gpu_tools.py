@@ -37,6 +37,13 @@ def test_gpu_report_compiles_a_subset(tmp_path):
     assert "compile-time resource figures, not measurements" in (tmp_path / "r.md").read_text()
 
 
+def test_resource_usage_of_a_binary_without_device_code_is_empty():
+    """A CPU-only build of the extension has no cubins: the report says so (cuda_skipped) instead of failing."""
+    if gpu_report._tool("cuobjdump") is None:
+        pytest.skip("no cuobjdump")
+    assert gpu_report.resource_usage(os.path.realpath(sys.executable)) == {}
+
+
 def test_gpu_report_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--ops", "token_kl"], cwd=ROOT, env=env,
