@@ -37,12 +37,15 @@ def supported_isas():
 
 
 def run_with_isa(isa, code=None):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # this checkout's package, not another install: a script's own folder (tests/) heads sys.path
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    # the package this process runs (the checkout's, or the instrumented copy `make sanitize` tests), not another
+    # install: a script's own folder (tests/) heads sys.path, then PYTHONPATH
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rk.__file__)))
+    path = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, RLHF_KERNELS_CPU_ISA=isa, PYTHONPATH=path)
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, os.path.abspath(__file__), isa]
-    return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, os.path.abspath(__file__), isa,
+                                                     os.path.dirname(os.path.abspath(rk.__file__))]
+    # run from the package's folder: `python -c` puts the working folder first on sys.path
+    return subprocess.run(cmd, env=env, cwd=pkg_parent, capture_output=True, text=True, timeout=600)
 
 
 pytestmark = pytest.mark.skipif(not HAVE_CPU, reason="native extension not built")
@@ -206,7 +209,8 @@ def sweep():
 
 
 if __name__ == "__main__":
-    want = sys.argv[1]
+    want, pkg = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None  # pkg: the caller's package, to check
     assert rk.cpu_isa() == want, (rk.cpu_isa(), want)
+    assert pkg in (None, os.path.dirname(os.path.abspath(rk.__file__))), (rk.__file__, pkg)
     sweep()
     print(f"ok {want}")
