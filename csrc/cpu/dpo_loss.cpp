@@ -10,7 +10,7 @@
 
 namespace {
 
-constexpr int64_t kGrain = 1 << 12;
+constexpr int64_t kDpoGrain = 1 << 12;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c, const at::Tensor& r,
                                                             const at::Tensor& cr, const at::Tensor& rr, double beta,
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_fwd(const at::Tensor& c,
     a.losses = losses.mutable_data_ptr<T>(), a.c_rew = c_rew.mutable_data_ptr<T>(), a.r_rew = r_rew.mutable_data_ptr<T>();
     a.beta = static_cast<T>(beta), a.eps = static_cast<T>(eps), a.type = type;
     auto* fn = rk::cpu::dpo_loss_kernels().fwd.of<T>();
-    at::parallel_for(0, c.numel(), kGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    at::parallel_for(0, c.numel(), kDpoGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
   });
   return {losses, c_rew, r_rew};
 }
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_bwd(const at
     a.gcr = gcr.mutable_data_ptr<T>(), a.grr = grr.mutable_data_ptr<T>();
     a.beta = static_cast<T>(beta), a.eps = static_cast<T>(eps), a.type = type;
     auto* fn = rk::cpu::dpo_loss_kernels().bwd.of<T>();
-    at::parallel_for(0, c.numel(), kGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    at::parallel_for(0, c.numel(), kDpoGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
   });
   return {gc, gr, gcr, grr};
 }

@@ -10,7 +10,7 @@
 
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kKlGrain = 1 << 14;
 
 at::Tensor token_kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t est, double clamp) {
   rk::check_token_kl(logp, ref);
@@ -20,7 +20,7 @@ at::Tensor token_kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t e
     rk::cpu::KlArgs<T> a{nullptr, logp.const_data_ptr<T>(), ref.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
                          nullptr, nullptr, est, static_cast<T>(clamp)};
     auto* fn = rk::cpu::token_kl_kernels().fwd.of<T>();
-    at::parallel_for(0, logp.numel(), kGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    at::parallel_for(0, logp.numel(), kKlGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
   });
   return out;
 }
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> token_kl_bwd(const at::Tensor& grad, const at
     rk::cpu::KlArgs<T> a{grad.const_data_ptr<T>(), logp.const_data_ptr<T>(), ref.const_data_ptr<T>(), nullptr,
                          g_logp.mutable_data_ptr<T>(), g_ref.mutable_data_ptr<T>(), est, static_cast<T>(clamp)};
     auto* fn = rk::cpu::token_kl_kernels().bwd.of<T>();
-    at::parallel_for(0, logp.numel(), kGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+    at::parallel_for(0, logp.numel(), kKlGrain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
   });
   return {g_logp, g_ref};
 }
