@@ -128,6 +128,21 @@ def test_cpu_tiling_budgets(monkeypatch, budget):
     _close(got, exp, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [97, 127])
+def test_chunk_boundaries(backend, V, monkeypatch):
+    # a budget far below one [N, V] chunk: the triton interpreter's backward takes chunks of 32 columns (its
+    # tile), so V = 97 leaves a last chunk of 1 column and V = 127 one of 31; the cpu plan splits rows and
+    # columns in its own sizes. N = 21 leaves a ragged row tile too. Targets sit on both sides of the
+    # boundaries and in the last column.
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", "2048")
+    hidden, weight, b, tokens = _inputs((21,), 16, V, seed=25)
+    tokens[:6] = torch.tensor([31, 32, 63, 64, 95, V - 1])
+    got = _grads(_ours(backend, tokens, temperature=0.7), hidden, weight, b)
+    exp = _grads(_ref(tokens, 0.7), hidden, weight, b)
+    _close(got, exp, rtol=1e-10, atol=1e-10)
+
+
 def test_chunk_budget_env_validated(monkeypatch):
     hidden, weight, b, tokens = _inputs((2,), 4, 9)
     monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", "lots")
