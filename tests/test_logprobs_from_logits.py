@@ -23,8 +23,10 @@ def _inputs(lead, V, dtype=torch.float64, seed=0, ignore_index=-100, ignore_frac
 
 
 def _fp64_tol(backend):
-    # Triton receives the temperature as an fp32 scalar, so its fp64 results agree to ~1e-7 relative
-    return dict(rtol=1e-6, atol=1e-6) if backend == "triton" else dict(rtol=1e-10, atol=1e-10)
+    # the interpreter computes in fp64 with 1/T as an fp64 scalar: it agrees with the reference to ~1e-15
+    # (the worst of these sweeps, V = 50257, to ~1e-14); on a GPU the compiled kernel gets 1/T as fp32 (the GPU
+    # tests allow for it)
+    return dict(rtol=1e-12, atol=1e-12) if backend == "triton" else dict(rtol=1e-10, atol=1e-10)
 
 
 def _value_and_grads(fn, logits, g_lp, g_ent):

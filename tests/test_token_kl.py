@@ -11,6 +11,12 @@ ALL = cpu_backends("token_kl", reference=True)  # for oracles other than the ref
 SHAPES = [(1,), (257,), (3, 1), (4, 257), (2, 3, 5)]
 
 
+def _fp64_tol(backend, clamp):
+    """Exact to rounding (~1e-15 measured), but Triton gets the clamp as an fp32 scalar: a clamped value
+    moves by up to clamp·2^-24 (1.2e-8 at 0.3); the derivatives do not depend on it."""
+    return 3e-8 * max(1.0, clamp) if backend == "triton" and clamp is not None else 1e-12
+
+
 def _inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 5
@@ -34,8 +40,7 @@ def test_matches_reference_fp64(backend, shape, estimator, clamp):
     got_g = torch.autograd.grad((out * w).sum(), (a, b))
     exp_g = torch.autograd.grad((exp * w).sum(), (ea, eb))
     out, exp = out.detach(), exp.detach()
-    # Triton passes float scalars (clamp) as fp32, so its fp64 results agree to fp32 precision of those scalars
-    tol = 1e-7 if backend == "triton" else 1e-12
+    tol = _fp64_tol(backend, clamp)
     torch.testing.assert_close(out, exp, rtol=tol, atol=tol)
     for g, e in zip(got_g, exp_g):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
@@ -136,7 +141,8 @@ def test_property_random_shapes(shape, estimator, clamp, seed):
     exp = reference.token_kl(logp, ref, estimator, clamp)
     for backend in BACKENDS:
         out = rk.token_kl(logp, ref, estimator=estimator, clamp=clamp, backend=backend)
-        torch.testing.assert_close(out, exp, rtol=1e-7, atol=1e-7)
+        tol = _fp64_tol(backend, clamp)
+        torch.testing.assert_close(out, exp, rtol=tol, atol=tol)
 
 
 def _k3_exact(d):
