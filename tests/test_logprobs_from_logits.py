@@ -51,6 +51,10 @@ def _rk(backend, tokens, temperature=1.0, ignore_index=-100, validate=True):
 @pytest.mark.parametrize("V", [1, 3, 1271])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_reference_fp64(backend, lead, V, temperature):
+    if backend == "triton" and lead == (257,):
+        # the interpreter runs one program per row, each alike: 17 rows cover the kernel's row paths (257 is for
+        # the CPU's split of rows over threads) at a fifteenth of the cost
+        lead = (17,)
     logits, tokens = _inputs(lead, V, seed=V + len(lead))
     g = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(lead, generator=g, dtype=torch.float64), torch.randn(lead, generator=g,
