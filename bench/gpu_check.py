@@ -16,9 +16,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_FILES = ["test_token_kl.py", "test_logprobs_from_logits.py", "test_linear_logprobs.py", "test_token_rewards.py",
-              "test_gae.py", "test_masked_whiten.py", "test_ppo_policy_loss.py", "test_ppo_value_loss.py",
-              "test_dpo_loss.py", "test_build.py", "test_triton_launch.py"]
+TESTS = os.path.join(ROOT, "tests")
+ALWAYS_TESTED = ["test_build.py", "test_triton_launch.py"]  # the build and the launch plans, beside the GPU tests
 BENCH_OPS = ["token_kl", "logprobs_from_logits", "linear_logprobs", "token_rewards", "gae", "masked_whiten",
              "ppo_policy_loss", "ppo_value_loss", "dpo_loss"]
 NO_GPU = 2
@@ -35,8 +34,20 @@ def no_gpu_reason():
     return None
 
 
+def test_files():
+    """Every test file with GPU tests (it uses conftest's needs_gpu), and ALWAYS_TESTED: a new file of GPU
+    tests is run without being listed here."""
+    def has_gpu_tests(f):
+        with open(os.path.join(TESTS, f)) as fh:
+            return "needs_gpu" in fh.read()
+    found = {f for f in os.listdir(TESTS) if f.startswith("test_") and f.endswith(".py") and has_gpu_tests(f)}
+    return sorted(found | set(ALWAYS_TESTED))
+
+
 def _env():
-    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest only sets it when unset: 0 keeps the compiler
+    # explicit, so that no TRITON_INTERPRET=1 of the caller's shell makes the GPU triton tests interpreted
+    # (tests/conftest.py keeps an explicit setting; unset, it also picks 0 when a GPU is visible)
+    env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -44,7 +55,7 @@ def _env():
 def run_tests():
     """(exit code, pytest's summary with the reasons of every skip)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                        *[os.path.join("tests", f) for f in TEST_FILES]], cwd=ROOT, env=_env(), capture_output=True,
+                        *[os.path.join("tests", f) for f in test_files()]], cwd=ROOT, env=_env(), capture_output=True,
                        text=True)
     lines = r.stdout.strip().splitlines()
     keep = [ln for ln in lines if ln.startswith(("SKIPPED", "FAILED", "ERROR"))] + lines[-1:]

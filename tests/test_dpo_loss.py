@@ -8,6 +8,7 @@ from rlhf_kernels import reference
 from conftest import cpu_backends, needs_gpu
 
 BACKENDS = cpu_backends("dpo_loss")
+ALL = cpu_backends("dpo_loss", reference=True)  # for oracles other than the reference
 LOSSES = [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
 SHAPES = [(1,), (257,), (3, 5), (2, 3, 4)]
 
@@ -34,6 +35,13 @@ def _ref(c, r, cr, rr, beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
     return reference.dpo_loss(c, r, cr, rr, beta, loss_type, label_smoothing)
 
 
+def _fp64_tol(backend, beta, label_smoothing):
+    """Exact to rounding (~1e-15 measured), but Triton may get beta and label_smoothing as fp32 scalars (the
+    hinge at beta = 0.1 moves by 1.5e-8 relative); scalars exact in fp32 keep it at rounding."""
+    exact = all(float(torch.tensor(x, dtype=torch.float32)) == x for x in (beta, label_smoothing))
+    return 1e-12 if backend != "triton" or exact else 3e-8
+
+
 def _close(a, b, tol):
     (out, grads), (rout, rgrads) = a, b
     for x, y in zip(out, rout):
@@ -52,8 +60,7 @@ def test_matches_reference_fp64(backend, shape, loss, beta):
     kw = dict(beta=beta, loss_type=loss[0], label_smoothing=loss[1])
     out = _run(lambda *a, **k: rk.dpo_loss(*a, backend=backend, **k), ins, **kw)
     assert all(o.shape == shape and o.dtype == torch.float64 for o in out[0])
-    # Triton passes beta and label_smoothing as fp32 scalars
-    _close(out, _run(_ref, ins, **kw), 1e-7 if backend == "triton" else 1e-12)
+    _close(out, _run(_ref, ins, **kw), _fp64_tol(backend, beta, loss[1]))
 
 
 def test_inputs_exercise_every_regime():
@@ -62,7 +69,7 @@ def test_inputs_exercise_every_regime():
     assert (bh > 1).any() and (bh < 0).any() and ((bh > 0) & (bh < 1)).any() and (bh.abs() > 5).any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_extreme_margins_stay_finite(backend, loss):
     c = torch.tensor([0.0, 0.0, -1e4, 0.0])
@@ -118,15 +125,7 @@ def test_property_matches_reference(n, seed, beta, loss, scale):
     exp = _run(_ref, ins, **kw)
     for backend in BACKENDS:
         _close(_run(lambda *a, **k: rk.dpo_loss(*a, backend=backend, **k), ins, **kw), exp,
-               1e-6 if backend == "triton" else 1e-12)
-
-
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
-def test_deterministic_cpu():
-    ins = _inputs((10000,), torch.float32, seed=9)
-    a = _run(lambda *x, **k: rk.dpo_loss(*x, backend="cpu", **k), ins, label_smoothing=0.1)
-    b = _run(lambda *x, **k: rk.dpo_loss(*x, backend="cpu", **k), ins, label_smoothing=0.1)
-    assert all(torch.equal(x, y) for x, y in zip(a[0] + tuple(a[1]), b[0] + tuple(b[1])))
+               _fp64_tol(backend, beta, loss[1]))
 
 
 def test_bad_input():

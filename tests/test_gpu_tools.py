@@ -117,8 +117,12 @@ def test_gpu_check_says_no_gpu_and_fails(tmp_path):
 def test_gpu_check_gpu_path_is_importable():
     for fn in (gpu_check.run_tests, gpu_check.run_bench, gpu_check.head_memory, gpu_check.main):
         assert callable(fn)
-    for f in gpu_check.TEST_FILES:
+    files = gpu_check.test_files()
+    for f in files:
         assert os.path.exists(os.path.join(ROOT, "tests", f)), f
+    # every op's GPU tests, this file's own helpers not counted
+    assert {"test_group_advantages.py", "test_rollout_correction.py", "test_gpu_paths.py"} <= set(files)
+    assert set(gpu_check.ALWAYS_TESTED) <= set(files) and "test_gpu_tools.py" not in files
     import bench.__main__ as bench_main
     assert set(gpu_check.BENCH_OPS) <= set(bench_main.ALL)
 

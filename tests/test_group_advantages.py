@@ -10,7 +10,7 @@ from rlhf_kernels.ops.group_advantages import segments
 
 from conftest import cpu_backends, needs_gpu
 
-BACKENDS = cpu_backends("group_advantages")
+BACKENDS = cpu_backends("group_advantages", reference=True)  # the oracle is loop_spec, not reference.py
 FAST = [b for b in BACKENDS if b != "reference"]
 BASELINES = ["mean", "leave_one_out", "none"]
 SCALES = ["std", "none"]

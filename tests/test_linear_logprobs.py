@@ -128,6 +128,21 @@ def test_cpu_tiling_budgets(monkeypatch, budget):
     _close(got, exp, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [97, 127])
+def test_chunk_boundaries(backend, V, monkeypatch):
+    # a budget far below one [N, V] chunk: the triton interpreter's backward takes chunks of 32 columns (its
+    # tile), so V = 97 leaves a last chunk of 1 column and V = 127 one of 31; the cpu plan splits rows and
+    # columns in its own sizes. N = 21 leaves a ragged row tile too. Targets sit on both sides of the
+    # boundaries and in the last column.
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", "2048")
+    hidden, weight, b, tokens = _inputs((21,), 16, V, seed=25)
+    tokens[:6] = torch.tensor([31, 32, 63, 64, 95, V - 1])
+    got = _grads(_ours(backend, tokens, temperature=0.7), hidden, weight, b)
+    exp = _grads(_ref(tokens, 0.7), hidden, weight, b)
+    _close(got, exp, rtol=1e-10, atol=1e-10)
+
+
 def test_chunk_budget_env_validated(monkeypatch):
     hidden, weight, b, tokens = _inputs((2,), 4, 9)
     monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", "lots")
@@ -257,13 +272,22 @@ def test_empty_rows():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
-def test_deterministic_cpu(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(1 << 20))  # several parallel groups
+def test_deterministic_cpu_any_thread_count(monkeypatch):
+    # several parallel groups, each with its partial weight and bias gradients: their sum is where the order of
+    # operations could follow the threads
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(1 << 20))
     hidden, weight, b, tokens = _inputs((700,), 32, 1000, dtype=torch.float32, seed=13)
-    a = _grads(_ours("cpu", tokens, temperature=0.9), hidden, weight, b)
-    c = _grads(_ours("cpu", tokens, temperature=0.9), hidden, weight, b)
-    for x, y in zip(a, c):
-        assert torch.equal(x, y)
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (n, 1, n):
+            torch.set_num_threads(threads)
+            runs.append(_grads(_ours("cpu", tokens, temperature=0.9), hidden, weight, b))
+    finally:
+        torch.set_num_threads(n)
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
 
 
 @settings(max_examples=15, deadline=None)

@@ -28,11 +28,15 @@ def test_logprobs_hand():
     assert math.isnan(R.logprobs_from_logits(logits, torch.tensor([7])).item())
 
 
-def test_linear_logprobs_is_logprobs_of_the_product():
-    g = torch.Generator().manual_seed(0)
-    h, w, b = torch.randn(4, 5, generator=g, **D), torch.randn(7, 5, generator=g, **D), torch.randn(7, generator=g, **D)
-    tok = torch.tensor([0, 6, 3, -100])
-    torch.testing.assert_close(R.linear_logprobs(h, w, tok, b, 0.7), R.logprobs_from_logits(h @ w.T + b, tok, 0.7))
+def test_linear_logprobs_hand():
+    # logits [2, 1, 3] + bias [0.5, 0, -1] = [2.5, 1, 2], at temperature 0.5: [5, 2, 4]
+    h, w = t(2.0, 1.0).unsqueeze(0), t(1, 0, 0, 1, 1, 1).reshape(3, 2)
+    lp, ent = R.linear_logprobs(h, w, torch.tensor([0]), t(0.5, 0, -1), 0.5, -100, True)
+    lse = math.log(math.exp(5) + math.exp(2) + math.exp(4))
+    assert lp.item() == pytest.approx(5 - lse, abs=1e-12)
+    p = [math.exp(z - lse) for z in (5, 2, 4)]
+    assert ent.item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-12)
+    assert R.linear_logprobs(h, w, torch.tensor([-100])).item() == 0.0
 
 
 def test_token_kl_hand():

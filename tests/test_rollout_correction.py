@@ -9,7 +9,7 @@ from rlhf_kernels import reference
 
 from conftest import all_masks, cpu_backends, needs_gpu
 
-BACKENDS = cpu_backends("rollout_correction")
+BACKENDS = cpu_backends("rollout_correction", reference=True)  # the oracle is loop_spec, not reference.py
 LEVELS = ["token", "sequence", "geometric"]
 MODES = ["truncate", "mask"]
 SHAPES = [(1,), (257,), (3, 1), (4, 257), (2, 3, 5)]
