@@ -233,9 +233,10 @@ def test_opcheck_and_compile():
     logp, old, adv = _inputs((4, 9), torch.float32, seed=4)
     mask = _mask((4, 9), "holes", seed=4)
     lp = logp.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default, (lp, old, adv, mask, 0.2, 0.28, 3.0, 1))
+    op = torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default
+    torch.library.opcheck(op, (lp, old, adv, mask, None, None, 0.2, 0.28, 3.0, 1, 0, 0, 0.0, 2, 0.0))
     ad = adv.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default, (lp, old, ad, mask, 0.2, 0.2, 0.0, 0))
+    torch.library.opcheck(op, (lp, old, ad, mask, None, None, 0.2, 0.2, 0.0, 0, 0, 0, 0.0, 2, 0.0))
 
     def f(a, b, c, m):
         loss, stats = rk.ppo_policy_loss(a, b, c, m, dual_clip=3.0, aggregation="seq-mean-token-mean", backend="cpu")
@@ -274,5 +275,5 @@ def test_opcheck_triton_op():
     logp, old, adv = _inputs((3, 9), torch.float32, seed=12)
     mask = _mask((3, 9), "holes", seed=12)
     torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd_triton.default,
-                          (logp.requires_grad_(True), old, adv, mask, 0.2, 0.28, 3.0, 1),
+                          (logp.requires_grad_(True), old, adv, mask, None, None, 0.2, 0.28, 3.0, 1, 0, 0, 0.0, 2, 0.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -5,13 +5,56 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 
-from conftest import ragged_masks
+from conftest import cpu_backends, needs_gpu, ragged_masks
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
+NATIVE = [b for b in cpu_backends("ppo_policy_loss") if b != "reference"]
+# Triton receives the float scalars (clip bounds, kl_coef, denominator) as fp32: each scaled term then
+# carries a relative error up to 2⁻²⁴, which sums of terms of both signs can enlarge relative to the total
+TOL = {"cpu": 1e-12, "cuda": 1e-12, "triton": 1e-6}
+# the variants the backends are swept over; "row_adv" passes one advantage per row, "ref" and "w" add
+# ref_logp and weights
+VARIANTS = {
+    "gspo": dict(ratio_level="sequence", clip_low=0.02, clip_high=0.03),  # row ratios spread ~±0.1
+    "gspo_dual": dict(ratio_level="sequence", dual_clip=3.0, row_adv=True),
+    "cispo": dict(loss_type="cispo", clip_high=0.3, w=True),
+    "cispo_seq": dict(loss_type="cispo", ratio_level="sequence", clip_high=0.1, row_adv=True),
+    "kl_k3_weights": dict(clip_high=0.28, w=True, ref=True, kl_coef=0.1),
+    "kl_k2_seq": dict(ratio_level="sequence", ref=True, kl_coef=0.2, kl_estimator="k2", w=True),
+    "kl_stat_only": dict(ref=True, kl_estimator="k1", row_adv=True),
+    "denominator": dict(denominator=11.0, w=True),
+}
+
+
+def _variant_inputs(shape, variant, seed, dtype=torch.float64):
+    """(logp, old, adv, kwargs) for a VARIANTS entry: random inputs, never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(VARIANTS[variant])
+    logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 4 - 0.01
+    old = logp + torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
+    adv_shape = shape[:-1] if kw.pop("row_adv", False) else shape
+    adv = torch.randn(adv_shape, generator=g, dtype=torch.float64)
+    if kw.pop("w", False):
+        kw["weights"] = (torch.rand(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    if kw.pop("ref", False):
+        kw["ref_logp"] = (logp + torch.randn(shape, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    return logp.to(dtype), old.to(dtype), adv.to(dtype), kw
+
+
+def _close(out, exp, tol):
+    (loss, stats, grads), (rloss, rstats, rgrads) = out, exp
+    torch.testing.assert_close(loss, rloss, rtol=tol, atol=tol)
+    assert set(stats) == set(rstats)
+    for k in stats:
+        assert stats[k].dtype == torch.float32 and stats[k].dim() == 0 and not stats[k].requires_grad
+        torch.testing.assert_close(stats[k], rstats[k], rtol=1e-6, atol=1e-7)
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
 
 
 def _grads(fn, *xs):
@@ -194,7 +237,7 @@ def _global_denominator(mask, aggregation):
     return int((mask.sum(-1) > 0).sum())
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference"] + NATIVE)
 @pytest.mark.parametrize("aggregation", AGGS)
 def test_micro_batches_with_global_denominator_equal_one_batch(backend, aggregation):
     # issue 14 item 7: the gradient accumulated over 4 micro-batches, each given the global count, is the
@@ -220,3 +263,145 @@ def test_micro_batches_with_global_denominator_equal_one_batch(backend, aggregat
             total += part.item()
         assert total == pytest.approx(full.item(), rel=1e-9, abs=1e-12)
         torch.testing.assert_close(acc.grad, one.grad, rtol=1e-6, atol=1e-12)
+
+
+def _both(backend, logp, old, adv, mask, **kw):
+    out = _grads(lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, backend=backend, **kw), logp, old, adv)
+    exp = _grads(lambda a, b, c: _ref(a, b, c, mask, **kw), logp, old, adv)
+    return out, exp
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_backends_match_reference_fp64(backend, variant, aggregation):
+    if variant == "denominator" and aggregation == "token-sum":
+        pytest.skip("token-sum has no divisor")
+    triton = backend == "triton"  # the interpreter is slow: fewer cases
+    for i, shape in enumerate([(3, 1), (2, 3, 5)] if triton else [(3, 1), (4, 37), (2, 3, 5)]):
+        logp, old, adv, kw = _variant_inputs(shape, variant, seed=100 * i + len(variant))
+        R = math.prod(shape[:-1])
+        for kind in ("holes",) if triton else ("right", "holes"):
+            mask = ragged_masks(R, shape[-1], torch.Generator().manual_seed(i))[kind].reshape(shape)
+            out, exp = _both(backend, logp, old, adv, mask, aggregation=aggregation, **kw)
+            assert out[0].dtype == torch.float64
+            _close(out, exp, TOL[backend])
+
+
+def test_variants_exercise_every_branch():
+    # the sweep is only meaningful if ratios fall on both sides of the clip range and inside it
+    for variant in ("gspo", "cispo", "kl_k3_weights"):
+        logp, old, adv, kw = _variant_inputs((4, 37), variant, seed=len(variant))
+        mask = ragged_masks(4, 37, torch.Generator().manual_seed(1))["holes"]
+        _, stats = _ref(logp, old, adv, mask, **kw)
+        assert 0 < stats["clipfrac"].item() < 1, variant
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("variant", ["gspo_dual", "cispo_seq", "kl_k3_weights", "kl_k2_seq"])
+def test_gradcheck_native(backend, variant):
+    # triton: one random projection (fast_mode); the sweep compares its gradients with the reference elementwise
+    logp, old, adv, kw = _variant_inputs((3, 7), variant, seed=21)
+    if kw.get("loss_type") == "cispo":
+        old = logp - 0.5  # every ρ truncated: the constant weight finite differences can check (see above)
+    mask = ragged_masks(3, 7, torch.Generator().manual_seed(3))["holes"]
+    ins = [t.clone().requires_grad_(True) for t in (logp, old, adv)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, aggregation="seq-mean-token-mean", backend=backend,
+                                           **kw)[0], ins, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_masked_garbage_never_leaks(backend):
+    logp, old, adv, kw = _variant_inputs((3, 20), "kl_k2_seq", seed=5)
+    mask = ragged_masks(3, 20, torch.Generator().manual_seed(5))["holes"]
+    clean = _grads(lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, backend=backend, **kw), logp, old, adv)
+    bad = [t.clone() for t in (logp, old, adv, kw["weights"], kw["ref_logp"])]
+    for t, v in zip(bad, (float("inf"), float("-inf"), float("nan"), float("nan"), float("inf"))):
+        t[~mask] = v
+    kw_bad = dict(kw, weights=bad[3], ref_logp=bad[4])
+    dirty = _grads(lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, backend=backend, **kw_bad), *bad[:3])
+    _close(dirty, clean, 0.0)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_low_precision_and_tensor_denominator(backend):
+    logp, old, adv, kw = _variant_inputs((3, 29), "kl_k3_weights", seed=9, dtype=torch.bfloat16)
+    mask = ragged_masks(3, 29, torch.Generator().manual_seed(9))["holes"]
+    den = torch.tensor(17.0)
+    loss, stats, grads = _grads(lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, backend=backend, denominator=den,
+                                                                   **kw), logp, old, adv)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    exp = _grads(lambda a, b, c: _ref(a, b, c, mask, denominator=17, **kw64), logp.double(), old.double(),
+                 adv.double())
+    torch.testing.assert_close(loss.double(), exp[0], rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, exp[2]):
+        torch.testing.assert_close(g, r.to(torch.bfloat16), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="native extension not built")
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 5), T=st.integers(1, 40), density=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16),
+       aggregation=st.sampled_from(AGGS), variant=st.sampled_from(list(VARIANTS)))
+def test_property_cpu_matches_reference(B, T, density, seed, aggregation, variant):
+    if variant == "denominator" and aggregation == "token-sum":
+        aggregation = "token-mean"
+    logp, old, adv, kw = _variant_inputs((B, T), variant, seed=seed)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < density
+    _close(*_both("cpu", logp, old, adv, mask, aggregation=aggregation, **kw), 1e-12)
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="native extension not built")
+def test_deterministic_cpu():
+    logp, old, adv, kw = _variant_inputs((48, 301), "kl_k2_seq", seed=9, dtype=torch.float32)
+    mask = ragged_masks(48, 301, torch.Generator().manual_seed(9))["holes"]
+    f = lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask, backend="cpu", **kw)  # noqa: E731
+    a, b = _grads(f, logp, old, adv), _grads(f, logp, old, adv)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+@pytest.mark.skipif("cpu" not in NATIVE, reason="native extension not built")
+def test_opcheck_and_compile_cpu():
+    logp, old, adv, kw = _variant_inputs((4, 9), "kl_k3_weights", seed=4, dtype=torch.float32)
+    mask = ragged_masks(4, 9, torch.Generator().manual_seed(4))["holes"]
+    lp = logp.clone().requires_grad_(True)
+    op = torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default
+    torch.library.opcheck(op, (lp, old, adv[:, 0].contiguous(), mask, kw["weights"], kw["ref_logp"], 0.2, 0.28, 0.0,
+                               1, 1, 0, 0.1, 2, 0.0))
+    torch.library.opcheck(op, (lp, old.clone().requires_grad_(True), adv, mask, None, kw["ref_logp"], 0.2, 0.3, 0.0,
+                               0, 0, 1, 0.1, 1, 5.0))
+
+    def f(a, b, c, m, w, r):
+        loss, stats = rk.ppo_policy_loss(a, b, c, m, ratio_level="sequence", weights=w, ref_logp=r, kl_coef=0.1,
+                                         aggregation="seq-mean-token-mean", denominator=3, backend="cpu")
+        return loss, stats["ratio_mean"], stats["kl"]
+
+    out = torch.compile(f, fullgraph=True)(lp, old, adv[:, 0], mask, kw["weights"], kw["ref_logp"])
+    out[0].backward()
+    exp = _grads(lambda a, b, c: _ref(a, b, c, mask, ratio_level="sequence", weights=kw["weights"],
+                                      ref_logp=kw["ref_logp"], kl_coef=0.1, aggregation="seq-mean-token-mean",
+                                      denominator=3), logp, old, adv[:, 0])
+    torch.testing.assert_close(out[0], exp[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], exp[1]["ratio_mean"])
+    torch.testing.assert_close(lp.grad, exp[2][0], rtol=1e-5, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_matches_reference(variant):
+    logp, old, adv, kw = _variant_inputs((5, 1030), variant, seed=6, dtype=torch.float32)
+    mask = ragged_masks(5, 1030, torch.Generator().manual_seed(6))["holes"]
+    kwc = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    f = lambda a, b, c: rk.ppo_policy_loss(a, b, c, mask.cuda(), backend="cuda", **kwc)  # noqa: E731
+    out = _grads(f, logp.cuda(), old.cuda(), adv.cuda())
+    kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    exp = _grads(lambda a, b, c: _ref(a, b, c, mask, **kw64), logp.double(), old.double(), adv.double())
+    torch.testing.assert_close(out[0].cpu().double(), exp[0], rtol=1e-5, atol=1e-6)
+    for k in exp[1]:
+        torch.testing.assert_close(out[1][k].cpu(), exp[1][k], rtol=1e-5, atol=1e-6)
+    for g, r in zip(out[2], exp[2]):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=1e-5, atol=1e-6)
+    again = _grads(f, logp.cuda(), old.cuda(), adv.cuda())
+    assert torch.equal(out[0], again[0]) and all(torch.equal(x, y) for x, y in zip(out[2], again[2]))

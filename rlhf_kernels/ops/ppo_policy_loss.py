@@ -11,10 +11,10 @@ from .. import reference
 from ._common import (
     AGG_CODES,
     HAVE_C,
+    HAVE_TRITON,
     KL_CODES,
     POLICY_LOSS_CODES,
     RATIO_LEVEL_CODES,
-    HAVE_TRITON,
     backend_for,
     choice,
     float_tensor,
@@ -115,40 +115,48 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs)")
     denominator = check_denominator(denominator, aggregation, device)
-    extended = (ratio_level != "token" or loss_type != "ppo" or weights is not None or ref_logp is not None
-                or denominator is not None or advantages.shape != logp.shape)
     name = backend_for(backend, device, "ppo_policy_loss", IMPLEMENTED)
-    if extended and name != "reference":
-        if backend is not None:  # TODO(grpoloss): the native kernels take the new arguments next
-            raise NotImplementedError(f"ppo_policy_loss: backend {backend!r} does not take the GRPO-family "
-                                      "arguments yet; use backend='reference'")
-        name = "reference"
     if name == "reference":
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
                                          aggregation, ratio_level, loss_type, weights, ref_logp, kl_coef,
                                          kl_estimator, denominator)
-    dt = reference.compute_dtype(logp, old_logp, advantages)
+    clip_high = clip_low if clip_high is None else clip_high
+    dual_clip = 0.0 if dual_clip is None else dual_clip
+    dt = reference.compute_dtype(logp, old_logp, advantages, weights, ref_logp)
+    adv = rows2d(advantages, dt) if advantages.shape == logp.shape else advantages.reshape(-1).to(dt).contiguous()
+    # weights and ref_logp are constants of the loss: detached, so autograd neither saves nor expects their graph
+    w = None if weights is None else rows2d(weights.detach(), dt)
+    ref = None if ref_logp is None else rows2d(ref_logp.detach(), dt)
+    den_is_tensor = isinstance(denominator, torch.Tensor)
+    den = 0.0 if denominator is None else 1.0 if den_is_tensor else denominator
     op = (torch.ops.rlhf_kernels.ppo_policy_loss_fwd_triton if name == "triton"
           else torch.ops.rlhf_kernels.ppo_policy_loss_fwd)
-    loss, clipfrac, approx_kl, _ = op(rows2d(logp, dt), rows2d(old_logp, dt), rows2d(advantages, dt), rows2d(mask),
-                                      clip_low, clip_low if clip_high is None else clip_high,
-                                      0.0 if dual_clip is None else dual_clip, AGG_CODES[aggregation])
-    with torch.no_grad():  # TODO(grpoloss): from the kernels
-        ratio = torch.where(mask, (logp.detach().to(dt) - old_logp.detach().to(dt)).exp(), 0)
-        n = mask.sum().clamp(min=1)
-        ratio_mean = (ratio.sum() / n).float()
-        ratio_max = torch.cat([ratio.reshape(-1), ratio.new_zeros(1)]).max().float()
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean, "ratio_max": ratio_max}
+    loss, stats, _ = op(
+        rows2d(logp, dt), rows2d(old_logp, dt), adv, rows2d(mask), w, ref, clip_low, clip_high, dual_clip,
+        AGG_CODES[aggregation], RATIO_LEVEL_CODES[ratio_level], POLICY_LOSS_CODES[loss_type], kl_coef,
+        KL_CODES[kl_estimator], den)
+    if den_is_tensor:  # a device tensor (e.g. an all-reduced count) divides here: no host sync for its value
+        loss = loss / denominator.to(loss.dtype)
+    return loss, _stats(stats.unbind(0), weights is not None, ref_logp is not None)
 
 
-def _fake_fwd(logp, old, adv, mask, clip_low, clip_high, dual_clip, aggregation):
-    scalar = logp.new_empty(())
-    return scalar, scalar.new_empty((), dtype=torch.float32), scalar.new_empty((), dtype=torch.float32), \
-        logp.new_empty(logp.shape[:1])
+STATS = ("clipfrac", "approx_kl", "ratio_mean", "ratio_max", "kl", "weight_mean")  # the kernels' stats, in order
 
 
-def _fake_bwd(grad_loss, logp, old, adv, mask, row_weight, clip_low, clip_high, dual_clip, need_adv_grad):
-    return torch.empty_like(logp), torch.empty_like(adv) if need_adv_grad else adv.new_empty((0,))
+def _stats(values, has_weights, has_ref):
+    return {k: v for k, v in zip(STATS, values)
+            if (k != "kl" or has_ref) and (k != "weight_mean" or has_weights)}
+
+
+def _fake_fwd(logp, old, adv, mask, weights, ref, clip_low, clip_high, dual_clip, aggregation, ratio_level,
+              loss_type, kl_coef, kl_estimator, denominator):
+    return logp.new_empty(()), logp.new_empty((len(STATS),), dtype=torch.float32), logp.new_empty(logp.shape[:1])
+
+
+def _fake_bwd(grad_loss, logp, old, adv, mask, weights, ref, row_weight, clip_low, clip_high, dual_clip, ratio_level,
+              loss_type, kl_coef, kl_estimator, need_old_grad, need_adv_grad):
+    return (torch.empty_like(logp), torch.empty_like(logp) if need_old_grad else logp.new_empty((0,)),
+            torch.empty_like(adv) if need_adv_grad else adv.new_empty((0,)))
 
 
 if HAVE_C:
@@ -161,30 +169,35 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("rlhf_kernels::ppo_policy_loss_fwd_triton", mutates_args=())
     def _fwd_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_low: float, clip_high: float, dual_clip: float,
-                    aggregation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _tk.ppo_policy_loss_fwd(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, aggregation)
+                    weights: torch.Tensor | None, ref_logp: torch.Tensor | None, clip_low: float, clip_high: float,
+                    dual_clip: float, aggregation: int, ratio_level: int, loss_type: int, kl_coef: float,
+                    kl_estimator: int, denominator: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.ppo_policy_loss_fwd(logp, old_logp, advantages, mask, weights, ref_logp, clip_low, clip_high,
+                                       dual_clip, aggregation, ratio_level, loss_type, kl_coef, kl_estimator,
+                                       denominator)
 
     @torch.library.triton_op("rlhf_kernels::ppo_policy_loss_bwd_triton", mutates_args=())
     def _bwd_triton(grad_loss: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, row_weight: torch.Tensor, clip_low: float, clip_high: float,
-                    dual_clip: float, need_adv_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _tk.ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, row_weight, clip_low, clip_high,
-                                       dual_clip, need_adv_grad)
+                    mask: torch.Tensor, weights: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                    row_weight: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float, ratio_level: int,
+                    loss_type: int, kl_coef: float, kl_estimator: int, need_old_grad: bool,
+                    need_adv_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, weights, ref_logp, row_weight,
+                                       clip_low, clip_high, dual_clip, ratio_level, loss_type, kl_coef, kl_estimator,
+                                       need_old_grad, need_adv_grad)
 
     def _setup_context(ctx, inputs, output):
-        logp, old, adv, mask, clip_low, clip_high, dual_clip, _ = inputs
-        ctx.save_for_backward(logp, old, adv, mask, output[3])
-        ctx.clips = (clip_low, clip_high, dual_clip)
+        logp, old, adv, mask, weights, ref, clip_low, clip_high, dual_clip, _, level, loss_type, kl_coef, est, _ = inputs
+        ctx.save_for_backward(logp, old, adv, mask, weights, ref, output[2])
+        ctx.scalars = (clip_low, clip_high, dual_clip, level, loss_type, kl_coef, est)
         ctx.mark_non_differentiable(*output[1:])
 
     def _backward(ctx, grad_loss, *_stats):
-        logp, old, adv, mask, row_weight = ctx.saved_tensors
+        logp, old, adv, mask, weights, ref, row_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_logp, g_adv = torch.ops.rlhf_kernels.ppo_policy_loss_bwd_triton(grad_loss, logp, old, adv, mask, row_weight,
-                                                                         *ctx.clips, need[2])
-        return (g_logp if need[0] else None, -g_logp if need[1] else None, g_adv if need[2] else None,
-                None, None, None, None, None)
+        g_logp, g_old, g_adv = torch.ops.rlhf_kernels.ppo_policy_loss_bwd_triton(
+            grad_loss, logp, old, adv, mask, weights, ref, row_weight, *ctx.scalars, need[1], need[2])
+        return (g_logp if need[0] else None, g_old if need[1] else None, g_adv if need[2] else None) + (None,) * 12
 
     _fwd_triton.register_fake(_fake_fwd)
     _bwd_triton.register_fake(_fake_bwd)
