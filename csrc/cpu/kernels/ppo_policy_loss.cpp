@@ -58,118 +58,6 @@ RK_ALWAYS_INLINE void row_forward(const T* lp, const T* old, const T* adv, const
   }
 }
 
-// The GRPO-family row (per-row advantages, GSPO's row ratio, CISPO, weights, the KL term). GSPO's ratio
-// needs the row's masked mean log-ratio before any token's loss: one row belongs to one thread, so that is
-// a first pass over the row (still in cache) before the token pass; no cross-thread step is needed.
-template <typename T> RK_ALWAYS_INLINE T row_log_ratio_mean(const T* lp, const T* old, const uint8_t* m, int64_t len) {
-  T s = 0;
-  int64_t nv = 0;
-#pragma omp simd reduction(+ : s, nv)
-  for (int64_t t = 0; t < len; ++t) {
-    s += m[t] ? lp[t] - old[t] : T(0);
-    nv += m[t] != 0;
-  }
-  return nv > 0 ? s / T(nv) : T(0);
-}
-
-// The token's inputs after the optional arguments are resolved (absent ones read as their neutral value).
-template <typename T> struct ExtToken {
-  T ratio, adv, w;
-  PolicyToken<T> tok;
-};
-template <typename T>
-RK_ALWAYS_INLINE ExtToken<T> ext_token(const PolicyArgs<T>& c, const T* lp, const T* old, const T* adv, T adv_row,
-                                       const T* w, T seq_ratio, int64_t t) {
-  ExtToken<T> x;
-  x.ratio = c.seq_ratio ? seq_ratio : rk::r_exp(lp[t] - old[t]);
-  x.adv = adv ? adv[t] : adv_row;
-  x.w = w ? w[t] : T(1);
-  x.tok = rk::policy_token(x.ratio, lp[t], x.adv, c.clip_low, c.clip_high, c.dual_clip, c.cispo);
-  return x;
-}
-
-template <typename T> void row_forward_ext(const PolicyArgs<T>& c, int64_t r, RowPartial<T>& out) {
-  const int64_t o = r * c.n, len = c.n;
-  const T *lp = c.logp + o, *old = c.old + o;
-  const uint8_t* m = c.mask + o;
-  const T* adv = c.adv_per_row ? nullptr : c.adv + o;
-  const T adv_row = c.adv_per_row ? c.adv[r] : T(0);
-  const T* w = c.weights ? c.weights + o : nullptr;
-  const T* ref = c.ref ? c.ref + o : nullptr;
-  const T seq_ratio = c.seq_ratio ? rk::r_exp(row_log_ratio_mean(lp, old, m, len)) : T(1);
-  T s = 0, k = 0, rs = 0, rm = 0, tk = 0, ws = 0;
-  int64_t nv = 0, nc = 0;
-  for (int64_t t = 0; t < len; ++t) {
-    if (!m[t]) continue;  // masked: nothing of it is read into a sum, so garbage there cannot leak
-    const ExtToken<T> x = ext_token(c, lp, old, adv, adv_row, w, seq_ratio, t);
-    const T d = lp[t] - old[t];
-    T loss = x.w * x.tok.loss;
-    if (ref) {
-      const T kl = rk::kl_value(lp[t], ref[t], c.kl_estimator);
-      loss += c.kl_coef * kl;
-      tk += kl;
-    }
-    s += loss;
-    k += T(0.5) * d * d;
-    rs += x.ratio;
-    rm = rm > x.ratio ? rm : x.ratio;
-    ws += x.w;
-    nv += 1;
-    nc += x.tok.clipped;
-  }
-  out.sum += s, out.kl += k, out.n += nv, out.clipped += nc;
-  out.ratio_sum += rs, out.token_kl += tk, out.weight_sum += ws;
-  out.ratio_max = out.ratio_max > rm ? out.ratio_max : rm;
-}
-
-// Backward of one row, scaled by `scale` = ∂L/∂loss · the row's token weight. GSPO: every token's
-// log-probability moves the row ratio, ∂log s/∂logp_t = m_t / n, so the row's policy gradient is
-// Σ_u w_u·∂ℓ_u/∂log s / n on each valid token: a first pass sums it, the second writes it.
-template <typename T> void row_backward_ext(const PolicyArgs<T>& c, int64_t r, T scale) {
-  const int64_t o = r * c.n, len = c.n;
-  const T *lp = c.logp + o, *old = c.old + o;
-  const uint8_t* m = c.mask + o;
-  const T* adv = c.adv_per_row ? nullptr : c.adv + o;
-  const T adv_row = c.adv_per_row ? c.adv[r] : T(0);
-  const T* w = c.weights ? c.weights + o : nullptr;
-  const T* ref = c.ref ? c.ref + o : nullptr;
-  T *g_lp = c.g_logp + o, *g_old = c.g_old ? c.g_old + o : nullptr;
-  T* g_adv = c.g_adv && !c.adv_per_row ? c.g_adv + o : nullptr;
-  const bool row_grad = c.seq_ratio && !c.cispo;
-  T seq_ratio = T(1), row_g = T(0);
-  if (c.seq_ratio) {
-    int64_t nv = 0;
-    for (int64_t t = 0; t < len; ++t) nv += m[t] != 0;
-    seq_ratio = rk::r_exp(row_log_ratio_mean(lp, old, m, len));
-    if (row_grad) {
-      for (int64_t t = 0; t < len; ++t) {
-        if (!m[t]) continue;
-        const ExtToken<T> x = ext_token(c, lp, old, adv, adv_row, w, seq_ratio, t);
-        row_g += x.w * x.tok.dloss;
-      }
-      row_g = nv > 0 ? row_g / T(nv) : T(0);
-    }
-  }
-  T adv_sum = 0;
-  for (int64_t t = 0; t < len; ++t) {
-    if (!m[t]) {
-      g_lp[t] = T(0);
-      if (g_old) g_old[t] = T(0);
-      if (g_adv) g_adv[t] = T(0);
-      continue;
-    }
-    const ExtToken<T> x = ext_token(c, lp, old, adv, adv_row, w, seq_ratio, t);
-    const T pol = row_grad ? row_g : x.w * x.tok.dloss;
-    const T kl = ref ? c.kl_coef * rk::kl_dlogp(lp[t], ref[t], c.kl_estimator) : T(0);
-    g_lp[t] = scale * (pol + kl);
-    if (g_old) g_old[t] = c.cispo ? T(0) : -scale * pol;
-    const T ga = scale * x.w * x.tok.dadv;
-    if (g_adv) g_adv[t] = ga;
-    adv_sum += ga;
-  }
-  if (c.g_adv && c.adv_per_row) c.g_adv[r] = adv_sum;
-}
-
 template <typename T>
 RK_ALWAYS_INLINE void row_backward(const T* lp, const T* old, const T* adv, const uint8_t* m, int64_t len,
                                    const PolicyArgs<T>& c, T scale, T* g_lp, T* g_adv) {
@@ -190,9 +78,164 @@ RK_ALWAYS_INLINE void row_backward(const T* lp, const T* old, const T* adv, cons
   }
 }
 
+// The GRPO-family row (per-row advantages, GSPO's row ratio, CISPO, weights, the KL term). GSPO's ratio
+// needs the row's masked mean log-ratio before any token's loss: one row belongs to one thread, so that is
+// a first pass over the row (still in cache) before the token pass; no cross-thread step is needed.
+template <typename T> struct RowRatio {
+  T ratio;    // exp of the masked mean of logp − old (1 for a row without valid tokens)
+  int64_t n;  // valid tokens
+};
+template <typename T>
+RK_ALWAYS_INLINE RowRatio<T> row_ratio(const T* lp, const T* old, const uint8_t* m, int64_t len) {
+  T s = 0;
+  int64_t nv = 0;
+#pragma omp simd reduction(+ : s, nv)
+  for (int64_t t = 0; t < len; ++t) {
+    s += m[t] ? lp[t] - old[t] : T(0);
+    nv += m[t] != 0;
+  }
+  return {rk::r_exp(nv > 0 ? s / T(nv) : T(0)), nv};
+}
+
+// The loops are tiled as row_forward's: absent inputs read from constant tile buffers (the row's advantage,
+// weight 1), so the token loops are branch-free selects and vectorise; the KL term is a template flag.
+template <typename T> struct ExtRow {
+  const T *lp, *old, *adv, *w, *ref;  // adv / w point at a tile buffer when per-row / absent
+  const uint8_t* m;
+  bool adv_tiled, w_tiled;            // whether adv / w advance with the tile
+};
+template <typename T>
+RK_ALWAYS_INLINE ExtRow<T> ext_row(const PolicyArgs<T>& c, int64_t r, T* adv_buf, T* w_buf) {
+  const int64_t o = r * c.n;
+  ExtRow<T> x{c.logp + o, c.old + o, c.adv + o, c.weights ? c.weights + o : w_buf, c.ref ? c.ref + o : nullptr,
+              c.mask + o, !c.adv_per_row, c.weights != nullptr};
+  if (c.adv_per_row) {
+    for (int64_t i = 0; i < kTile; ++i) adv_buf[i] = c.adv[r];
+    x.adv = adv_buf;
+  }
+  if (!c.weights)
+    for (int64_t i = 0; i < kTile; ++i) w_buf[i] = T(1);
+  return x;
+}
+
+template <bool kRef, typename T> void row_forward_ext(const PolicyArgs<T>& c, int64_t r, RowPartial<T>& out) {
+  alignas(64) T adv_buf[kTile], w_buf[kTile];
+  alignas(64) T loss_buf[kTile], kl_buf[kTile], ratio_buf[kTile], tk_buf[kTile], ws_buf[kTile];
+  alignas(64) int32_t n_buf[kTile], clip_buf[kTile];
+  const ExtRow<T> x = ext_row(c, r, adv_buf, w_buf);
+  const int64_t len = c.n, est = c.kl_estimator;
+  const T cl = c.clip_low, ch = c.clip_high, dc = c.dual_clip, kc = c.kl_coef;
+  const bool seq = c.seq_ratio, cispo = c.cispo;
+  const T s_ratio = seq ? row_ratio(x.lp, x.old, x.m, len).ratio : T(1);
+  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+    const int64_t n = std::min(kTile, len - t0);
+    const T *a = x.lp + t0, *b = x.old + t0, *e = x.adv_tiled ? x.adv + t0 : x.adv, *w = x.w_tiled ? x.w + t0 : x.w;
+    const T* rf = kRef ? x.ref + t0 : nullptr;
+    const uint8_t* v = x.m + t0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = a[i] - b[i];
+      const T ratio = seq ? s_ratio : rk::r_exp(d);
+      const auto tok = rk::policy_token(ratio, a[i], e[i], cl, ch, dc, cispo);
+      T loss = w[i] * tok.loss, kl = T(0);
+      if constexpr (kRef) {
+        kl = rk::kl_value(a[i], rf[i], est);
+        loss += kc * kl;
+      }
+      const int32_t valid = v[i] != 0;  // selects, never products: garbage at masked positions stays out
+      loss_buf[i] = valid ? loss : T(0);
+      kl_buf[i] = valid ? T(0.5) * d * d : T(0);
+      ratio_buf[i] = valid ? ratio : T(0);
+      tk_buf[i] = valid ? kl : T(0);
+      ws_buf[i] = valid ? w[i] : T(0);
+      n_buf[i] = valid;
+      clip_buf[i] = tok.clipped & valid;
+    }
+    T s = 0, k = 0, rs = 0, rm = 0, tk = 0, ws = 0;
+    int32_t nv = 0, nc = 0;
+#pragma omp simd reduction(+ : s, k, nv, nc, rs, tk, ws) reduction(max : rm)
+    for (int64_t i = 0; i < n; ++i) {
+      s += loss_buf[i];
+      k += kl_buf[i];
+      nv += n_buf[i];
+      nc += clip_buf[i];
+      rs += ratio_buf[i];
+      rm = rm > ratio_buf[i] ? rm : ratio_buf[i];
+      tk += tk_buf[i];
+      ws += ws_buf[i];
+    }
+    out.sum += s, out.kl += k, out.n += nv, out.clipped += nc;
+    out.ratio_sum += rs, out.token_kl += tk, out.weight_sum += ws;
+    out.ratio_max = out.ratio_max > rm ? out.ratio_max : rm;
+  }
+}
+
+// Backward of one row, scaled by `scale` = ∂L/∂loss · the row's token weight. GSPO: every token's
+// log-probability moves the row ratio, ∂log s/∂logp_t = m_t / n, so the row's policy gradient is
+// Σ_u w_u·∂ℓ_u/∂log s / n on each valid token: a first pass sums it, the second writes it. Per-row
+// advantages sum their gradient over the row. Outputs not asked for go to tile scratch buffers.
+template <bool kRef, typename T> void row_backward_ext(const PolicyArgs<T>& c, int64_t r, T scale) {
+  alignas(64) T adv_buf[kTile], w_buf[kTile], old_scratch[kTile], adv_scratch[kTile];
+  const ExtRow<T> x = ext_row(c, r, adv_buf, w_buf);
+  const int64_t o = r * c.n, len = c.n, est = c.kl_estimator;
+  const T cl = c.clip_low, ch = c.clip_high, dc = c.dual_clip, kc = c.kl_coef;
+  const bool seq = c.seq_ratio, cispo = c.cispo, row_grad = seq && !cispo;
+  const RowRatio<T> rr = seq ? row_ratio(x.lp, x.old, x.m, len) : RowRatio<T>{T(1), 0};
+  const T s_ratio = rr.ratio;
+  T row_g = 0;
+  if (row_grad) {
+    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+      const int64_t n = std::min(kTile, len - t0);
+      const T *a = x.lp + t0, *e = x.adv_tiled ? x.adv + t0 : x.adv, *w = x.w_tiled ? x.w + t0 : x.w;
+      const uint8_t* v = x.m + t0;
+      T g = 0;
+#pragma omp simd reduction(+ : g)
+      for (int64_t i = 0; i < n; ++i) {
+        const auto tok = rk::policy_token(s_ratio, a[i], e[i], cl, ch, dc, false);
+        g += v[i] ? w[i] * tok.dloss : T(0);
+      }
+      row_g += g;
+    }
+    row_g = rr.n > 0 ? row_g / T(rr.n) : T(0);
+  }
+  const bool old_out = c.g_old != nullptr, adv_out = c.g_adv != nullptr && x.adv_tiled;
+  T adv_sum = 0;
+  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+    const int64_t n = std::min(kTile, len - t0);
+    const T *a = x.lp + t0, *b = x.old + t0, *e = x.adv_tiled ? x.adv + t0 : x.adv, *w = x.w_tiled ? x.w + t0 : x.w;
+    const T* rf = kRef ? x.ref + t0 : nullptr;
+    const uint8_t* v = x.m + t0;
+    T* g_lp = c.g_logp + o + t0;
+    T* g_old = old_out ? c.g_old + o + t0 : old_scratch;
+    T* g_adv = adv_out ? c.g_adv + o + t0 : adv_scratch;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T ratio = seq ? s_ratio : rk::r_exp(a[i] - b[i]);
+      const auto tok = rk::policy_token(ratio, a[i], e[i], cl, ch, dc, cispo);
+      const T pol = row_grad ? row_g : w[i] * tok.dloss;
+      T kl = T(0);
+      if constexpr (kRef) kl = kc * rk::kl_dlogp(a[i], rf[i], est);
+      const bool valid = v[i] != 0;
+      g_lp[i] = valid ? scale * (pol + kl) : T(0);
+      g_old[i] = valid && !cispo ? -scale * pol : T(0);
+      g_adv[i] = valid ? scale * w[i] * tok.dadv : T(0);
+    }
+    if (c.g_adv != nullptr && !x.adv_tiled) {
+      T sa = 0;
+#pragma omp simd reduction(+ : sa)
+      for (int64_t i = 0; i < n; ++i) sa += adv_scratch[i];
+      adv_sum += sa;
+    }
+  }
+  if (c.g_adv != nullptr && !x.adv_tiled) c.g_adv[r] = adv_sum;
+}
+
 template <typename T> void fwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t hi) {
   if (a.extended()) {
-    for (int64_t r = lo; r < hi; ++r) row_forward_ext(a, r, a.part[r]);
+    for (int64_t r = lo; r < hi; ++r) {
+      if (a.ref) row_forward_ext<true>(a, r, a.part[r]);
+      else row_forward_ext<false>(a, r, a.part[r]);
+    }
     return;
   }
   for (int64_t r = lo; r < hi; ++r) {
@@ -203,7 +246,10 @@ template <typename T> void fwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t 
 
 template <typename T> void bwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t hi) {
   if (a.extended()) {
-    for (int64_t r = lo; r < hi; ++r) row_backward_ext(a, r, a.grad * a.row_weight[r]);
+    for (int64_t r = lo; r < hi; ++r) {
+      if (a.ref) row_backward_ext<true>(a, r, a.grad * a.row_weight[r]);
+      else row_backward_ext<false>(a, r, a.grad * a.row_weight[r]);
+    }
     return;
   }
   for (int64_t r = lo; r < hi; ++r) {
