@@ -8,6 +8,11 @@ Floor (fp32, per token): forward must read logp, old_logp, advantages (4 B each)
 30 B. Compute: one exp and ~15 flops per token per pass, so at these sizes the op is bound by
 per-call overhead and memory, not arithmetic.
 
+GRPO-family tables: the loss variants of docs/algorithms.md §14.3 at 64x1024 (one advantage per row, as GRPO
+has), each against the eager composition (the float64-spec reference run in fp32, i.e. plain torch ops)
+and torch.compile of it. The KL variant reads ref_logp too and the weights variant the weights: 4 B more
+per token each, forward and backward.
+
 Fused-linear table: Liger's GRPO loss with beta=0 (no KL term), loss_type="dapo" (Σ over tokens / number
 of valid tokens) and per-sequence advantages is PPO's clipped loss with aggregation="token-mean" and the
 advantage broadcast over the row: the same math as rk.linear_logprobs → rk.ppo_policy_loss. Its floor
@@ -52,6 +57,50 @@ def _loss_table(B, T, quick, csv_dir, ceilings, compiled):
                   nbytes=BYTES_PER_TOKEN * B * T, peaks=peaks)
 
 
+def _variant_inputs(B, T):
+    logp, old, _, mask = _inputs(B, T)
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(B, generator=g).to(DEVICE)
+    ref = (logp.detach().cpu() + torch.randn(B, T, generator=g) * 0.2).to(DEVICE)
+    weights = (torch.rand(B, T, generator=g) * 2).to(DEVICE)
+    return logp, old, adv, mask, ref, weights
+
+
+def variants(B, T, ref, weights):
+    """{label: keyword arguments} of the benchmarked GRPO-family variants."""
+    return {
+        "grpo (per-row A, k3 KL beta=0.04)": dict(ref_logp=ref, kl_coef=0.04),
+        "dr_grpo (token-mean, denominator=B*T)": dict(denominator=B * T),
+        "gspo (sequence ratio, clip 3e-4/4e-4)": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
+        "cispo (clip_high=5, TIS weights)": dict(loss_type="cispo", clip_high=5.0, weights=weights),
+    }
+
+
+def _variant_tables(B, T, quick, csv_dir, ceilings):
+    logp, old, adv, mask, ref, weights = _variant_inputs(B, T)
+
+    def eager(logp, old, adv, mask, kw):
+        k = dict(kw)
+        return reference.ppo_policy_loss(logp, old, adv, mask, k.pop("clip_low", 0.2), k.pop("clip_high", None), None,
+                                         "token-mean", **k)
+
+    compiled = torch.compile(eager)
+    texts = []
+    for i, (label, kw) in enumerate(variants(B, T, ref, weights).items()):
+        def step_(fn, kw=kw):
+            return lambda: torch.autograd.grad(fn(logp, old, adv, mask, kw)[0], logp)
+
+        fns = {"eager composition (reference ops)": step_(eager), "torch.compile(eager)": step_(compiled)}
+        for name, b in rk_backends("ppo_policy_loss").items():
+            fns[name] = step_(lambda *a, b=b: rk.ppo_policy_loss(*a[:4], backend=b, **a[4]))
+        res, peaks = measure(fns, repeats=20 if quick else 30, warmup=3)
+        nbytes = (BYTES_PER_TOKEN + 8 * (("ref_logp" in kw) + ("weights" in kw))) * B * T
+        texts.append(report(f"ppo_policy_loss {label}, forward+backward, {B}x{T} fp32", res,
+                            "eager composition (reference ops)", ceilings, csv_name=f"ppo_policy_loss_variant{i}",
+                            csv_dir=csv_dir, nbytes=nbytes, peaks=peaks))
+    return "\n".join(texts)
+
+
 def _liger_grpo(h, w, tok, mask, adv, old):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -91,6 +140,7 @@ def run(quick=False, csv_dir=None, ceilings=None):
     compiled = torch.compile(reference.ppo_policy_loss)
     shapes = [(64, 1024)] + ([] if quick else [(256, 4096)])
     texts = [_loss_table(B, T, quick, csv_dir, ceilings, compiled) for B, T in shapes]
+    texts.append(_variant_tables(64, 1024, quick, csv_dir, ceilings))
     texts.append(_fused_linear_table(quick, csv_dir, ceilings))
     return "\n".join(texts)
 

@@ -119,10 +119,18 @@ def _masked_whiten(mod):
 def _ppo_policy_loss(mod):
     def build(B, T, dt):
         x, m, s = _meta(B, T, dtype=dt), _meta(B, T, dtype=torch.bool), _meta(dtype=dt)
+        row_adv = _meta(B, dtype=dt)
         for agg in (0, 1, 2, 3):
-            yield mod.plan_fwd(x, x, x, m, 0.2, 0.2, 0.0, agg)[0]
+            yield mod.plan_fwd(x, x, x, m, None, None, 0.2, 0.2, 0.0, agg, 0, 0, 0.0, 2, 0.0)[0]
+        # the GRPO-family row kernels: GSPO with weights and the KL term, CISPO with per-row advantages
+        yield mod.plan_fwd(x, x, x, m, x, x, 0.2, 0.2, 0.0, 0, 1, 0, 0.1, 2, 0.0)[0]
+        yield mod.plan_fwd(x, x, row_adv, m, None, None, 0.2, 0.2, 0.0, 0, 0, 1, 0.0, 2, 0.0)[0]
         for need_adv in (False, True):
-            yield mod.plan_bwd(s, x, x, x, m, _meta(B, dtype=dt), 0.2, 0.2, 0.0, need_adv)[0]
+            yield mod.plan_bwd(s, x, x, x, m, None, None, _meta(B, dtype=dt), 0.2, 0.2, 0.0, 0, 0, 0.0, 2, False,
+                               need_adv)[0]
+            yield mod.plan_bwd(s, x, x, x, m, x, x, _meta(B, dtype=dt), 0.2, 0.2, 0.0, 1, 0, 0.1, 2, True, need_adv)[0]
+            yield mod.plan_bwd(s, x, x, row_adv, m, None, None, _meta(B, dtype=dt), 0.2, 0.2, 0.0, 0, 1, 0.0, 2, True,
+                               need_adv)[0]
     return _row_cases(build)
 
 

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -20,43 +21,67 @@ template <typename Sig> c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using PolicyFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                             const Tensor&, double, double, double, int64_t);
-using PolicyBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                             const Tensor&, const Tensor&, double, double, double, bool);
+using OptTensor = std::optional<Tensor>;
+using PolicyFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                     const OptTensor&, const OptTensor&, double, double, double,
+                                                     int64_t, int64_t, int64_t, double, int64_t, double);
+using PolicyBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                     const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                                     double, double, double, int64_t, int64_t, double, int64_t, bool,
+                                                     bool);
 
+// weights and ref_logp are constants of the loss (they get no gradient); saved as empty tensors when absent.
 class PolicyLossFn : public torch::autograd::Function<PolicyLossFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& logp, const Tensor& old, const Tensor& adv,
-                               const Tensor& mask, double clip_low, double clip_high, double dual_clip, int64_t agg) {
+                               const Tensor& mask, const OptTensor& weights, const OptTensor& ref, double clip_low,
+                               double clip_high, double dual_clip, int64_t agg, int64_t ratio_level, int64_t loss_type,
+                               double kl_coef, int64_t kl_estimator, double denominator) {
     static const auto fwd = op<PolicyFwd>("rlhf_kernels::ppo_policy_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, clipfrac, approx_kl, row_weight] = fwd.call(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg);
-    ctx->save_for_backward({logp, old, adv, mask, row_weight});
+    auto [loss, stats, row_weight] = fwd.call(logp, old, adv, mask, weights, ref, clip_low, clip_high, dual_clip, agg,
+                                              ratio_level, loss_type, kl_coef, kl_estimator, denominator);
+    ctx->save_for_backward({logp, old, adv, mask, weights.value_or(Tensor()), ref.value_or(Tensor()), row_weight});
     ctx->saved_data["clip_low"] = clip_low;
     ctx->saved_data["clip_high"] = clip_high;
     ctx->saved_data["dual_clip"] = dual_clip;
-    ctx->mark_non_differentiable({clipfrac, approx_kl, row_weight});
-    return {loss, clipfrac, approx_kl, row_weight};
+    ctx->saved_data["ratio_level"] = ratio_level;
+    ctx->saved_data["loss_type"] = loss_type;
+    ctx->saved_data["kl_coef"] = kl_coef;
+    ctx->saved_data["kl_estimator"] = kl_estimator;
+    ctx->mark_non_differentiable({stats, row_weight});
+    return {loss, stats, row_weight};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<PolicyBwd>("rlhf_kernels::ppo_policy_loss_bwd");
     const auto s = ctx->get_saved_variables();
-    const bool need_adv = ctx->needs_input_grad(2);
-    auto [g_lp, g_adv] = bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["clip_low"].toDouble(),
-                                  ctx->saved_data["clip_high"].toDouble(), ctx->saved_data["dual_clip"].toDouble(),
-                                  need_adv);
-    return {ctx->needs_input_grad(0) ? g_lp : Tensor(), ctx->needs_input_grad(1) ? g_lp.neg() : Tensor(),
-            need_adv ? g_adv : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto& d = ctx->saved_data;
+    const bool need_old = ctx->needs_input_grad(1), need_adv = ctx->needs_input_grad(2);
+    const OptTensor weights = s[4].defined() ? OptTensor(s[4]) : std::nullopt;
+    const OptTensor ref = s[5].defined() ? OptTensor(s[5]) : std::nullopt;
+    auto [g_lp, g_old, g_adv] =
+        bwd.call(grads[0], s[0], s[1], s[2], s[3], weights, ref, s[6], d.at("clip_low").toDouble(),
+                 d.at("clip_high").toDouble(), d.at("dual_clip").toDouble(), d.at("ratio_level").toInt(),
+                 d.at("loss_type").toInt(), d.at("kl_coef").toDouble(), d.at("kl_estimator").toInt(), need_old,
+                 need_adv);
+    variable_list out(15);
+    out[0] = ctx->needs_input_grad(0) ? g_lp : Tensor();
+    out[1] = need_old ? g_old : Tensor();
+    out[2] = need_adv ? g_adv : Tensor();
+    return out;
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_fwd(const Tensor& logp, const Tensor& old,
-                                                              const Tensor& adv, const Tensor& mask, double clip_low,
-                                                              double clip_high, double dual_clip, int64_t agg) {
-  auto out = PolicyLossFn::apply(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg);
-  return {out[0], out[1], out[2], out[3]};
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_fwd(const Tensor& logp, const Tensor& old, const Tensor& adv,
+                                                      const Tensor& mask, const OptTensor& weights,
+                                                      const OptTensor& ref, double clip_low, double clip_high,
+                                                      double dual_clip, int64_t agg, int64_t ratio_level,
+                                                      int64_t loss_type, double kl_coef, int64_t kl_estimator,
+                                                      double denominator) {
+  auto out = PolicyLossFn::apply(logp, old, adv, mask, weights, ref, clip_low, clip_high, dual_clip, agg, ratio_level,
+                                 loss_type, kl_coef, kl_estimator, denominator);
+  return {out[0], out[1], out[2]};
 }
 
 using ValueFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,

@@ -116,10 +116,24 @@ inline void check_ppo_loss_bwd(const char* op, const at::Tensor& grad_loss, cons
   check_device(op, "row_weight", row_weight, "the inputs", x);
 }
 
+// advantages are [R, T] or one per row [R]; weights and ref_logp, when given, are [R, T] like logp.
 inline void check_ppo_policy_loss(const at::Tensor& logp, const at::Tensor& old, const at::Tensor& adv,
-                                  const at::Tensor& mask) {
+                                  const at::Tensor& mask, const std::optional<at::Tensor>& weights = std::nullopt,
+                                  const std::optional<at::Tensor>& ref = std::nullopt) {
   static const char* const names[3] = {"logp", "old_logp", "advantages"};
-  check_ppo_loss("ppo_policy_loss", names, logp, old, adv, mask);
+  const char* op = "ppo_policy_loss";
+  if (adv.dim() == 1 && logp.dim() == 2) {
+    check_ppo_loss(op, names, logp, old, old, mask);
+    TORCH_CHECK(adv.size(0) == logp.size(0) && adv.scalar_type() == logp.scalar_type() && adv.is_contiguous(), op,
+                ": per-row advantages must be a contiguous [R] tensor of logp's dtype, got ", adv.sizes());
+    check_device(op, "advantages", adv, "logp", logp);
+  } else {
+    check_ppo_loss(op, names, logp, old, adv, mask);
+  }
+  if (weights) check_like(op, "weights", *weights, "logp", logp);
+  if (ref) check_like(op, "ref_logp", *ref, "logp", logp);
+  if (weights) check_contiguous(op, {*weights});
+  if (ref) check_contiguous(op, {*ref});
 }
 
 inline void check_ppo_value_loss(const at::Tensor& values, const at::Tensor& old, const at::Tensor& ret,

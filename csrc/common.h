@@ -32,6 +32,8 @@ enum GroupBaseline : int64_t { BASELINE_MEAN = 0, BASELINE_LEAVE_ONE_OUT = 1, BA
 enum GroupScale : int64_t { SCALE_STD = 0, SCALE_NONE = 1 };
 enum RcLevel : int64_t { RC_TOKEN = 0, RC_SEQUENCE = 1, RC_GEOMETRIC = 2 };
 enum RcMode : int64_t { RC_TRUNCATE = 0, RC_MASK = 1 };
+enum RatioLevel : int64_t { RATIO_TOKEN = 0, RATIO_SEQUENCE = 1 };
+enum PolicyLoss : int64_t { LOSS_PPO = 0, LOSS_CISPO = 1 };
 
 // ---- precision-generic math (float and double overloads, host and device) ----
 #if defined(__CUDA_ARCH__)
@@ -212,6 +214,22 @@ RK_HD PolicyToken<T> ppo_policy_token_ratio(T ratio, T adv, T clip_low, T clip_h
 template <typename T>
 RK_HD PolicyToken<T> ppo_policy_token(T logp, T old, T adv, T clip_low, T clip_high, T dual_clip) {
   return ppo_policy_token_ratio(r_exp(logp - old), adv, clip_low, clip_high, dual_clip);
+}
+
+// One token of the GRPO-family policy term given its ratio ρ (the token's, or GSPO's row ratio): PPO's
+// clipped surrogate, or CISPO's −sg(min(ρ, 1 + clip_high))·A·logp. For PPO dloss is ∂ℓ/∂log ρ (which is
+// ∂ℓ/∂logp at token level); for CISPO it is ∂ℓ/∂logp with ρ held constant, and old_logp gets no gradient.
+template <typename T>
+RK_HD PolicyToken<T> policy_token(T ratio, T logp, T adv, T clip_low, T clip_high, T dual_clip, bool cispo) {
+  const PolicyToken<T> p = ppo_policy_token_ratio(ratio, adv, clip_low, clip_high, dual_clip);
+  const T hi = T(1) + clip_high;
+  const T w = r_min(ratio, hi);
+  PolicyToken<T> out;
+  out.clipped = cispo ? int32_t(ratio > hi) : p.clipped;
+  out.loss = cispo ? -w * adv * logp : p.loss;
+  out.dloss = cispo ? -w * adv : p.dloss;
+  out.dadv = cispo ? -w * logp : p.dadv;
+  return out;
 }
 
 // ---- PPO clipped value loss, one token: ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) ----

@@ -40,12 +40,17 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("rollout_correction(Tensor old_logp, Tensor rollout_logp, Tensor mask, int level, int mode, float low, "
         "float high) -> (Tensor, Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
-  // [R, T] inputs -> loss[], clipfrac[], approx_kl[], token weight per row [R] (saved for backward)
-  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_low, "
-        "float clip_high, float dual_clip, int aggregation) -> (Tensor, Tensor, Tensor, Tensor)");
-  // -> grad_logp, grad_advantages (empty unless asked for); grad_old_logp is −grad_logp
+  // [R, T] inputs (advantages [R, T] or [R]; weights, ref_logp [R, T] or None) -> loss[], stats[6] float32
+  // (clipfrac, approx_kl, ratio_mean, ratio_max, kl, weight_mean), token weight per row [R] (saved for backward).
+  // denominator > 0 replaces the aggregation's divisor; 0 keeps it.
+  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? weights, "
+        "Tensor? ref_logp, float clip_low, float clip_high, float dual_clip, int aggregation, int ratio_level, "
+        "int loss_type, float kl_coef, int kl_estimator, float denominator) -> (Tensor, Tensor, Tensor)");
+  // -> grad_logp, grad_old_logp, grad_advantages (the last two empty unless asked for)
   m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-        "Tensor row_weight, float clip_low, float clip_high, float dual_clip, bool need_adv_grad) -> (Tensor, Tensor)");
+        "Tensor? weights, Tensor? ref_logp, Tensor row_weight, float clip_low, float clip_high, float dual_clip, "
+        "int ratio_level, int loss_type, float kl_coef, int kl_estimator, bool need_old_grad, bool need_adv_grad) "
+        "-> (Tensor, Tensor, Tensor)");
   // -> loss[], vf_clipfrac[], token weight per row [R]
   m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
         "int aggregation) -> (Tensor, Tensor, Tensor)");

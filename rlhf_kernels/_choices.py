@@ -13,6 +13,8 @@ GroupBaseline = Literal["mean", "leave_one_out", "none"]                        
 GroupScale = Literal["std", "none"]                                                       # GroupScale
 RCLevel = Literal["token", "sequence", "geometric"]                                       # RcLevel
 RCMode = Literal["truncate", "mask"]                                                      # RcMode
+RatioLevel = Literal["token", "sequence"]                                                 # RatioLevel
+PolicyLossType = Literal["ppo", "cispo"]                                                  # PolicyLoss
 
 # --- trainer options -----------------------------------------------------------------------------
 LogprobImpl = Literal["fused", "naive"]

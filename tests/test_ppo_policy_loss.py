@@ -140,6 +140,8 @@ def test_low_precision_inputs_compute_in_fp32(backend, dtype):
 @pytest.mark.parametrize("aggregation", AGGS)
 @pytest.mark.parametrize("clips", ["asym", "dual"])
 def test_gradcheck(backend, aggregation, clips):
+    if backend == "triton" and clips == "asym":
+        pytest.skip("the interpreter is slow; dual covers triton's branches (and the sweeps compare its gradients)")
     logp, old, adv = _inputs((3, 7), seed=11)
     mask = _mask((3, 7), "holes", seed=11)
     ins = [t.clone().requires_grad_(True) for t in (logp, old, adv)]
@@ -236,24 +238,15 @@ def test_bad_input():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="native extension not built")
-def test_opcheck_and_compile():
+def test_opcheck():
+    # torch.compile(fullgraph=True) of this op: tests/test_ppo_policy_loss_grpo.py::test_opcheck_and_compile_cpu
     logp, old, adv = _inputs((4, 9), torch.float32, seed=4)
     mask = _mask((4, 9), "holes", seed=4)
     lp = logp.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default, (lp, old, adv, mask, 0.2, 0.28, 3.0, 1))
+    op = torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default
+    torch.library.opcheck(op, (lp, old, adv, mask, None, None, 0.2, 0.28, 3.0, 1, 0, 0, 0.0, 2, 0.0))
     ad = adv.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd.default, (lp, old, ad, mask, 0.2, 0.2, 0.0, 0))
-
-    def f(a, b, c, m):
-        loss, stats = rk.ppo_policy_loss(a, b, c, m, dual_clip=3.0, aggregation="seq-mean-token-mean", backend="cpu")
-        return loss, stats["clipfrac"], stats["approx_kl"]
-
-    out = torch.compile(f, fullgraph=True)(lp, old, adv, mask)
-    out[0].backward()
-    exp = _run(_ref, logp, old, adv, mask, dual_clip=3.0, aggregation="seq-mean-token-mean")
-    torch.testing.assert_close(out[0], exp[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[1], exp[1]["clipfrac"])
-    torch.testing.assert_close(lp.grad, exp[2][0], rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(op, (lp, old, ad, mask, None, None, 0.2, 0.2, 0.0, 0, 0, 0, 0.0, 2, 0.0))
 
 
 @needs_gpu
@@ -281,5 +274,5 @@ def test_opcheck_triton_op():
     logp, old, adv = _inputs((3, 9), torch.float32, seed=12)
     mask = _mask((3, 9), "holes", seed=12)
     torch.library.opcheck(torch.ops.rlhf_kernels.ppo_policy_loss_fwd_triton.default,
-                          (logp.requires_grad_(True), old, adv, mask, 0.2, 0.28, 3.0, 1),
+                          (logp.requires_grad_(True), old, adv, mask, None, None, 0.2, 0.28, 3.0, 1, 0, 0, 0.0, 2, 0.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

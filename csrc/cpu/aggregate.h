@@ -24,7 +24,9 @@ struct Combined {
 };
 
 // Writes weight[r] (the weight of each valid token of row r under `agg`) and the combined loss.
-template <typename T> Combined combine(int64_t agg, const std::vector<RowPartial<T>>& part, T* weight) {
+// denominator > 0 replaces the divisor (the batch's valid tokens or rows with one; unused by token-sum).
+template <typename T>
+Combined combine(int64_t agg, const std::vector<RowPartial<T>>& part, T* weight, double denominator = 0) {
   int64_t tokens = 0, rows = 0, clipped = 0;
   for (const auto& p : part) {
     tokens += p.n;
@@ -33,7 +35,8 @@ template <typename T> Combined combine(int64_t agg, const std::vector<RowPartial
   }
   double loss = 0;
   for (size_t r = 0; r < part.size(); ++r) {
-    const T w = aggregation_weight<T>(agg, T(part[r].n), T(tokens), T(rows));
+    const T w = denominator > 0 ? aggregation_weight<T>(agg, T(part[r].n), T(denominator), T(denominator))
+                                : aggregation_weight<T>(agg, T(part[r].n), T(tokens), T(rows));
     weight[r] = w;
     loss += double(w) * double(part[r].sum);
   }

@@ -141,9 +141,10 @@ struct WhitenKernels {
 template <typename T> struct RowPartial {
   T sum = 0, kl = 0;  // kl: Σ ½(logp − old)² (policy loss only)
   int64_t n = 0, clipped = 0;
+  T ratio_sum = 0, ratio_max = 0, token_kl = 0, weight_sum = 0;  // policy loss only: its stats
 };
 template <typename T> struct PolicyArgs {
-  const T *logp, *old, *adv;
+  const T *logp, *old, *adv;  // adv: [R, T], or [R] when adv_per_row
   const uint8_t* mask;
   int64_t n;
   T clip_low, clip_high, dual_clip;
@@ -151,6 +152,13 @@ template <typename T> struct PolicyArgs {
   T grad;               // backward: ∂L/∂loss
   const T* row_weight;
   T *g_logp, *g_adv;  // g_adv null unless asked for
+  // the GRPO-family arguments; all off/null is plain PPO, which takes the original loops
+  const T *weights, *ref;  // null when not given
+  bool adv_per_row, seq_ratio, cispo;
+  int64_t kl_estimator;
+  T kl_coef;
+  T* g_old;  // null unless asked for (plain PPO's is −g_logp, formed by the caller)
+  bool extended() const { return weights || ref || adv_per_row || seq_ratio || cispo; }
 };
 template <typename T> using PolicyFn = RangeFn<PolicyArgs<T>>;
 struct PolicyLossKernels {

@@ -22,6 +22,20 @@ template <typename T> __device__ T block_sum(T v) {
   return r;
 }
 
+// Max over the block (as block_sum); every thread gets the result.
+template <typename T> __device__ T block_max(T v) {
+  __shared__ T sh[kThreads];
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = r_max(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  T r = sh[0];
+  __syncthreads();
+  return r;
+}
+
 // One block: per-row valid counts and loss sums → loss and per-row weights (double accumulation),
 // plus the masked means Σ stat_sum / n and Σ stat_count / n as float32 (either may be null).
 template <typename T>
