@@ -13,6 +13,8 @@ GroupBaseline = Literal["mean", "leave_one_out", "none"]                        
 GroupScale = Literal["std", "none"]                                                       # GroupScale
 RCLevel = Literal["token", "sequence", "geometric"]                                       # RcLevel
 RCMode = Literal["truncate", "mask"]                                                      # RcMode
+RatioLevel = Literal["token", "sequence"]                                                 # RatioLevel
+PolicyLossType = Literal["ppo", "cispo"]                                                  # PolicyLoss
 
 # --- trainer options -----------------------------------------------------------------------------
 LogprobImpl = Literal["fused", "naive"]
@@ -28,6 +30,9 @@ CRMLoss = Literal["sigmoid", "combined", "variant_1"]
 SFTAggregation = Literal["padded-mean", "token-sum", "token-mean"]
 Truncation = Literal["bootstrap", "done"]
 KLPenalty = Literal["logratio", "probdiff"]
+RolloutDtype = Literal["fp32", "bf16"]
+RolloutCorrection = Literal["none", "tis", "mis", "icepop"]
+GRPODenominator = Literal["global", "local", "max_len"]
 
 
 def values(literal):

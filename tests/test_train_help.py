@@ -15,8 +15,8 @@ COMMANDS = sorted(registry())
 
 
 def test_the_registry_holds_every_command():
-    assert {"train sft", "train rm", "train ppo", "train dpo", "train rto", "train rrhf", "train cartpole", "demo",
-            "generate", "bon", "experiment overoptimization", "experiment calibration",
+    assert {"train sft", "train rm", "train ppo", "train dpo", "train rto", "train rrhf", "train grpo", "train cartpole",
+            "demo", "generate", "bon", "experiment overoptimization", "experiment calibration",
             "experiment mcts"} <= set(COMMANDS)
 
 

@@ -1,0 +1,177 @@
+"""`rlhf-kernels train grpo`: the presets' loss options reach rk.ppo_policy_loss, the first minibatch's
+ratio is exactly 1, the global denominator makes micro-batching invisible, bf16 rollouts show a mismatch
+that the corrections act on, resume equality, the NaN stop, config errors, and a seeded run whose gold
+reward rises."""
+import json
+
+import pytest
+import torch
+
+from rlhf_kernels.train import grpo
+from rlhf_kernels.train.cli import main
+from rlhf_kernels.train.core import config
+from rlhf_kernels.train.core.commands import build
+from rlhf_kernels.train.core.runlog import Run, TrainingDiverged
+from rlhf_kernels.train.presets import GRPO_PRESETS
+
+from train_helpers import FAST, interrupt_then_resume, metrics
+
+# 2 prompts × 4 responses, 2 minibatches of 4 in micro-batches of 2
+GRPO_FAST = {**FAST, "steps": 2, "batch_size": 2, "group_size": 4, "minibatches": 2, "micro_batch_size": 2}
+
+
+def make(tmp_path, name="run", **keys):
+    return build("grpo", None, {**GRPO_FAST, "out": str(tmp_path / name), **keys})
+
+
+def trainer_with_experience(tmp_path, **keys):
+    t = grpo.GRPO(make(tmp_path, **keys))
+    t.run = Run(t.cfg, "grpo")
+    return t, t.make_experience(1, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("preset", sorted(GRPO_PRESETS))
+def test_presets_reach_the_loss_and_start_at_ratio_one(tmp_path, preset, monkeypatch):
+    seen = []
+    real = grpo.rk.ppo_policy_loss
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(grpo.rk, "ppo_policy_loss", spy)
+    cfg = make(tmp_path, preset=preset, steps=1)
+    grpo.train(cfg)
+    row = metrics(tmp_path / "run")[0]
+    assert row["ratio_dev_first_minibatch"] == 0.0  # old log-probs in the first epoch's micro-batches
+    kw = seen[0]
+    assert "backend" not in kw  # the trainer uses the default backend choice
+    for key in ("loss_type", "ratio_level", "clip_low", "clip_high", "aggregation", "kl_coef"):
+        if key in GRPO_PRESETS[preset]:
+            assert kw[key] == GRPO_PRESETS[preset][key], key
+    assert (kw["ref_logp"] is not None) == (cfg.kl_coef > 0)
+    n_micro = cfg.batch_size * cfg.group_size // cfg.micro_batch_size
+    assert len(seen) == n_micro * cfg.epochs
+    if preset == "dr_grpo":  # the constant divisor: rows of the minibatch × max_new_tokens
+        assert all(k["denominator"] == 4 * cfg.max_new_tokens for k in seen)
+    for key in ("pg_loss", "clipfrac", "ratio_mean", "ratio_max", "grad_norm", "uniform_groups", "eval_gold_reward"):
+        assert key in row
+
+
+def test_group_advantages_follow_the_groups(tmp_path):
+    t, ex = trainer_with_experience(tmp_path, baseline="mean", scale="none")
+    score = t.score(ex["samples"]).view(2, 4)
+    torch.testing.assert_close(ex["advantages"].view(2, 4), score - score.mean(1, keepdim=True))
+    prompts = ex["samples"].prompts.view(2, 4, -1)
+    assert torch.equal(prompts, prompts[:, :1].expand_as(prompts))  # a group shares its prompt
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_global_denominator_makes_micro_batching_invisible(tmp_path, aggregation):
+    """The gradient accumulated over micro-batches of 1 equals one micro-batch of the whole minibatch
+    with denominator=global; with local, the micro-batch means are averaged and it differs."""
+    t, ex = trainer_with_experience(tmp_path, aggregation=aggregation, micro_batch_size=1, minibatches=1)
+    mb = ex["order"]
+    mask = ex["mask"][mb]
+    assert mask.sum(1).unique().numel() > 1  # ragged rows, so local and global can differ
+
+    def grad(denominator, micros, local=False):
+        t.optimizer.zero_grad(set_to_none=True)
+        for micro in micros:
+            _, loss, _ = t.micro_loss(ex, micro, denominator)
+            (loss / len(micros) if local else loss).backward()
+        return torch.cat([p.grad.flatten() for p in t.policy.parameters() if p.grad is not None])
+
+    whole = grad(None, [mb])
+    den = grpo.minibatch_denominator(t.cfg, mask)
+    torch.testing.assert_close(grad(den, mb.split(1)), whole, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(grad(None, mb.split(1), local=True), whole, rtol=1e-3, atol=1e-6)
+
+
+def test_bf16_rollouts_mismatch_and_corrections(tmp_path):
+    t, ex = trainer_with_experience(tmp_path, rollout_dtype="bf16", rollout_correction="tis", rc_high=1.001)
+    st = ex["stats"]
+    assert next(t.sampler.copy.parameters()).dtype == torch.bfloat16
+    assert st["rollout_mismatch_k3"] > 0 and st["rollout_mismatch_k1"] != 0  # bf16 rounding is visible
+    w = ex["weights"][ex["mask"]]
+    assert w.max() <= 1.001 + 1e-6 and w.min() > 0 and w.max() > w.min()
+    # the sampler holds the policy's weights (rounded) after a sync
+    t.policy.lm_head.weight.data.add_(1.0)
+    t.sampler.sync()
+    torch.testing.assert_close(t.sampler.copy.lm_head.weight.float(), t.policy.lm_head.weight, rtol=1e-2, atol=1e-2)
+    # fp32 rollouts: no separate sampler, no mismatch
+    _, ex32 = trainer_with_experience(tmp_path, rollout_correction="none")
+    assert ex32["stats"]["rollout_mismatch_k3"] == 0 and ex32["weights"] is None
+
+
+@pytest.mark.parametrize("correction, level", [("mis", "sequence"), ("icepop", "token")])
+def test_masking_corrections_drop_what_leaves_the_band(tmp_path, correction, level):
+    _, ex = trainer_with_experience(tmp_path, rollout_dtype="bf16", rollout_correction=correction,
+                                    rc_low=0.999, rc_high=1.001)
+    s, mask = ex["samples"], ex["mask"]
+    assert torch.equal(mask, s.mask & (ex["weights"] > 0))
+    assert (mask <= s.mask).all() and mask.sum() < s.mask.sum()  # the tight band drops something
+    if level == "sequence":  # whole rows at once
+        assert torch.equal(mask.any(1), mask.sum(1) == s.mask.sum(1))
+    assert 0 < ex["stats"]["rollout_masked_fraction"] < 1
+
+
+def test_cli_bf16_kl_run(tmp_path, capsys):
+    keys = {**GRPO_FAST, "rollout_dtype": "bf16", "rollout_correction": "icepop", "kl_coef": 0.1,
+            "loss_type": "cispo", "clip_high": 2.0, "aggregation": "token-mean", "epochs": 2}
+    assert main(["train", "grpo", *[f"--{k}={v}" for k, v in keys.items()], "--out", str(tmp_path / "g")]) == 0
+    rows = metrics(tmp_path / "g")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["kl"] > 0 and rows[-1]["weight_mean"] > 0 and "rollout_masked_fraction" in rows[-1]
+    assert '"gold_reward"' in capsys.readouterr().out
+    assert (tmp_path / "g" / "model" / "config.json").exists()
+
+
+def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
+    keys = {"steps": 3, "rollout_dtype": "bf16", "rollout_correction": "tis", "kl_coef": 0.05}
+    grpo.train(make(tmp_path, "straight", **keys))
+    interrupt_then_resume(monkeypatch, grpo.GRPO, 3, lambda: grpo.train(make(tmp_path, "resumed", **keys)))
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert len(a) == 3 and a == b
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = grpo.rk.ppo_policy_loss
+    calls = {"n": 0}
+
+    def nan_in_step_2(*args, **kw):
+        loss, stats = real(*args, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 4 else loss), stats
+
+    monkeypatch.setattr(grpo.rk, "ppo_policy_loss", nan_in_step_2)
+    with pytest.raises(TrainingDiverged, match=r"step 2.*checkpoint\.pt \(step 1\)"):
+        grpo.train(make(tmp_path, steps=3))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+@pytest.mark.parametrize("keys, match", [
+    ({"denominator": "max_len", "aggregation": "seq-mean-token-mean"}, "max_len.*token-mean"),
+    ({"rc_high": 3.0}, "rollout_correction"),
+    ({"group_size": 1}, "group_size must be >= 2"),
+    ({"minibatches": 3}, "divisible by minibatches"),
+    ({"rollout_correction": "tis2"}, "must be one of none, tis, mis, icepop"),
+    ({"preset": "ppo-max"}, "unknown preset"),
+])
+def test_bad_config(tmp_path, keys, match):
+    with pytest.raises(config.ConfigError, match=match):
+        make(tmp_path, **keys)
+
+
+def test_seeded_run_raises_the_gold_reward(tmp_path):
+    """From the untrained tiny model (gold reward near 0: it seldom ends a sentence), a short run with
+    bf16 rollouts and TIS learns to end sentences with positive words."""
+    keys = {**GRPO_FAST, "steps": 12, "batch_size": 8, "group_size": 8, "micro_batch_size": 32, "lr": 3e-3,
+            "eval_every": 12, "eval_prompts": 64, "save_every": 12, "rollout_dtype": "bf16",
+            "rollout_correction": "tis", "preset": "dapo"}
+    out = grpo.train(build("grpo", None, {**keys, "out": str(tmp_path / "learn")}))
+    rows = metrics(tmp_path / "learn")
+    first = sum(r["gold_reward"] for r in rows[:2]) / 2
+    assert out["gold_reward"] > first + 0.1, (first, out["gold_reward"])
+    assert json.loads((tmp_path / "learn" / "result.json").read_text())["gold_reward"] == out["gold_reward"]
