@@ -144,17 +144,18 @@ def masked_whiten(x, mask, shift_mean=True, unbiased=False, eps=1e-8):
     return torch.where(mask, out, zero)
 
 
-def aggregate(loss, mask, aggregation):
-    """Aggregate per-token `loss[..., T]` over valid positions; all-masked gives 0."""
+def aggregate(loss, mask, aggregation, denominator=None):
+    """Aggregate per-token `loss[..., T]` over valid positions; all-masked gives 0. `denominator` (a number
+    or a 0-dim tensor) replaces the divisor: Σ mask for token-mean, the rows with a valid token for seq-mean-*."""
     mask = mask.bool()
     lm = torch.where(mask, loss, torch.zeros_like(loss))
     if aggregation == "token-sum":
         return lm.sum()
     if aggregation == "token-mean":
-        return lm.sum() / mask.sum().clamp(min=1)
+        return lm.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
     row_n = mask.sum(-1)
     has = row_n > 0
-    rows = has.sum().clamp(min=1)
+    rows = has.sum().clamp(min=1) if denominator is None else denominator
     row_sum = lm.sum(-1)
     if aggregation == "seq-mean-token-sum":
         return row_sum.sum() / rows
@@ -170,24 +171,58 @@ def _masked_zero(x, mask):
     return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
+def _masked_max(x, mask):
+    """Max over the valid positions of a non-negative x; 0 when none is valid (also for an empty x)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x)).reshape(-1)
+    return torch.cat([x, x.new_zeros(1)]).max()
+
+
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    aggregation="token-mean"):
+                    aggregation="token-mean", ratio_level="token", loss_type="ppo", weights=None, ref_logp=None,
+                    kl_coef=0.0, kl_estimator="k3", denominator=None):
+    # advantages: the shape of logp, or one per row ([...] for logp [..., T]) broadcast over its tokens.
+    # weights and ref_logp are constants (detached); ref_logp only adds the KL term and its stat.
     clip_high = clip_low if clip_high is None else clip_high
-    dt = compute_dtype(logp, old_logp, advantages)
+    mask = mask.bool()
+    dt = compute_dtype(logp, old_logp, advantages, weights, ref_logp)
+    adv = advantages.to(dt)
+    if adv.dim() < logp.dim():
+        adv = adv.unsqueeze(-1).expand(logp.shape)
     # zero the masked positions first: garbage there (inf, NaN) must not reach the gradient as 0·inf
-    logp, old, adv = (_masked_zero(x.to(dt), mask) for x in (logp, old_logp, advantages))
-    ratio = torch.exp(logp - old)
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    clipped = l2 > l1
-    loss = torch.where(clipped, l2, l1)
-    if dual_clip is not None:
-        cap = -dual_clip * adv
-        loss = torch.where((adv < 0) & (loss > cap), cap, loss)
-    out = aggregate(loss, mask, aggregation)
+    logp, old, adv = (_masked_zero(x, mask) for x in (logp.to(dt), old_logp.to(dt), adv))
+    log_ratio = logp - old
+    if ratio_level == "sequence":  # GSPO: the row's length-normalised log-ratio, on each valid token
+        row_mean = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = _masked_zero(row_mean.expand(logp.shape), mask)
+    ratio = torch.exp(log_ratio)
+    if loss_type == "ppo":
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+        clipped = l2 > l1
+        loss = torch.where(clipped, l2, l1)
+        if dual_clip is not None:
+            cap = -dual_clip * adv
+            loss = torch.where((adv < 0) & (loss > cap), cap, loss)
+    else:  # cispo: the truncated ratio is a constant weight on the REINFORCE term −A·logp
+        clipped = ratio > 1 + clip_high
+        loss = -ratio.detach().clamp(max=1 + clip_high) * adv * logp
+    if weights is not None:
+        w = _masked_zero(weights.detach().to(dt), mask)
+        loss = loss * w
+    if ref_logp is not None:
+        kl = token_kl(logp, _masked_zero(ref_logp.detach().to(dt), mask), kl_estimator)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * kl
+    out = aggregate(loss, mask, aggregation, denominator)
     with torch.no_grad():
         stats = {"clipfrac": _masked_mean(clipped.to(dt), mask).float(),
-                 "approx_kl": _masked_mean(0.5 * (logp - old) ** 2, mask).float()}
+                 "approx_kl": _masked_mean(0.5 * (logp - old) ** 2, mask).float(),
+                 "ratio_mean": _masked_mean(ratio, mask).float(),
+                 "ratio_max": _masked_max(ratio, mask).float()}
+        if ref_logp is not None:
+            stats["kl"] = _masked_mean(kl, mask).float()
+        if weights is not None:
+            stats["weight_mean"] = _masked_mean(w, mask).float()
     return out, stats
 
 

@@ -4,7 +4,18 @@ import math
 import torch
 
 from .. import _backend
-from .._choices import Aggregation, DPOLossType, GroupBaseline, GroupScale, KLEstimator, RCLevel, RCMode, codes
+from .._choices import (
+    Aggregation,
+    DPOLossType,
+    GroupBaseline,
+    GroupScale,
+    KLEstimator,
+    PolicyLossType,
+    RatioLevel,
+    RCLevel,
+    RCMode,
+    codes,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -16,6 +27,8 @@ BASELINE_CODES = codes(GroupBaseline)
 SCALE_CODES = codes(GroupScale)
 RC_LEVEL_CODES = codes(RCLevel)
 RC_MODE_CODES = codes(RCMode)
+RATIO_LEVEL_CODES = codes(RatioLevel)
+POLICY_LOSS_CODES = codes(PolicyLossType)
 
 try:
     import triton  # noqa: F401

@@ -11,6 +11,9 @@ from .. import reference
 from ._common import (
     AGG_CODES,
     HAVE_C,
+    KL_CODES,
+    POLICY_LOSS_CODES,
+    RATIO_LEVEL_CODES,
     HAVE_TRITON,
     backend_for,
     choice,
@@ -45,28 +48,97 @@ def check_loss_args(name_first, first, aggregation, **others):
     return mask
 
 
+def check_denominator(denominator, aggregation, device):
+    """None, a number > 0, or a 0-dim tensor on the inputs' device (e.g. an all-reduced token count)."""
+    if denominator is None:
+        return None
+    if aggregation == "token-sum":
+        raise ValueError("denominator does not apply to aggregation='token-sum' (it has no divisor)")
+    if isinstance(denominator, torch.Tensor):
+        if denominator.dim() != 0 or denominator.dtype.is_complex or denominator.dtype == torch.bool:
+            raise TypeError(f"denominator must be a number or a 0-dim real tensor, got a {denominator.dtype} "
+                            f"tensor of shape {tuple(denominator.shape)}")
+        if denominator.device != device:
+            raise ValueError(f"denominator is on {denominator.device} but logp is on {device}")
+        return denominator.detach()
+    return number("denominator", denominator, positive=True)
+
+
 def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    aggregation="token-mean", backend=None):
-    """(loss, {"clipfrac", "approx_kl"}): ρ = exp(logp − old_logp),
-    ℓ = max(−Aρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)), with dual_clip = c > 1: ℓ = min(ℓ, −cA) where A < 0."""
-    mask = check_loss_args("logp", logp, aggregation, old_logp=old_logp, advantages=advantages, mask=mask)
-    device = same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+                    aggregation="token-mean", ratio_level="token", loss_type="ppo", weights=None, ref_logp=None,
+                    kl_coef=0.0, kl_estimator="k3", denominator=None, backend=None):
+    """(loss, stats): the clipped policy-gradient surrogate of PPO and its GRPO-family variants, aggregated.
+
+    Inputs are [..., T]; `advantages` is [..., T] or one per row ([...]), broadcast over the row's tokens.
+    ρ_t = exp(logp_t − old_logp_t) (ratio_level="token"), or with ratio_level="sequence" (GSPO) the row's
+    s = exp(Σ_t m_t·(logp_t − old_logp_t) / Σ_t m_t) on every valid token of the row (gradient through s).
+      loss_type="ppo":   ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − clip_low, 1 + clip_high)); with dual_clip = c > 1,
+                         ℓ_t = min(ℓ_t, −c·A_t) where A_t < 0.
+      loss_type="cispo": ℓ_t = −sg(min(ρ_t, 1 + clip_high))·A_t·logp_t (clip_low unused; dual_clip an error).
+    clip_high=None means clip_high = clip_low. Then ℓ_t ← w_t·ℓ_t with the detached `weights` (e.g.
+    rk.rollout_correction's), and ℓ_t ← ℓ_t + kl_coef·KL_t(logp, ref_logp) with rk.token_kl's `kl_estimator`
+    (ref_logp is a constant; the KL term is not weighted). Aggregation over the valid tokens as in the
+    aggregation names; `denominator` (a number > 0 or a 0-dim tensor) replaces the divisor — Σ mask for
+    "token-mean", the number of rows with a valid token for "seq-mean-*" — so that micro-batch losses summed
+    with the global count as denominator equal the full-batch loss.
+
+    stats (detached float32 masked means over valid tokens, 0 when none): clipfrac (ppo: the clipped branch
+    was taken; cispo: ρ was truncated), approx_kl = mean ½(logp − old_logp)², ratio_mean and ratio_max (of
+    the ρ the surrogate used), kl (mean KL_t, when ref_logp is given), weight_mean (when weights are given).
+    Gradients: logp, old_logp and advantages (weights and ref_logp get none)."""
+    float_tensor("logp", logp, ndim_min=1)
+    float_tensor("old_logp", old_logp)
+    float_tensor("advantages", advantages)
+    same_shape("logp", logp, old_logp=old_logp)
+    if tuple(advantages.shape) not in (tuple(logp.shape), tuple(logp.shape[:-1])):
+        raise ValueError(f"advantages must have the shape of logp {tuple(logp.shape)} or one per row "
+                         f"{tuple(logp.shape[:-1])}, got {tuple(advantages.shape)}")
+    mask = mask_tensor("mask", mask, logp.shape)
+    choice("aggregation", aggregation, AGG_CODES)
+    choice("ratio_level", ratio_level, RATIO_LEVEL_CODES)
+    choice("loss_type", loss_type, POLICY_LOSS_CODES)
+    choice("kl_estimator", kl_estimator, KL_CODES)
+    for n, t in (("weights", weights), ("ref_logp", ref_logp)):
+        if t is not None:
+            float_tensor(n, t)
+            same_shape("logp", logp, **{n: t})
+    device = same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, weights=weights,
+                         ref_logp=ref_logp)
     clip_low = number("clip_low", clip_low, nonneg=True)
     clip_high = number("clip_high", clip_high, nonneg=True, optional=True)
     dual_clip = number("dual_clip", dual_clip, optional=True)
+    if dual_clip is not None and loss_type == "cispo":
+        raise ValueError("dual_clip does not apply to loss_type='cispo' (its ratio is a truncated constant weight)")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (commonly 3), got {dual_clip}")
+    kl_coef = number("kl_coef", kl_coef)
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs)")
+    denominator = check_denominator(denominator, aggregation, device)
+    extended = (ratio_level != "token" or loss_type != "ppo" or weights is not None or ref_logp is not None
+                or denominator is not None or advantages.shape != logp.shape)
     name = backend_for(backend, device, "ppo_policy_loss", IMPLEMENTED)
+    if extended and name != "reference":
+        if backend is not None:  # TODO(grpoloss): the native kernels take the new arguments next
+            raise NotImplementedError(f"ppo_policy_loss: backend {backend!r} does not take the GRPO-family "
+                                      "arguments yet; use backend='reference'")
+        name = "reference"
     if name == "reference":
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
-                                         aggregation)
+                                         aggregation, ratio_level, loss_type, weights, ref_logp, kl_coef,
+                                         kl_estimator, denominator)
     dt = reference.compute_dtype(logp, old_logp, advantages)
     op = (torch.ops.rlhf_kernels.ppo_policy_loss_fwd_triton if name == "triton"
           else torch.ops.rlhf_kernels.ppo_policy_loss_fwd)
     loss, clipfrac, approx_kl, _ = op(rows2d(logp, dt), rows2d(old_logp, dt), rows2d(advantages, dt), rows2d(mask),
                                       clip_low, clip_low if clip_high is None else clip_high,
                                       0.0 if dual_clip is None else dual_clip, AGG_CODES[aggregation])
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+    with torch.no_grad():  # TODO(grpoloss): from the kernels
+        ratio = torch.where(mask, (logp.detach().to(dt) - old_logp.detach().to(dt)).exp(), 0)
+        n = mask.sum().clamp(min=1)
+        ratio_mean = (ratio.sum() / n).float()
+        ratio_max = torch.cat([ratio.reshape(-1), ratio.new_zeros(1)]).max().float()
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean, "ratio_max": ratio_max}
 
 
 def _fake_fwd(logp, old, adv, mask, clip_low, clip_high, dual_clip, aggregation):
