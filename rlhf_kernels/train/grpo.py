@@ -145,7 +145,7 @@ class GRPO:
         ex = self.make_experience(step, g)
         s, n = ex["samples"], cfg.batch_size * cfg.group_size
         mb_size = n // cfg.minibatches
-        sums, ratio_max, first_dev, n_mb = dict.fromkeys(STATS, 0.0), 0.0, None, 0
+        sums, ratio_max, first_dev, n_mb = {"pg_loss": 0.0}, 0.0, None, 0
         for epoch in range(cfg.epochs):
             order = ex["order"] if epoch == 0 else torch.randperm(n, generator=g).to(cfg.device)
             for mb in order.split(mb_size):
@@ -164,7 +164,8 @@ class GRPO:
                     share = len(micro) / len(mb)  # stats are local means: weight them by rows
                     sums["pg_loss"] += w * float(loss.detach())
                     for k in STATS[1:]:
-                        sums[k] += share * float(st.get(k, 0.0))
+                        if k in st:  # kl with a reference, weight_mean with a correction
+                            sums[k] = sums.get(k, 0.0) + share * float(st[k])
                     ratio_max = max(ratio_max, float(st["ratio_max"]))
                 n_mb += 1
                 sums.setdefault("grad_norm", 0.0)

@@ -1,5 +1,6 @@
-"""Presets of `train ppo` and `train rto` (PRESETS) and of `train grpo` (GRPO_PRESETS) (`--preset NAME`): settings applied before the config file
-and the overrides, which can still change any of them. Each setting names its source in docs/algorithms.md."""
+"""Presets of `train ppo` and `train rto` (PRESETS) and of `train grpo` (GRPO_PRESETS), `--preset NAME`:
+settings applied before the config file and the overrides, which can still change any of them. Each
+setting names its source (docs/algorithms.md; for GRPO_PRESETS, the paper)."""
 
 PRESETS = {
     # PPO-max, Secrets of RLHF Part I §5.4 (docs/algorithms.md §2)
