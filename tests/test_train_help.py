@@ -79,6 +79,6 @@ def test_mistyped_key_suggests_the_closest(capsys):
 
 def test_unknown_commands_name_the_choices(capsys):
     assert main(["train", "ppx"]) == 2
-    assert "train needs one of: cartpole, dpo, ppo" in capsys.readouterr().err
+    assert "train needs one of: cartpole, dpo, grpo, ppo" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
