@@ -30,6 +30,9 @@ CRMLoss = Literal["sigmoid", "combined", "variant_1"]
 SFTAggregation = Literal["padded-mean", "token-sum", "token-mean"]
 Truncation = Literal["bootstrap", "done"]
 KLPenalty = Literal["logratio", "probdiff"]
+RolloutDtype = Literal["fp32", "bf16"]
+RolloutCorrection = Literal["none", "tis", "mis", "icepop"]
+GRPODenominator = Literal["global", "local", "max_len"]
 
 
 def values(literal):

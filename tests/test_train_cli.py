@@ -25,7 +25,10 @@ def test_pipeline(tmp_path, arch, capsys):
     assert main(["train", "ppo", *opts(ppo_keys), "--out", str(tmp_path / "ppo")]) == 0
     rto_keys = {**PPO_FAST, "policy": sft, "reward_model": rm, "dpo_model": str(tmp_path / "dpo" / "model")}
     assert main(["train", "rto", *opts(rto_keys), "--out", str(tmp_path / "rto")]) == 0
-    for stage in ("sft", "rm", "dpo", "ppo", "rto"):
+    grpo_keys = {**FAST, "steps": 2, "batch_size": 2, "group_size": 4, "micro_batch_size": 4, "policy": sft,
+                 "reward_model": rm, "no_eos_penalty": "replace"}
+    assert main(["train", "grpo", *opts(grpo_keys), "--out", str(tmp_path / "grpo")]) == 0
+    for stage in ("sft", "rm", "dpo", "ppo", "rto", "grpo"):
         d = tmp_path / stage
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]

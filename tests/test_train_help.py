@@ -15,8 +15,8 @@ COMMANDS = sorted(registry())
 
 
 def test_the_registry_holds_every_command():
-    assert {"train sft", "train rm", "train ppo", "train dpo", "train rto", "train rrhf", "train cartpole", "demo",
-            "generate", "bon", "experiment overoptimization", "experiment calibration",
+    assert {"train sft", "train rm", "train ppo", "train dpo", "train rto", "train rrhf", "train grpo", "train cartpole",
+            "demo", "generate", "bon", "experiment overoptimization", "experiment calibration",
             "experiment mcts"} <= set(COMMANDS)
 
 
@@ -79,6 +79,6 @@ def test_mistyped_key_suggests_the_closest(capsys):
 
 def test_unknown_commands_name_the_choices(capsys):
     assert main(["train", "ppx"]) == 2
-    assert "train needs one of: cartpole, dpo, ppo" in capsys.readouterr().err
+    assert "train needs one of: cartpole, dpo, grpo, ppo" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Presets of `train ppo` and `train rto` (`--preset NAME`): settings applied before the config file
-and the overrides, which can still change any of them. Each setting names its source in docs/algorithms.md."""
+"""Presets of `train ppo` and `train rto` (PRESETS) and of `train grpo` (GRPO_PRESETS), `--preset NAME`:
+settings applied before the config file and the overrides, which can still change any of them. Each
+setting names its source (docs/algorithms.md; for GRPO_PRESETS, the paper)."""
 
 PRESETS = {
     # PPO-max, Secrets of RLHF Part I §5.4 (docs/algorithms.md §2)
@@ -39,4 +40,29 @@ PRESETS = {
         "rmsprop_alpha": 0.99,
         "optimizer_eps": 1e-5,
     },
+}
+
+# `train grpo` (docs/grpo.md): the published loss variants, each on top of the trainer's defaults. What a
+# preset leaves unset (group size, learning rate, epochs) keeps the trainer's default, so the runs differ
+# only in the loss.
+GRPO_PRESETS = {
+    # DeepSeekMath (Shao et al. 2024): group mean/std advantages, per-sequence token mean then mean over
+    # sequences, k3 KL to the reference in the loss with β = 0.04, ε = 0.2
+    "grpo": {"baseline": "mean", "scale": "std", "aggregation": "seq-mean-token-mean", "denominator": "global",
+             "kl_coef": 0.04, "kl_estimator": "k3", "clip_low": 0.2, "clip_high": None, "loss_type": "ppo",
+             "ratio_level": "token"},
+    # Dr. GRPO (Liu et al. 2025): no std scaling, no length normalisation (the constant B·L_max divisor), no KL
+    "dr_grpo": {"baseline": "mean", "scale": "none", "aggregation": "token-mean", "denominator": "max_len",
+                "kl_coef": 0.0, "clip_low": 0.2, "clip_high": None, "loss_type": "ppo", "ratio_level": "token"},
+    # DAPO (Yu et al. 2025), its loss only: clip-higher (0.2 / 0.28), token-level mean over the batch, no KL;
+    # dynamic sampling and the overlong reward shaping are not part of this trainer
+    "dapo": {"baseline": "mean", "scale": "std", "aggregation": "token-mean", "denominator": "global",
+             "kl_coef": 0.0, "clip_low": 0.2, "clip_high": 0.28, "loss_type": "ppo", "ratio_level": "token"},
+    # GSPO (Zheng et al. 2025): the length-normalised sequence ratio, clipped at 3e-4 / 4e-4, sequence mean, no KL
+    "gspo": {"baseline": "mean", "scale": "std", "aggregation": "seq-mean-token-mean", "denominator": "global",
+             "kl_coef": 0.0, "clip_low": 3e-4, "clip_high": 4e-4, "loss_type": "ppo", "ratio_level": "sequence"},
+    # CISPO (MiniMax-M1, 2025): the detached clipped ratio weighs the log-prob's gradient; only ε_high is set
+    # (the paper tunes it without giving a value: 4 here is our choice), token-level mean, no KL
+    "cispo": {"baseline": "mean", "scale": "std", "aggregation": "token-mean", "denominator": "global",
+              "kl_coef": 0.0, "clip_high": 4.0, "loss_type": "cispo", "ratio_level": "token"},
 }

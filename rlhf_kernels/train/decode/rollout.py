@@ -106,3 +106,37 @@ def evaluate_cfg(policy, cfg, n=None):
     """`evaluate` on the shared eval prompt set with the run's sampling settings."""
     return evaluate(policy, n=n or cfg.eval_prompts, seed=EVAL_SEED, temperature=cfg.temperature,
                     max_new_tokens=cfg.max_new_tokens, task=tasks.get(getattr(cfg, "task", "sentiment")))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Sampler:
+    """The model rollouts are sampled from: the policy itself (`dtype="fp32"`), or a copy of it in a
+    lower precision (`"bf16"`) refreshed from the policy before each rollout, as an inference engine
+    serving the trainer's weights in bf16 would be. The copy's log-probs then differ from the
+    policy's by the rounding of every weight and activation: the trainer-sampler mismatch that
+    rk.rollout_correction corrects (docs/grpo.md)."""
+
+    def __init__(self, policy, dtype="fp32"):
+        import copy
+        self.policy, self.dtype = policy, DTYPES[dtype]
+        self.copy = None if self.dtype == torch.float32 else copy.deepcopy(policy).to(self.dtype)
+        if self.copy is not None:
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def separate(self):
+        """Whether the sampler is a model of its own, whose log-probs must be computed separately."""
+        return self.copy is not None
+
+    @torch.no_grad()
+    def sync(self):
+        """The model to sample from, holding the policy's current weights."""
+        if self.copy is None:
+            return self.policy
+        src = self.policy.state_dict()
+        for name, dst in self.copy.state_dict().items():
+            dst.copy_(src[name])  # casts to the sampler's dtype
+        return self.copy
