@@ -25,6 +25,10 @@ hidden gradient, the fp32 d(hidden) accumulator 4·N·H backward (twice the size
 A budget too small for even a 1 × 1 chunk gets a 1 × 1 chunk. Contiguous inputs of one dtype reach
 the kernels without a copy.
 
+Two terms come on top of these, outside the kernels: with ignored rows, the compaction's copy of the
+valid rows of hidden (n·H elements for n valid rows) and, backward, the scatter of d(hidden) back to all
+N rows (autograd's index_select backward, N·H); and the kernels' one inverse temperature per row (N·a).
+
 The triton backend's extra memory (its d(logits) chunk and d(hidden) accumulator, with the floor
 that keeps GPU chunks from becoming memory-bound) is stated in rlhf_kernels/triton/linear_logprobs.py.
 """
