@@ -69,8 +69,8 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, 
     for start in range(0, n, BLOCK):
         idx = start + offs
         z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(acc)
-        if CAP:
-            z = softcap * tanh(z / softcap)
+        if CAP:  # the lanes past V stay −inf (the cap would make them −c)
+            z = tl.where(idx < V, softcap * tanh(z / softcap), neg_inf)
         z = z * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
         live = m_new != neg_inf  # all −inf so far: nothing to add
