@@ -107,7 +107,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     temps = None if temps is None else temps.reshape(-1)
     keep = _valid_rows(tok, ignore_index, validate)
     if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
-        h, tok = h.index_select(0, keep), tok.index_select(0, keep)
+        h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
         temps = None if temps is None else temps.index_select(0, keep)
     if name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
@@ -128,6 +128,22 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         ent = ent.new_zeros(n).index_copy(0, keep, ent)
     logp = logp.view(tokens.shape)
     return (logp, ent.view(tokens.shape)) if return_entropy else logp
+
+
+class _TakeRows(torch.autograd.Function):
+    """x[keep] for unique indices; backward writes the gradient rows into zeros with index_copy (autograd's
+    index_select backward, index_add, runs a scatter_add that costs more than the whole head on CPU here)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(keep)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, keep)
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g.new_zeros((ctx.rows,) + tuple(g.shape[1:])).index_copy_(0, keep, g), None
 
 
 def _valid_rows(tok, ignore_index, validate):
