@@ -13,21 +13,22 @@ own workspace. With a = 4 (8 for float64 inputs), s = 2 for bf16/fp16 inputs (lo
 nc × vc (rows × vocabulary entries of a logits chunk) and G (CPU groups running in parallel) that
 csrc/linear_logprobs_plan.h picks:
 
-  cpu  forward   4·N·a + 3·(G−1)·N·a + G·a·(nc·vc + [low]·(nc + vc)·H)
-  cpu  backward  [low∧h]·N·H·a + (G−1)·[h]·N·H·a + G·a·(nc·vc + [low]·(nc + vc)·H + [low∧w]·vc·H)
-  cuda forward   4·N·a + nc·vc·a
-  cuda backward  [low∧h]·4·N·H + nc·vc·(a + [low]·s) + [low∧w]·4·vc·H·(1 + [N > nc])
+  cpu  forward   5·N·a + 3·(G−1)·N·a + G·a·(nc·vc + [low]·(nc + vc)·H)
+  cpu  backward  N·a + [low∧h]·N·H·a + (G−1)·[h]·N·H·a + G·a·(nc·vc + [low]·(nc + vc)·H + [low∧w]·vc·H)
+  cuda forward   5·N·a + nc·vc·a
+  cuda backward  N·a + [low∧h]·4·N·H + nc·vc·(a + [low]·s) + [low∧w]·4·vc·H·(1 + [N > nc])
                  + [low∧h]·4·nc·H + [b ∧ N > nc]·vc·a
 
 The plan keeps all of it within B except the per-row terms, which are not chunked and come on
-top: 4·N·a forward (the first group's log-sum-exp state and target logits) and, for bf16/fp16 with a
-hidden gradient, the fp32 d(hidden) accumulator 4·N·H backward (twice the size of d(hidden) itself).
+top: 4·N·a forward (the first group's log-sum-exp state and target logits), N·a in both passes (one
+inverse temperature per row) and, for bf16/fp16 with a hidden gradient, the fp32 d(hidden) accumulator
+4·N·H backward (twice the size of d(hidden) itself).
 A budget too small for even a 1 × 1 chunk gets a 1 × 1 chunk. Contiguous inputs of one dtype reach
 the kernels without a copy.
 
 Two terms come on top of these, outside the kernels: with ignored rows, the compaction's copy of the
 valid rows of hidden (n·H elements for n valid rows) and, backward, the scatter of d(hidden) back to all
-N rows (autograd's index_select backward, N·H); and the kernels' one inverse temperature per row (N·a).
+N rows (autograd's index_select backward, N·H); the kernels' inverse temperature per row is in the formulas above.
 
 The triton backend's extra memory (its d(logits) chunk and d(hidden) accumulator, with the floor
 that keeps GPU chunks from becoming memory-bound) is stated in rlhf_kernels/triton/linear_logprobs.py.
