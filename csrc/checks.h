@@ -223,6 +223,13 @@ inline void check_logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad
   check_per_row(op, "lse", lse, acc, N, logits);
 }
 
+// The head's options: per-row temperatures (contiguous, accumulation dtype, one per row) and the softcap (>= 0, 0 = none).
+inline void check_head_options(const char* op, const std::optional<at::Tensor>& temperatures, double softcap,
+                               at::ScalarType acc, int64_t rows, const at::Tensor& like) {
+  if (temperatures && temperatures->defined()) check_per_row(op, "temperatures", *temperatures, acc, rows, like);
+  TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0 (0 = none), got ", softcap);
+}
+
 // hidden[N, H] and weight[V, H] of one dtype, contiguous; bias[V] in the accumulation dtype; tokens[N] int64.
 inline void check_linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& tokens) {

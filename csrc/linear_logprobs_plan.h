@@ -11,7 +11,8 @@
 // log-sum-exp state and target logits (forward, 16 or 32 bytes a row) and, for bf16/fp16 inputs, the
 // fp32 accumulator of d(hidden) [N, H] (backward; rounding partial sums to bf16 would lose the
 // gradient's precision). Counting them against B would collapse the chunks exactly where they matter
-// (at N = 16k, H = 4096 the accumulator alone is 256 MiB).
+// (at N = 16k, H = 4096 the accumulator alone is 256 MiB). Both passes also hold one inverse temperature
+// per row (N·acc, the head's per-row settings).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -49,11 +50,11 @@ template <typename F> void shrink_to_fit(int64_t& nc, int64_t& vc, int64_t avail
 // (cast to fp32 tile by tile), the cast weight chunk vc·H·acc, the cast hidden tile nc·H·acc and, in
 // backward with a weight gradient, the fp32 d(W) chunk vc·H·acc. Groups after the first also hold
 // their own per-row state: 3·N·acc (forward) or a d(hidden) partial N·H·acc (backward). Fixed: the
-// first group's state and the target logits 4·N·acc (forward); the fp32 d(hidden) accumulator
-// N·H·acc for bf16/fp16 inputs (backward; for fp32/fp64 it is the output itself).
+// first group's state and the target logits 4·N·acc (forward), 1/τ per row N·acc (both passes); the
+// fp32 d(hidden) accumulator N·H·acc for bf16/fp16 inputs (backward; for fp32/fp64 it is the output itself).
 inline LinearPlan linear_plan_cpu(const LinearPlanArgs& a) {
   const bool low = a.store != a.acc;
-  const int64_t fixed = a.backward ? (low && a.need_h ? a.N * a.H * a.acc : 0) : 4 * a.N * a.acc;
+  const int64_t fixed = (a.backward ? (low && a.need_h ? a.N * a.H * a.acc : 0) : 4 * a.N * a.acc) + a.N * a.acc;
   const int64_t per_extra_group = a.backward ? (a.need_h ? a.N * a.H * a.acc : 0) : 3 * a.N * a.acc;
   auto tile = [&](int64_t nc, int64_t vc) {
     return a.acc * (nc * vc + (low ? (vc + nc) * a.H : 0) + (a.backward && low && a.need_w ? vc * a.H : 0));
@@ -78,13 +79,14 @@ inline LinearPlan linear_plan_cpu(const LinearPlanArgs& a) {
 }
 
 // CUDA (csrc/cuda/linear_logprobs.cu), one chunk at a time on the stream. Forward: the logits chunk
-// nc·vc·acc; fixed: the state 4·N·acc. Backward: the chunk nc·vc·acc, its bf16/fp16 copy nc·vc·store,
+// nc·vc·acc; fixed: the state 4·N·acc and 1/τ per row N·acc (in backward too). Backward: the chunk
+// nc·vc·acc, its bf16/fp16 copy nc·vc·store,
 // for bf16/fp16 the fp32 d(W) chunk vc·H·4 (and its GEMM partial vc·H·4 when there is more than one
 // row chunk) and the fp32 d(hidden) GEMM partial nc·H·4, the bias column sums vc·acc (more than one
 // row chunk); fixed: the fp32 d(hidden) accumulator N·H·4 for bf16/fp16.
 inline LinearPlan linear_plan_cuda(const LinearPlanArgs& a) {
   const bool low = a.store != a.acc;
-  const int64_t fixed = a.backward ? (low && a.need_h ? a.N * a.H * a.acc : 0) : 4 * a.N * a.acc;
+  const int64_t fixed = (a.backward ? (low && a.need_h ? a.N * a.H * a.acc : 0) : 4 * a.N * a.acc) + a.N * a.acc;
   auto chunk = [&](int64_t nc, int64_t vc) {
     if (!a.backward) return nc * vc * a.acc;
     const bool rows_split = a.N > nc;

@@ -11,20 +11,26 @@
 
 TORCH_LIBRARY(rlhf_kernels, m) {
   // logits[..., V] (vocabulary dim contiguous, leading dims any strides), tokens[...] int64
-  // -> logp[...], entropy[...], lse[...] (entropy is empty unless asked for); bwd -> grad_logits[..., V] contiguous
+  // -> logp[...], entropy[...], lse[...] (entropy is empty unless asked for); bwd -> grad_logits[..., V] contiguous.
+  // The head's options come last, with defaults: temperatures (per token, tokens' shape, contiguous, the
+  // accumulation dtype; replaces `temperature` when given) and softcap (z <- c·tanh(z/c) before the
+  // temperature; 0 = none). Further per-row settings are added the same way.
   m.def("logprobs_from_logits_fwd(Tensor logits, Tensor tokens, float temperature, int ignore_index, "
-        "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+        "bool return_entropy, Tensor? temperatures=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
   m.def("logprobs_from_logits_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
-        "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+        "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? temperatures=None, "
+        "float softcap=0.) -> Tensor");
   // hidden[N, H] and weight[V, H] of one dtype, bias[V] in the accumulation dtype (fp32, fp64 for fp64
   // inputs), tokens[N] int64 -> logp[N], entropy[N], lse[N] (accumulation dtype). chunk_bytes caps the
   // temporaries (<= 0: the default, 256 MiB). The backward gives grad_hidden, grad_weight, grad_bias,
   // each empty when its need_* flag is false (a frozen weight skips its GEMM).
+  // temperatures[N] and softcap as in logprobs_from_logits.
   m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float temperature, "
-        "int ignore_index, int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+        "int ignore_index, int chunk_bytes, Tensor? temperatures=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
   m.def("linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
         "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int ignore_index, bool need_hidden, "
-        "bool need_weight, bool need_bias, int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+        "bool need_weight, bool need_bias, int chunk_bytes, Tensor? temperatures=None, float softcap=0.) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("token_kl_fwd(Tensor logp, Tensor ref_logp, int estimator, float clamp) -> Tensor");
   m.def("token_kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, float clamp) -> (Tensor, Tensor)");
   // score[R], mask[R, T] (uint8); logp/ref_logp/dense[R, T] or empty

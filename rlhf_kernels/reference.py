@@ -21,8 +21,18 @@ def compute_dtype(*tensors):
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False):
-    z = logits.to(compute_dtype(logits)) / temperature
+def _scale(z, tokens, temperature, softcap):
+    """softcap (z <- c·tanh(z/c), Gemma-2), then temperature: a number or a tensor broadcastable to tokens.shape
+    (one value per token, no gradient)."""
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().to(z.dtype).expand(tokens.shape).unsqueeze(-1)
+    return z / temperature
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None):
+    z = _scale(logits.to(compute_dtype(logits)), tokens, temperature, softcap)
     V = z.shape[-1]
     logp_all = torch.log_softmax(z, dim=-1)
     valid = tokens != ignore_index
@@ -42,12 +52,12 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, ret
 
 
 def linear_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False):
+                    return_entropy=False, softcap=None):
     dt = compute_dtype(hidden, weight, bias)
     logits = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)
-    return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy)
+    return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy, softcap)
 
 
 def _expm1_minus(x):

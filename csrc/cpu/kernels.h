@@ -35,6 +35,8 @@ struct LogitsFwdArgs {
   const int64_t* tokens;
   void *logp, *ent, *lse;  // accumulation dtype (f64 for f64 logits, else f32); ent null when not asked for
   double inv_t;
+  const void* temps;  // per-row temperatures (accumulation dtype), replacing inv_t; null: inv_t for every row
+  double softcap;     // z <- c·tanh(z/c) before the temperature; 0: none
   int64_t ignore_index;
 };
 struct LogitsBwdArgs {
@@ -47,6 +49,8 @@ struct LogitsBwdArgs {
   const void *lse, *ent;
   void* grad;  // contiguous [N, V] in the logits dtype
   double inv_t;
+  const void* temps;
+  double softcap;
   int64_t ignore_index;
 };
 struct LogitsKernels {
@@ -58,14 +62,17 @@ struct LogitsKernels {
 struct TileArgs {
   int64_t nr, vc, v0, vocab, ignore_index;
   const int64_t* tok;  // this tile's rows
+  double softcap;      // z <- c·tanh(z/c) before the temperature; 0: none
 };
+// The head's per-row settings travel as per-row arrays offset to the tile's rows: inv_t[i] = 1/temperature
+// (further per-row settings join them the same way).
 // merge each row's state into st[i], pick the target logit into tgt[i]
 template <typename T>
-using TileFwdFn = void(T* Z, const T* bias, T inv_t, const TileArgs& a, LseState<T>* st, T* tgt);
+using TileFwdFn = void(T* Z, const T* bias, const T* inv_t, const TileArgs& a, LseState<T>* st, T* tgt);
 // Z becomes d(logits) in place; db (if not null) += its column sums
 template <typename T>
-using TileBwdFn = void(T* Z, const T* bias, T inv_t, const TileArgs& a, const T* lse, const T* ent, const T* g_lp,
-                       const T* g_h, T* db);
+using TileBwdFn = void(T* Z, const T* bias, const T* inv_t, const TileArgs& a, const T* lse, const T* ent,
+                       const T* g_lp, const T* g_h, T* db);
 struct LinearKernels {
   ByType<TileFwdFn> fwd_tile;
   ByType<TileBwdFn> bwd_tile;

@@ -25,6 +25,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/reciprocal.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -55,6 +57,13 @@ rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int
 
 int64_t budget_of(int64_t chunk_bytes) { return chunk_bytes > 0 ? chunk_bytes : kDefaultBudget; }
 
+// 1/temperature per row, [N] in the accumulation dtype (N values: small next to the per-row state).
+at::Tensor inverse_temperatures(const c10::optional<at::Tensor>& temps, double temperature, int64_t N,
+                                const at::TensorOptions& opts) {
+  if (temps && temps->defined()) return temps->reciprocal();
+  return at::full({N}, temperature, opts).reciprocal_();  // 1/t rounded in the accumulation dtype, as before
+}
+
 // Rows [r0, r0 + n) of src as a GEMM operand: a view, or (bf16/fp16 inputs) their fp32 copy in buf.
 at::Tensor operand(const at::Tensor& src, int64_t r0, int64_t n, at::Tensor& buf) {
   const at::Tensor rows = src.narrow(0, r0, n);
@@ -64,7 +73,8 @@ at::Tensor operand(const at::Tensor& src, int64_t r0, int64_t n, at::Tensor& buf
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden, const at::Tensor& weight,
                                                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
-                                                        double temperature, int64_t ignore_index, int64_t budget) {
+                                                        double temperature, int64_t ignore_index, int64_t budget,
+                                                        const c10::optional<at::Tensor>& temps, double softcap) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = rk::accumulation_type(hidden);
   const bool cast = weight.scalar_type() != acc;
@@ -80,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
   T* tgt = tgt_buf.mutable_data_ptr<T>();
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
-  const T inv_t = T(1) / T(temperature);
+  const at::Tensor inv_buf = inverse_temperatures(temps, temperature, N, opts);
+  const T* inv_t = inv_buf.const_data_ptr<T>();
   auto* fwd_tile = rk::cpu::linear_logprobs_kernels().fwd_tile.of<T>();
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1) {
@@ -97,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
           const int64_t nr = std::min(p.nc, N - r0);
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
           at::mm_out(z, operand(hidden, r0, nr, hbuf), w.t());
-          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
-          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta, st + r0, tgt + r0);
+          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0, softcap};
+          fwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t + r0, ta, st + r0, tgt + r0);
         }
       }
     }
@@ -114,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
       const T l = rk::lse_value(s);
       const int64_t t = tok[i];
       const bool valid = t != ignore_index;
-      ls[i] = l;
+      ls[i] = valid ? l : T(0);
       lp[i] = !valid ? T(0) : (t >= 0 && t < V ? tgt[i] - l : rk::r_nan<T>());
       en[i] = valid ? rk::lse_entropy(s) : T(0);
     }
@@ -125,13 +136,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& hidden
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                                                                    const c10::optional<at::Tensor>& bias,
                                                                    const at::Tensor& tokens, double temperature,
-                                                                   int64_t ignore_index, int64_t chunk_bytes) {
+                                                                   int64_t ignore_index, int64_t chunk_bytes,
+                                                                   const c10::optional<at::Tensor>& temps,
+                                                                   double softcap) {
   rk::check_linear_logprobs(hidden, weight, bias, tokens);
+  rk::check_head_options("linear_logprobs", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
   const int64_t budget = budget_of(chunk_bytes);
   if (rk::accumulation_type(hidden) == at::kDouble)
-    return fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, budget);
-  return fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, budget);
+    return fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, budget, temps, softcap);
+  return fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, budget, temps, softcap);
 }
 
 template <typename T>
@@ -141,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
                                                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
                                                         const at::Tensor& lse, const at::Tensor& entropy,
                                                         double temperature, int64_t ignore_index, bool need_h,
-                                                        bool need_w, bool need_b, int64_t budget) {
+                                                        bool need_w, bool need_b, int64_t budget,
+                                                        const c10::optional<at::Tensor>& temps, double softcap) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = rk::accumulation_type(hidden);
   auto opts = hidden.options().dtype(acc);
@@ -167,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
   const T* g1 = glp.const_data_ptr<T>();
   const T* g2 = gh.defined() ? gh.const_data_ptr<T>() : nullptr;
   T* dbp = need_b ? grad_b.mutable_data_ptr<T>() : nullptr;
-  const T inv_t = T(1) / T(temperature);
+  const at::Tensor inv_buf = inverse_temperatures(temps, temperature, N, opts);
+  const T* inv_t = inv_buf.const_data_ptr<T>();
   auto* bwd_tile = rk::cpu::linear_logprobs_kernels().bwd_tile.of<T>();
 
   at::parallel_for(0, p.groups, 1, [&](int64_t g0, int64_t g1e) {
@@ -188,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_l
           at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
           const at::Tensor hr = operand(hidden, r0, nr, hbuf);
           at::mm_out(z, hr, w.t());
-          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0};
-          bwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t, ta,
+          const TileArgs ta{nr, vc, v0, V, ignore_index, tok + r0, softcap};
+          bwd_tile(z.mutable_data_ptr<T>(), b ? b + v0 : nullptr, inv_t + r0, ta,
                    lsep + r0, entp + r0, g1 + r0, g2 ? g2 + r0 : nullptr, dbp ? dbp + v0 : nullptr);
           if (need_h) dhg.narrow(0, r0, nr).addmm_(z, w);
           if (need_w) {
@@ -211,15 +227,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
-    int64_t chunk_bytes) {
+    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap) {
   rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
+  rk::check_head_options("linear_logprobs_bwd", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t budget = budget_of(chunk_bytes);
   if (rk::accumulation_type(hidden) == at::kDouble)
     return bwd_impl<double>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
-                            ignore_index, need_h, need_w, need_b, budget);
+                            ignore_index, need_h, need_w, need_b, budget, temps, softcap);
   return bwd_impl<float>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
-                         ignore_index, need_h, need_w, need_b, budget);
+                         ignore_index, need_h, need_w, need_b, budget, temps, softcap);
 }
 
 // Test hook: the plan {nc, vc, chunks, groups, bytes, fixed} the cpu or cuda backend makes for a pass.

@@ -32,8 +32,12 @@ int64_t grain_for(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits_in,
                                                                         const at::Tensor& tokens, double temperature,
-                                                                        int64_t ignore_index, bool return_entropy) {
+                                                                        int64_t ignore_index, bool return_entropy,
+                                                                        const std::optional<at::Tensor>& temps,
+                                                                        double softcap) {
   rk::check_logprobs_from_logits(logits_in, tokens);
+  rk::check_head_options("logprobs_from_logits", temps, softcap, rk::accumulation_type(logits_in), tokens.numel(),
+                         logits_in);
   rk::cpu::LogitsFwdArgs a{};
   const at::Tensor logits = rk::readable_rows(logits_in, a.rows);
   a.dtype = dtype_of(logits);
@@ -49,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
   a.logp = logp.mutable_data_ptr(), a.lse = lse.mutable_data_ptr();
   a.ent = return_entropy ? ent.mutable_data_ptr() : nullptr;
   a.inv_t = 1.0 / temperature;
+  a.temps = temps && temps->defined() ? temps->const_data_ptr() : nullptr;
+  a.softcap = softcap;
   a.ignore_index = ignore_index;
   auto* fn = rk::cpu::logprobs_from_logits_kernels().fwd;
   at::parallel_for(0, N, grain_for(a.V), [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
@@ -58,8 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
 at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
-                                    double temperature, int64_t ignore_index) {
+                                    double temperature, int64_t ignore_index, const std::optional<at::Tensor>& temps,
+                                    double softcap) {
   rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
+  rk::check_head_options("logprobs_from_logits_bwd", temps, softcap, rk::accumulation_type(logits_in),
+                         tokens.numel(), logits_in);
   rk::cpu::LogitsBwdArgs a{};
   const at::Tensor logits = rk::readable_rows(logits_in, a.rows);
   a.dtype = dtype_of(logits);
@@ -77,6 +86,8 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
   a.ent = has_gH ? entropy.const_data_ptr() : nullptr;
   a.grad = grad.mutable_data_ptr();
   a.inv_t = 1.0 / temperature;
+  a.temps = temps && temps->defined() ? temps->const_data_ptr() : nullptr;
+  a.softcap = softcap;
   a.ignore_index = ignore_index;
   auto* fn = rk::cpu::logprobs_from_logits_kernels().bwd;
   at::parallel_for(0, N, grain_for(a.V), [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });

@@ -18,7 +18,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/reciprocal.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -54,18 +56,27 @@ __global__ void lse_init_kernel(T* m, T* s, T* w, T* tgt, int64_t n) {
   }
 }
 
-// One block per row: fold the chunk's z = (x + b)/T into the row's running state.
+// The softcap cap(y) = c·tanh(y/c) (c = 0: none) and its slope 1 − (cap/c)².
+template <typename T> __device__ __forceinline__ T capped(T y, T c) { return c > T(0) ? c * tanh(y / c) : y; }
+template <typename T> __device__ __forceinline__ T cap_slope(T capv, T c) {
+  if (c <= T(0)) return T(1);
+  const T u = capv / c;
+  return T(1) - u * u;
+}
+
+// One block per row: fold the chunk's z = cap(x + b)·inv_t[r] into the row's running state.
 template <typename T>
 __global__ void lse_chunk_kernel(const T* __restrict__ z, int64_t nr, int64_t vc, int64_t v0,
-                                 const T* __restrict__ bias, T inv_t, const int64_t* __restrict__ tok, T* m, T* s,
-                                 T* w, T* tgt) {
+                                 const T* __restrict__ bias, const T* __restrict__ inv_t, T softcap,
+                                 const int64_t* __restrict__ tok, T* m, T* s, T* w, T* tgt) {
   __shared__ rk::LseState<T> sh[kRowThreads];
   for (int64_t r = blockIdx.x; r < nr; r += gridDim.x) {
     const T* zr = z + r * vc;
     const int64_t t = tok[r] - v0;
+    const T it = inv_t[r];
     rk::LseState<T> st = rk::lse_init<T>();
     for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
-      T v = (zr[j] + (bias ? bias[j] : T(0))) * inv_t;
+      T v = capped(zr[j] + (bias ? bias[j] : T(0)), softcap) * it;
       rk::lse_push(st, v);
       if (j == t) tgt[r] += v;  // tgt starts at 0 and exactly one chunk holds the token
     }
@@ -102,8 +113,8 @@ __global__ void lse_finish_kernel(const T* m, const T* s, const T* w, const T* t
 
 // z (nr × vc, in place) -> d(logits); `low` (optional) receives the same values in the input dtype.
 template <typename T, typename L>
-__global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0, const T* __restrict__ bias, T inv_t,
-                               const int64_t* __restrict__ tok, const T* __restrict__ lse, const T* __restrict__ ent,
+__global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0, const T* __restrict__ bias,
+                               const T* __restrict__ inv_t, T softcap, const int64_t* __restrict__ tok, const T* __restrict__ lse, const T* __restrict__ ent,
                                const T* __restrict__ g_lp, const T* __restrict__ g_h, int64_t ignore_index,
                                int64_t V) {
   const int64_t n = nr * vc;
@@ -116,8 +127,9 @@ __global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0,
     const T g2 = valid && g_h ? g_h[r] : T(0);
     T d = T(0);
     if (g1 != T(0) || g2 != T(0)) {
-      const T v = (z[i] + (bias ? bias[j] : T(0))) * inv_t;
-      d = rk::logprob_entropy_grad(v, lse[r], ent[r], t - v0 == j, g1, g2) * inv_t;
+      const T y = capped(z[i] + (bias ? bias[j] : T(0)), softcap);
+      d = rk::logprob_entropy_grad(y * inv_t[r], lse[r], ent[r], t - v0 == j, g1, g2) * inv_t[r] *
+          cap_slope(y, softcap);
     }
     z[i] = d;
     if (low) low[i] = static_cast<L>(d);
@@ -136,6 +148,13 @@ rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int
 
 bool is_low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
 
+// 1/temperature per row [N] in the accumulation dtype (further per-row settings would travel the same way).
+at::Tensor inverse_temperatures(const c10::optional<at::Tensor>& temps, double temperature, int64_t N,
+                                const at::TensorOptions& opts) {
+  if (temps && temps->defined()) return temps->reciprocal();
+  return at::full({N}, temperature, opts).reciprocal_();
+}
+
 // z = h_r · W_cᵀ in the accumulation dtype (fp32 output straight from bf16/fp16 operands).
 void logits_gemm(at::Tensor& z, const at::Tensor& hr, const at::Tensor& w, bool low) {
   if (low) at::mm_out(z, hr, w.t(), at::kFloat);
@@ -145,7 +164,7 @@ void logits_gemm(at::Tensor& z, const at::Tensor& hr, const at::Tensor& w, bool 
 template <typename T>
 void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
               const at::Tensor& tokens, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& logp,
-              at::Tensor& ent, at::Tensor& lse) {
+              at::Tensor& ent, at::Tensor& lse, const c10::optional<at::Tensor>& temps, double softcap) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool low = is_low(hidden);
   auto opts = logp.options();
@@ -161,7 +180,8 @@ void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::opt
   at::Tensor zbuf = at::empty({c.nc * c.vc}, opts);
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
-  const T inv_t = T(1) / T(temperature);
+  const at::Tensor inv_buf = inverse_temperatures(temps, temperature, N, opts);
+  const T* inv_t = inv_buf.const_data_ptr<T>();
   for (int64_t v0 = 0; v0 < V; v0 += c.vc) {
     const int64_t vc = std::min(c.vc, V - v0);
     const at::Tensor wc = weight.narrow(0, v0, vc);
@@ -170,7 +190,8 @@ void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::opt
       at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
       logits_gemm(z, hidden.narrow(0, r0, nr), wc, low);
       lse_chunk_kernel<T><<<row_blocks(nr), kRowThreads, 0, stream>>>(
-          z.const_data_ptr<T>(), nr, vc, v0, b ? b + v0 : nullptr, inv_t, tok + r0, m + r0, s + r0, w + r0, tgt + r0);
+          z.const_data_ptr<T>(), nr, vc, v0, b ? b + v0 : nullptr, inv_t + r0, static_cast<T>(softcap), tok + r0,
+          m + r0, s + r0, w + r0, tgt + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -183,8 +204,11 @@ void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::opt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                                                                    const c10::optional<at::Tensor>& bias,
                                                                    const at::Tensor& tokens, double temperature,
-                                                                   int64_t ignore_index, int64_t chunk_bytes) {
+                                                                   int64_t ignore_index, int64_t chunk_bytes,
+                                                                   const c10::optional<at::Tensor>& temps,
+                                                                   double softcap) {
   rk::check_linear_logprobs(hidden, weight, bias, tokens);
+  rk::check_head_options("linear_logprobs", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   c10::cuda::CUDAGuard guard(hidden.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
   const bool dbl = hidden.scalar_type() == at::kDouble;
@@ -192,8 +216,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
   const int64_t N = hidden.size(0);
   at::Tensor logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
   if (N == 0) return {logp, ent, lse};
-  if (dbl) fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse);
-  else fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse);
+  if (dbl)
+    fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse, temps,
+                     softcap);
+  else
+    fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse, temps,
+                    softcap);
   return {logp, ent, lse};
 }
 
@@ -201,7 +229,7 @@ template <typename T, typename L>
 void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& hidden, const at::Tensor& weight,
               const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
               const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& dh,
-              at::Tensor& grad_w, at::Tensor& grad_b) {
+              at::Tensor& grad_w, at::Tensor& grad_b, const c10::optional<at::Tensor>& temps, double softcap) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   constexpr bool kLow = !std::is_same_v<L, T>;
   auto opts = lse.options();
@@ -219,7 +247,8 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
   const T* g2 = gent.defined() ? gent.const_data_ptr<T>() : nullptr;
-  const T inv_t = T(1) / T(temperature);
+  const at::Tensor inv_buf = inverse_temperatures(temps, temperature, N, opts);
+  const T* inv_t = inv_buf.const_data_ptr<T>();
   for (int64_t v0 = 0; v0 < V; v0 += c.vc) {
     const int64_t vc = std::min(c.vc, V - v0);
     const at::Tensor wc = weight.narrow(0, v0, vc);
@@ -233,7 +262,7 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
       at::Tensor zl = kLow ? lowbuf.narrow(0, 0, nr * vc).view({nr, vc}) : z;
       dlogits_kernel<T, L><<<rk::blocks_for(nr * vc), rk::kThreads, 0, stream>>>(
           z.mutable_data_ptr<T>(), kLow ? zl.mutable_data_ptr<L>() : nullptr, nr, vc, v0, b ? b + v0 : nullptr,
-          inv_t, tok + r0, lse.const_data_ptr<T>() + r0, entropy.const_data_ptr<T>() + r0,
+          inv_t + r0, static_cast<T>(softcap), tok + r0, lse.const_data_ptr<T>() + r0, entropy.const_data_ptr<T>() + r0,
           glp.const_data_ptr<T>() + r0, g2 ? g2 + r0 : nullptr, ignore_index, V);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_b) {
@@ -277,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
-    int64_t chunk_bytes) {
+    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap) {
   rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
+  rk::check_head_options("linear_logprobs_bwd", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   c10::cuda::CUDAGuard guard(hidden.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
@@ -294,19 +324,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     switch (hidden.scalar_type()) {
       case at::kDouble:
         bwd_impl<double, double>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                                 budget, dh, grad_w, grad_b);
+                                 budget, dh, grad_w, grad_b, temps, softcap);
         break;
       case at::kFloat:
         bwd_impl<float, float>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                               budget, dh, grad_w, grad_b);
+                               budget, dh, grad_w, grad_b, temps, softcap);
         break;
       case at::kBFloat16:
         bwd_impl<float, c10::BFloat16>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature,
-                                       ignore_index, budget, dh, grad_w, grad_b);
+                                       ignore_index, budget, dh, grad_w, grad_b, temps, softcap);
         break;
       case at::kHalf:
         bwd_impl<float, c10::Half>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                                   budget, dh, grad_w, grad_b);
+                                   budget, dh, grad_w, grad_b, temps, softcap);
         break;
       default:
         TORCH_CHECK(false, "linear_logprobs: unsupported dtype ", hidden.scalar_type());

@@ -109,12 +109,25 @@ __device__ __forceinline__ void map_row(const in_t* in, in_t* out, int64_t V, F 
   for (int64_t j = head + nvec * W + threadIdx.x; j < V; j += kRowThreads) out[j] = f(j, in ? in[j] : in_t(0));
 }
 
+// The head's options per row: 1/temperature (per-row temperatures when given), and the softcap
+// cap(x) = c·tanh(x/c) (c = 0: none) with its derivative 1 − (cap/c)².
+template <typename T> __device__ __forceinline__ T row_inv_t(const T* temps, int64_t r, T inv_t) {
+  return temps ? T(1) / temps[r] : inv_t;
+}
+template <typename T> __device__ __forceinline__ T capped(T x, T c) { return c > T(0) ? c * tanh(x / c) : x; }
+template <typename T> __device__ __forceinline__ T cap_slope(T y, T c) {
+  if (c <= T(0)) return T(1);
+  const T u = y / c;
+  return T(1) - u * u;
+}
+
 template <typename in_t, typename T>
 __global__ void __launch_bounds__(kRowThreads)
     logprobs_fwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
                         const int64_t* __restrict__ tokens, T* __restrict__ logp, T* __restrict__ ent,
-                        T* __restrict__ lse, T inv_t, int64_t ignore_index) {
+                        T* __restrict__ lse, T inv_t0, const T* __restrict__ temps, T softcap, int64_t ignore_index) {
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const T inv_t = row_inv_t(temps, r, inv_t0);
     const int64_t tok = tokens[r];
     if (tok == ignore_index) {  // uniform across the block: no thread reaches block_merge
       if (threadIdx.x == 0) {
@@ -125,13 +138,13 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     const in_t* row = x + rows.offset(r);
     rk::LseState<T> st = rk::lse_init<T>();
-    for_each_in_row(row, V, [&](int64_t, in_t x) { rk::lse_push(st, static_cast<T>(x) * inv_t); });
+    for_each_in_row(row, V, [&](int64_t, in_t x) { rk::lse_push(st, capped(static_cast<T>(x), softcap) * inv_t); });
     st = block_merge(st);
     if (threadIdx.x == 0) {
       const T l = rk::lse_value(st);
       lse[r] = l;
       // out-of-range ids (validate=False) read nothing and give NaN
-      logp[r] = (tok >= 0 && tok < V) ? static_cast<T>(row[tok]) * inv_t - l : rk::r_nan<T>();
+      logp[r] = (tok >= 0 && tok < V) ? capped(static_cast<T>(row[tok]), softcap) * inv_t - l : rk::r_nan<T>();
       if (ent) ent[r] = rk::lse_entropy(st);
     }
   }
@@ -142,8 +155,10 @@ __global__ void __launch_bounds__(kRowThreads)
     logprobs_bwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
                         const int64_t* __restrict__ tokens, const T* __restrict__ g_logp,
                         const T* __restrict__ g_ent, const T* __restrict__ lse, const T* __restrict__ ent,
-                        in_t* __restrict__ grad, T inv_t, int64_t ignore_index) {
+                        in_t* __restrict__ grad, T inv_t0, const T* __restrict__ temps, T softcap,
+                        int64_t ignore_index) {
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const T inv_t = row_inv_t(temps, r, inv_t0);
     const int64_t tok = tokens[r];
     in_t* g = grad + r * V;
     if (tok == ignore_index) {
@@ -158,7 +173,9 @@ __global__ void __launch_bounds__(kRowThreads)
     const T H = g_ent ? ent[r] : T(0);
     const T l = lse[r];
     map_row(row, g, V, [&](int64_t j, in_t x) {
-      return static_cast<in_t>(rk::logprob_entropy_grad(static_cast<T>(x) * inv_t, l, H, j == tok, g_lp, g_H) * inv_t);
+      const T y = capped(static_cast<T>(x), softcap);
+      return static_cast<in_t>(rk::logprob_entropy_grad(y * inv_t, l, H, j == tok, g_lp, g_H) * inv_t *
+                               cap_slope(y, softcap));
     });
   }
 }
@@ -178,8 +195,13 @@ template <typename F> void dispatch_logits(at::ScalarType st, F f) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at::Tensor& logits_in,
                                                                         const at::Tensor& tokens, double temperature,
-                                                                        int64_t ignore_index, bool return_entropy) {
+                                                                        int64_t ignore_index, bool return_entropy,
+                                                                        const std::optional<at::Tensor>& temps,
+                                                                        double softcap) {
   rk::check_logprobs_from_logits(logits_in, tokens);
+  rk::check_head_options("logprobs_from_logits", temps, softcap, rk::accumulation_type(logits_in), tokens.numel(),
+                         logits_in);
+  const bool has_t = temps && temps->defined();
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
   const at::Tensor logits = rk::readable_rows(logits_in, rows);
@@ -196,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
     logprobs_fwd_kernel<in_t, T><<<grid_for(N), kRowThreads, 0, stream>>>(
         static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
         logp.mutable_data_ptr<T>(), return_entropy ? ent.mutable_data_ptr<T>() : nullptr, lse.mutable_data_ptr<T>(),
-        static_cast<T>(1.0 / temperature), ignore_index);
+        static_cast<T>(1.0 / temperature), has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap),
+        ignore_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, ent, lse};
@@ -205,8 +228,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
 at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
-                                    double temperature, int64_t ignore_index) {
+                                    double temperature, int64_t ignore_index, const std::optional<at::Tensor>& temps,
+                                    double softcap) {
   rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
+  rk::check_head_options("logprobs_from_logits_bwd", temps, softcap, rk::accumulation_type(logits_in),
+                         tokens.numel(), logits_in);
+  const bool has_t = temps && temps->defined();
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
   const at::Tensor logits = rk::readable_rows(logits_in, rows);
@@ -223,7 +250,8 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
         static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
         has_glp ? grad_logp->const_data_ptr<T>() : nullptr, has_gH ? grad_entropy->const_data_ptr<T>() : nullptr,
         lse.const_data_ptr<T>(), has_gH ? entropy.const_data_ptr<T>() : nullptr,
-        static_cast<in_t*>(grad.mutable_data_ptr()), static_cast<T>(1.0 / temperature), ignore_index);
+        static_cast<in_t*>(grad.mutable_data_ptr()), static_cast<T>(1.0 / temperature),
+        has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap), ignore_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;

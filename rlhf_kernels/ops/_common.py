@@ -120,3 +120,30 @@ def backend_for(backend, device, op, implemented):
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (it has {implemented})")
     # an automatic choice falls back along the op's order of preference
     return next(b for b in _backend.preference(op, device.type) if b in implemented and _backend._usable(b, device.type))
+
+
+def temperature_arg(temperature, tokens, dtype, validate):
+    """(t, per_token): a positive number t and None, or 1.0 and the per-token temperatures (a tensor broadcastable
+    to tokens.shape) expanded to a contiguous tensor of tokens.shape in `dtype`, detached (no gradient flows into a
+    temperature). Checking a tensor's values (> 0, not NaN) syncs with the device, so only validate=True does it."""
+    if not isinstance(temperature, torch.Tensor):
+        return number("temperature", temperature, positive=True), None
+    if not (temperature.dtype.is_floating_point or temperature.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"temperature must be a number or a float tensor, got a tensor of {temperature.dtype}")
+    if temperature.device != tokens.device:
+        raise ValueError(f"temperature is on {temperature.device} but tokens is on {tokens.device}; "
+                         "put all inputs on one device")
+    try:
+        t = temperature.detach().to(dtype).expand(tokens.shape)
+    except RuntimeError:
+        raise ValueError(f"temperature must be a number or a tensor broadcastable to tokens.shape "
+                         f"{tuple(tokens.shape)}, got shape {tuple(temperature.shape)}") from None
+    if validate and t.numel() and not torch.compiler.is_compiling() and not bool((t > 0).all()):
+        raise ValueError("temperature must be > 0 (and not NaN) at every token")
+    return 1.0, t.contiguous()
+
+
+def softcap_arg(softcap):
+    """softcap as the kernels take it: c > 0, or 0.0 for none."""
+    c = number("softcap", softcap, positive=True, optional=True)
+    return 0.0 if c is None else c

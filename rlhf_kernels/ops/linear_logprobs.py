@@ -13,17 +13,22 @@ own workspace. With a = 4 (8 for float64 inputs), s = 2 for bf16/fp16 inputs (lo
 nc × vc (rows × vocabulary entries of a logits chunk) and G (CPU groups running in parallel) that
 csrc/linear_logprobs_plan.h picks:
 
-  cpu  forward   4·N·a + 3·(G−1)·N·a + G·a·(nc·vc + [low]·(nc + vc)·H)
-  cpu  backward  [low∧h]·N·H·a + (G−1)·[h]·N·H·a + G·a·(nc·vc + [low]·(nc + vc)·H + [low∧w]·vc·H)
-  cuda forward   4·N·a + nc·vc·a
-  cuda backward  [low∧h]·4·N·H + nc·vc·(a + [low]·s) + [low∧w]·4·vc·H·(1 + [N > nc])
+  cpu  forward   5·N·a + 3·(G−1)·N·a + G·a·(nc·vc + [low]·(nc + vc)·H)
+  cpu  backward  N·a + [low∧h]·N·H·a + (G−1)·[h]·N·H·a + G·a·(nc·vc + [low]·(nc + vc)·H + [low∧w]·vc·H)
+  cuda forward   5·N·a + nc·vc·a
+  cuda backward  N·a + [low∧h]·4·N·H + nc·vc·(a + [low]·s) + [low∧w]·4·vc·H·(1 + [N > nc])
                  + [low∧h]·4·nc·H + [b ∧ N > nc]·vc·a
 
 The plan keeps all of it within B except the per-row terms, which are not chunked and come on
-top: 4·N·a forward (the first group's log-sum-exp state and target logits) and, for bf16/fp16 with a
-hidden gradient, the fp32 d(hidden) accumulator 4·N·H backward (twice the size of d(hidden) itself).
+top: 4·N·a forward (the first group's log-sum-exp state and target logits), N·a in both passes (one
+inverse temperature per row) and, for bf16/fp16 with a hidden gradient, the fp32 d(hidden) accumulator
+4·N·H backward (twice the size of d(hidden) itself).
 A budget too small for even a 1 × 1 chunk gets a 1 × 1 chunk. Contiguous inputs of one dtype reach
 the kernels without a copy.
+
+Two terms come on top of these, outside the kernels: with ignored rows, the compaction's copy of the
+valid rows of hidden (n·H elements for n valid rows) and, backward, the scatter of d(hidden) back to all
+N rows (autograd's index_select backward, N·H); the kernels' inverse temperature per row is in the formulas above.
 
 The triton backend's extra memory (its d(logits) chunk and d(hidden) accumulator, with the floor
 that keeps GPU chunks from becoming memory-bound) is stated in rlhf_kernels/triton/linear_logprobs.py.
@@ -33,7 +38,7 @@ import os
 import torch
 
 from .. import reference
-from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, number, same_device
+from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -55,14 +60,17 @@ def chunk_bytes():
     return n
 
 
-def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignore_index=-100,
+def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
                     return_entropy=False, validate=True, backend=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
-    log_softmax((hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
-    inputs); positions whose token is ignore_index give 0 and no gradient. Differentiable in hidden,
-    weight and bias (and through the entropy); a weight with requires_grad=False gets no gradient
-    GEMM. bf16/fp16 inputs accumulate in fp32.
+    log_softmax(cap(hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
+    inputs), with cap(z) = softcap·tanh(z/softcap) when softcap is given (Gemma-2), else z. temperature is
+    a number or a tensor broadcastable to tokens.shape (one per token), > 0, and takes no gradient.
+    Positions whose token is ignore_index give 0 and no gradient, and cost nothing: their rows are left out
+    of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
+    with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
+    requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
     """
     float_tensor("hidden", hidden, ndim_min=1)
     float_tensor("weight", weight)
@@ -82,24 +90,30 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignor
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     device = same_device(hidden=hidden, weight=weight, tokens=tokens, bias=bias)
-    temperature = number("temperature", temperature, positive=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    dt = reference.compute_dtype(hidden, weight, bias)
+    temperature, temps = temperature_arg(temperature, tokens, dt, validate)
+    cap = softcap_arg(softcap)
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
-        return reference.linear_logprobs(hidden, weight, tokens, bias, temperature, ignore_index,
-                                         bool(return_entropy))
-    dt = reference.compute_dtype(hidden, weight, bias)
+        return reference.linear_logprobs(hidden, weight, tokens, bias, temperature if temps is None else temps,
+                                         ignore_index, bool(return_entropy), softcap)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     w = weight
     b = None if bias is None else bias.to(dt).contiguous()
     tok = tokens.reshape(-1).to(torch.int64).contiguous()
+    temps = None if temps is None else temps.reshape(-1)
+    keep = _valid_rows(tok, ignore_index, validate)
+    if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
+        h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
+        temps = None if temps is None else temps.index_select(0, keep)
     if name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
-            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes())
+            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap)
     else:
         # one storage dtype for both (bf16/fp16 stay so, and are widened chunk by chunk); with mixed
         # dtypes only the narrower side is widened, which is the small hidden unless weight is bf16/fp16
@@ -108,19 +122,50 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, ignor
         h = h.to(store).contiguous()
         w = w.to(store).contiguous()
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
-                                                                  chunk_bytes())
+                                                                  chunk_bytes(), temps, cap)
+    if keep is not None:
+        n = tokens.numel()
+        logp = logp.new_zeros(n).index_copy(0, keep, logp)
+        ent = ent.new_zeros(n).index_copy(0, keep, ent)
     logp = logp.view(tokens.shape)
     return (logp, ent.view(tokens.shape)) if return_entropy else logp
 
 
-def _fake_fwd(hidden, weight, bias, tokens, temperature, ignore_index, *budget):
+class _TakeRows(torch.autograd.Function):
+    """x[keep] for unique indices; backward writes the gradient rows into zeros with index_copy (autograd's
+    index_select backward, index_add, runs a scatter_add that costs more than the whole head on CPU here)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(keep)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, keep)
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g.new_zeros((ctx.rows,) + tuple(g.shape[1:])).index_copy_(0, keep, g), None
+
+
+def _valid_rows(tok, ignore_index, validate):
+    """The indices of the rows to compute, or None for all of them. Counting the valid rows needs the
+    count on the host: free for CPU tensors; on a GPU it is a sync, paid only with validate=True (which syncs
+    for the token check anyway) and skipped in compiled code (the shape would depend on data)."""
+    if torch.compiler.is_compiling() or (tok.device.type != "cpu" and not validate):
+        return None
+    valid = tok != ignore_index
+    keep = valid.nonzero().view(-1)
+    return None if keep.numel() == tok.numel() else keep
+
+
+def _fake_fwd(hidden, weight, bias, tokens, temperature, ignore_index, *rest):
     dt = reference.compute_dtype(hidden, weight, bias)
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=dt) for _ in range(3))
 
 
 def _fake_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-              need_hidden, need_weight, need_bias, *budget):
+              need_hidden, need_weight, need_bias, *rest):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             lse.new_empty(bias.shape if need_bias else (0,)))
@@ -131,7 +176,7 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.extra = tuple(inputs[6:])  # the chunk budget
+    ctx.extra = tuple(inputs[6:])  # the chunk budget, the per-row temperatures, the softcap
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
 
 
@@ -164,17 +209,20 @@ if HAVE_TRITON:
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_fwd_triton", mutates_args=())
     def _linear_logprobs_fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                     tokens: torch.Tensor, temperature: float, ignore_index: int,
-                                    budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
+                                    budget: int, temperatures: torch.Tensor | None = None,
+                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures, softcap)
 
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_bwd_triton", mutates_args=())
     def _linear_logprobs_bwd_triton(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
                                     weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
                                     lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
                                     need_hidden: bool, need_weight: bool, need_bias: bool,
-                                    budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    budget: int, temperatures: torch.Tensor | None = None,
+                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tl.linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy,
-                                       temperature, ignore_index, need_hidden, need_weight, need_bias, budget)
+                                       temperature, ignore_index, need_hidden, need_weight, need_bias, budget,
+                                       temperatures, softcap)
 
     _linear_logprobs_fwd_triton.register_fake(_fake_fwd)
     _linear_logprobs_bwd_triton.register_fake(_fake_bwd)

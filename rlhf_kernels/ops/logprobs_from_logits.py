@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, number, same_device
+from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
 
@@ -18,9 +18,13 @@ def check_tokens(tokens, V, ignore_index, validate):
                              "(pass validate=False to get NaN at such positions instead of this check)")
 
 
-def logprobs_from_logits(logits, tokens, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+def logprobs_from_logits(logits, tokens, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False,
                          validate=True, backend=None):
-    """log_softmax(logits / temperature)[tokens] (and the entropy of that distribution).
+    """log_softmax(cap(logits) / temperature)[tokens] (and the entropy of that distribution).
+
+    cap(z) = softcap·tanh(z/softcap) when softcap is given (Gemma-2), else z; temperature is a number or a
+    tensor broadcastable to tokens.shape (one per token), > 0, and takes no gradient. Ignored rows are not
+    read (forward) and get a zero gradient row without reading the logits (backward).
 
     logits[..., V], tokens[...] -> logp[...] float32 (float64 for float64 logits), and entropy[...]
     when return_entropy. Positions whose token is ignore_index give 0 and no gradient.
@@ -37,20 +41,22 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, ignore_index=-100, 
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     device = same_device(logits=logits, tokens=tokens)
-    temperature = number("temperature", temperature, positive=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    temperature, temps = temperature_arg(temperature, tokens, _acc_dtype(logits), validate)
+    cap = softcap_arg(softcap)
     check_tokens(tokens, logits.shape[-1], ignore_index, validate)
     name = backend_for(backend, device, "logprobs_from_logits", IMPLEMENTED)
     if name == "reference":
-        return reference.logprobs_from_logits(logits, tokens, temperature, ignore_index, bool(return_entropy))
+        return reference.logprobs_from_logits(logits, tokens, temperature if temps is None else temps, ignore_index,
+                                              bool(return_entropy), softcap)
     # The kernels read logits in their own dtype and follow the leading strides; only the vocabulary dim
     # must be unit-stride (e.g. logits[:, :-1] is used as is, logits.mT is copied).
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     tok = tokens.to(torch.int64).contiguous()
     op = (torch.ops.rlhf_kernels.logprobs_from_logits_fwd_triton if name == "triton"
           else torch.ops.rlhf_kernels.logprobs_from_logits_fwd)
-    logp, ent, _ = op(x, tok, temperature, ignore_index, bool(return_entropy))
+    logp, ent, _ = op(x, tok, temperature, ignore_index, bool(return_entropy), temps, cap)
     return (logp, ent) if return_entropy else logp
 
 
@@ -58,19 +64,21 @@ def _acc_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(logits, tokens, temperature, ignore_index, return_entropy):
+def _fake_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0):
     acc = _acc_dtype(logits)
     out = tokens.new_empty(tokens.shape, dtype=acc)
     ent = tokens.new_empty(tokens.shape if return_entropy else (0,), dtype=acc)
     return out, ent, tokens.new_empty(tokens.shape, dtype=acc)
 
 
-def _fake_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
+def _fake_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, temperatures=None,
+              softcap=0.0):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, tokens, temperature, ignore_index, return_entropy = inputs
+    logits, tokens, temperature, ignore_index, return_entropy = inputs[:5]
+    ctx.extra = tuple(inputs[5:])  # the per-token temperatures and the softcap, when given
     _, ent, lse = output
     # logits is the caller's tensor (no copy); lse and entropy are [N]: nothing new of size [N, V] is kept
     ctx.save_for_backward(logits, tokens, lse, ent)
@@ -85,11 +93,11 @@ def _backward_with(bwd_op):
         if not ctx.return_entropy:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None
+            return (None,) * (5 + len(ctx.extra))
         g_logp = None if g_logp is None else g_logp.contiguous()
         g_ent = None if g_ent is None else g_ent.contiguous()
-        grad = bwd_op(g_logp, g_ent, logits, tokens, lse, ent, ctx.temperature, ctx.ignore_index)
-        return grad, None, None, None, None
+        grad = bwd_op(g_logp, g_ent, logits, tokens, lse, ent, ctx.temperature, ctx.ignore_index, *ctx.extra)
+        return (grad,) + (None,) * (4 + len(ctx.extra))
     return backward
 
 
@@ -105,14 +113,16 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("rlhf_kernels::logprobs_from_logits_fwd_triton", mutates_args=())
     def _fwd_triton(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, ignore_index: int,
-                    return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _tl.logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy)
+                    return_entropy: bool, temperatures: torch.Tensor | None = None,
+                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures, softcap)
 
     @torch.library.triton_op("rlhf_kernels::logprobs_from_logits_bwd_triton", mutates_args=())
     def _bwd_triton(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
                     tokens: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-                    ignore_index: int) -> torch.Tensor:
-        return _tl.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index)
+                    ignore_index: int, temperatures: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
+        return _tl.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index,
+                                temperatures, softcap)
 
     _fwd_triton.register_fake(_fake_fwd)
     _bwd_triton.register_fake(_fake_bwd)

@@ -59,6 +59,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._launch import Launch, run
+from .logprobs_from_logits import tanh
 
 
 @triton.jit
@@ -91,10 +92,23 @@ def _zeros(M: tl.constexpr, K: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, HAS_BIAS: tl.constexpr,
-                 IS_FP64: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] = (h[rows] · W[cols]ᵀ + b[cols]) / T, −inf outside the vocabulary."""
+def _row_inv_t(temps_ptr, rows, rmask, inv_t, HAS_TEMPS: tl.constexpr, IS_FP64: tl.constexpr):
+    """1/temperature per row [BLOCK_N]: from the per-row temperatures when given, else the scalar's inverse."""
+    if HAS_TEMPS:
+        return 1.0 / tl.load(temps_ptr + rows, mask=rmask, other=1.0)
+    else:
+        if IS_FP64:
+            return tl.full(rows.shape, 1.0, tl.float64) * inv_t
+        else:
+            return tl.full(rows.shape, 1.0, tl.float32) * inv_t
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, softcap, HAS_BIAS: tl.constexpr,
+                 CAP: tl.constexpr, IS_FP64: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = cap(h[rows] · W[cols]ᵀ + b[cols]) · inv_t[rows], −inf outside the vocabulary,
+    with cap(y) = c·tanh(y/c) when CAP."""
     acc = _zeros(BLOCK_N, BLOCK_V, IS_FP64)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
@@ -104,16 +118,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, HAS_BI
         acc = _mma(_as_dot(h, IS_FP64, MIXED), _as_dot(w, IS_FP64, MIXED), acc, DOT_PREC, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    z = acc * inv_t
+    if CAP:
+        acc = softcap * tanh(acc / softcap)
+    z = acc * inv_t[:, None]
     return tl.where(cmask[None, :], z, float("-inf"))
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, part_ptr, N, V, H, tiles_per_split, inv_t, ignore_index,
-                HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, part_ptr, temps_ptr, N, V, H, tiles_per_split, inv_t, softcap,
+                ignore_index, HAS_BIAS: tl.constexpr, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr,
+                IS_FP64: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
+    inv_t = _row_inv_t(temps_ptr, rows, rmask, inv_t, HAS_TEMPS, IS_FP64)
     split = tl.program_id(1).to(tl.int64)
     tok = tl.load(tok_ptr + rows, mask=rmask, other=ignore_index)
     if IS_FP64:
@@ -126,8 +144,8 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, part_ptr, N, V, H, tiles_per_split
     for t in range(0, tiles_per_split):
         cols = (split * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, HAS_BIAS, IS_FP64, MIXED,
-                         DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, softcap, HAS_BIAS, CAP, IS_FP64,
+                         MIXED, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         tgt += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
         m_new = tl.maximum(m, tl.max(z, 1))
         base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of −inf so far: keep the sums at 0
@@ -181,13 +199,16 @@ def _fwd_merge_kernel(part_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, N, V, split
 
 
 @triton.jit
-def _bwd_dlogits_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, dz_ptr, N, V, H, c0, C,
-                        inv_t, ignore_index, HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, IS_FP64: tl.constexpr,
+def _bwd_dlogits_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr, dz_ptr, temps_ptr, N, V, H,
+                        c0, C, inv_t, softcap, ignore_index, HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr,
+                        HAS_TEMPS: tl.constexpr, CAP: tl.constexpr, IS_FP64: tl.constexpr,
                         MIXED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dz[:, c] = d(g1·logp + g2·entropy)/d(logits[:, c0 + c]) (csrc/common.h logprob_entropy_grad, / T)."""
+    """dz[:, c] = d(g1·logp + g2·entropy)/d(logits[:, c0 + c]) (csrc/common.h logprob_entropy_grad, / T, times
+    the softcap's 1 − (cap/c)²)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
+    inv_t = _row_inv_t(temps_ptr, rows, rmask, inv_t, HAS_TEMPS, IS_FP64)
     cc = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = c0 + cc
     cmask = cols < V
@@ -200,15 +221,18 @@ def _bwd_dlogits_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, glp_ptr, gent_ptr, lse_ptr
         g2 = tl.where(live, tl.load(gent_ptr + rows, mask=rmask, other=0.0), 0.0)
     else:
         g2 = tl.zeros_like(g1)
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, HAS_BIAS, IS_FP64, MIXED, DOT_PREC,
-                     UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, inv_t, softcap, HAS_BIAS, CAP, IS_FP64, MIXED,
+                     DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     # rows past N and ignored rows get p = 0 before any product: their logits (b / T from a zero hidden
     # row) can overflow exp, and 0·inf would be NaN
     lp = tl.where(live[:, None], z - lse[:, None], float("-inf"))
     p = tl.exp(lp)
     pe = p * tl.where(p > 0, lp + ent[:, None], 0.0)  # p·log p → 0 for −inf logits
     is_tok = cols[None, :] == tok[:, None]
-    dz = (g1[:, None] * (tl.where(is_tok, 1.0, 0.0) - p) - g2[:, None] * pe) * inv_t
+    dz = (g1[:, None] * (tl.where(is_tok, 1.0, 0.0) - p) - g2[:, None] * pe) * inv_t[:, None]
+    if CAP:  # z = cap·inv_t, so cap/c = z/(inv_t·c); −inf columns past V get 0
+        u = tl.where(cmask[None, :], z / (inv_t[:, None] * softcap), 0.0)
+        dz = dz * (1.0 - u * u)
     tl.store(dz_ptr + rows[:, None] * C + cc[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=rmask[:, None] & (cc < C)[None, :])
 
@@ -382,8 +406,8 @@ def forward_splits(N, V, block_n, block_v, arch):
     return triton.cdiv(v_tiles, per), per
 
 
-def plan_fwd(hidden, weight, bias, tokens, logp, entropy, lse, temperature=1.0, ignore_index=-100, *, arch=None,
-             allow_tf32=None):
+def plan_fwd(hidden, weight, bias, tokens, logp, entropy, lse, temperature=1.0, ignore_index=-100, temperatures=None,
+             softcap=0.0, *, arch=None, allow_tf32=None):
     """The launches of the forward for these (possibly meta) tensors: hidden [N, H], weight [V, H], bias [V]
     or None, tokens [N] int64, and the outputs logp, entropy, lse [N] (float32, or float64 for fp64 math).
     Allocates the [4, splits, N] partial-state buffer on hidden's device. `arch`: compute capability
@@ -396,8 +420,10 @@ def plan_fwd(hidden, weight, bias, tokens, logp, entropy, lse, temperature=1.0, 
     part = torch.empty((4, splits, N), dtype=lse.dtype, device=hidden.device)
     return [
         _launch(cfg, _fwd_kernel, (triton.cdiv(N, tiles["BLOCK_N"]), splits),
-                (hidden, weight, bias if bias is not None else lse, tokens, part, N, V, H, per, 1.0 / temperature,
-                 ignore_index), HAS_BIAS=bias is not None, MIXED=mixed, **common),
+                (hidden, weight, bias if bias is not None else lse, tokens, part,
+                 lse if temperatures is None else temperatures, N, V, H, per, 1.0 / temperature, softcap or 1.0,
+                 ignore_index), HAS_BIAS=bias is not None, HAS_TEMPS=temperatures is not None, CAP=bool(softcap),
+                MIXED=mixed, **common),
         _launch(merge, _fwd_merge_kernel, (triton.cdiv(N, _MERGE_BLOCK),),
                 (part, tokens, logp, entropy, lse, N, V, splits, ignore_index)),
     ]
@@ -416,7 +442,8 @@ def chunk_columns(N, V, H, dot_bytes, accumulator_bytes, budget, granule, min_co
 
 
 def plan_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, grad_hidden, grad_weight,
-             grad_bias, temperature=1.0, ignore_index=-100, budget=256 << 20, *, arch=None, allow_tf32=None):
+             grad_bias, temperature=1.0, ignore_index=-100, budget=256 << 20, temperatures=None, softcap=0.0, *,
+             arch=None, allow_tf32=None):
     """The launches of the backward for these (possibly meta) tensors. grad_logp, grad_entropy (or None):
     [N] in lse's dtype; grad_hidden [N, H] / grad_weight [V, H] / grad_bias [V] are the outputs to fill, or
     None when not wanted (no work is planned for them). Allocates the d(logits) chunk and, when needed, the
@@ -442,8 +469,10 @@ def plan_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy
         plan.append(_launch(
             zcfg, _bwd_dlogits_kernel, (triton.cdiv(N, zt["BLOCK_N"]), triton.cdiv(width, zt["BLOCK_V"])),
             (hidden, weight, bias if bias is not None else lse, tokens, grad_logp,
-             grad_entropy if grad_entropy is not None else grad_logp, lse, entropy, dz, N, V, H, c0, C, inv_t,
-             ignore_index), HAS_BIAS=bias is not None, HAS_GENT=grad_entropy is not None, MIXED=mixed, **common))
+             grad_entropy if grad_entropy is not None else grad_logp, lse, entropy, dz,
+             lse if temperatures is None else temperatures, N, V, H, c0, C, inv_t, softcap or 1.0, ignore_index),
+            HAS_BIAS=bias is not None, HAS_GENT=grad_entropy is not None, HAS_TEMPS=temperatures is not None,
+            CAP=bool(softcap), MIXED=mixed, **common))
         if grad_weight is not None or grad_bias is not None:
             h_tiles = triton.cdiv(H, wt["BLOCK_H"]) if grad_weight is not None else 1
             plan.append(_launch(
@@ -469,16 +498,17 @@ def acc_dtype(hidden, weight, bias):
         else torch.float32
 
 
-def linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index):
+def linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures=None, softcap=0.0):
     N = hidden.shape[0]
     acc = acc_dtype(hidden, weight, bias)
     logp, ent, lse = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(3))
-    run(plan_fwd(hidden, weight, bias, tokens, logp, ent, lse, temperature, ignore_index), hidden.device)
+    run(plan_fwd(hidden, weight, bias, tokens, logp, ent, lse, temperature, ignore_index, temperatures, softcap),
+        hidden.device)
     return logp, ent, lse
 
 
 def linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
-                        ignore_index, need_hidden, need_weight, need_bias, budget):
+                        ignore_index, need_hidden, need_weight, need_bias, budget, temperatures=None, softcap=0.0):
     N, H = hidden.shape
     V = weight.shape[0]
     acc = lse.dtype
@@ -489,6 +519,7 @@ def linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, l
     glp = grad_logp.to(acc).contiguous()
     gent = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
     plan = plan_bwd(glp, gent, hidden, weight, bias, tokens, lse, entropy, gh if need_hidden else None,
-                    gw if need_weight else None, gb if need_bias else None, temperature, ignore_index, budget)
+                    gw if need_weight else None, gb if need_bias else None, temperature, ignore_index, budget,
+                    temperatures, softcap)
     run(plan, hidden.device)
     return gh, gw, gb

@@ -20,6 +20,24 @@ def _row_base(x_ptr, row, inner, s_outer, s_inner):
 
 
 @triton.jit
+def tanh(x):
+    """tanh from exp (no libdevice call, so it runs in the interpreter too): odd, exact to a few ulps of 1
+    in absolute terms, which is what c·tanh(z/c) needs."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS: tl.constexpr):
+    """1/temperature of a row: the per-row temperatures when given, else the scalar's inverse."""
+    if HAS_TEMPS:
+        return 1.0 / tl.load(temps_ptr + row)
+    else:
+        return inv_t
+
+
+@triton.jit
 def _narrow(g, out_ty: tl.constexpr):
     """fp32/fp64 gradient -> the logits dtype, rounding to nearest even. bf16 is rounded by hand: the Triton
     interpreter truncates fp32 -> bf16, and this gives the same bits as the CPU kernel everywhere."""
@@ -33,10 +51,12 @@ def _narrow(g, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s_outer, s_inner, inv_t, ignore_index,
-                         ENT: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, V, inner, s_outer, s_inner, inv_t,
+                         softcap, ignore_index, ENT: tl.constexpr, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = lse_ptr.dtype.element_ty
+    inv_t = row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS)
     base = _row_base(x_ptr, row, inner, s_outer, s_inner)
     tok = tl.load(tok_ptr + row)
     ignored = tok == ignore_index
@@ -48,7 +68,10 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s
     w = tl.zeros((), acc)
     for start in range(0, n, BLOCK):
         idx = start + offs
-        z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(acc) * inv_t
+        z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(acc)
+        if CAP:  # the lanes past V stay −inf (the cap would make them −c)
+            z = tl.where(idx < V, softcap * tanh(z / softcap), neg_inf)
+        z = z * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
         live = m_new != neg_inf  # all −inf so far: nothing to add
         m_ref = tl.where(live, m_new, 0.0)
@@ -63,7 +86,10 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s
     s = tl.where(ignored, 1.0, s)  # an ignored row has no sums; keep its (discarded) values finite
     lse = m + tl.log(s)
     in_range = (tok >= 0) & (tok < V)
-    x_tok = tl.load(base + tl.where(in_range, tok, 0), mask=in_range & ~ignored, other=0.0).to(acc) * inv_t
+    x_tok = tl.load(base + tl.where(in_range, tok, 0), mask=in_range & ~ignored, other=0.0).to(acc)
+    if CAP:
+        x_tok = softcap * tanh(x_tok / softcap)
+    x_tok = x_tok * inv_t
     logp = tl.where(in_range, x_tok - lse, float("nan"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
@@ -72,10 +98,12 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, V, inner, s
 
 
 @triton.jit
-def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, grad_ptr, V, inner, s_outer, s_inner,
-                         inv_t, ignore_index, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, grad_ptr, temps_ptr, V, inner, s_outer,
+                         s_inner, inv_t, softcap, ignore_index, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
+                         HAS_TEMPS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = lse_ptr.dtype.element_ty
+    inv_t = row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS)
     base = _row_base(x_ptr, row, inner, s_outer, s_inner)
     gbase = grad_ptr + row * V
     tok = tl.load(tok_ptr + row)
@@ -95,11 +123,16 @@ def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, gr
     for start in range(0, V, BLOCK):
         idx = start + offs
         ok = idx < V
-        z = tl.load(base + idx, mask=ok & ~ignored, other=float("-inf")).to(acc) * inv_t
-        lp = z - lse
+        z = tl.load(base + idx, mask=ok & ~ignored, other=float("-inf")).to(acc)
+        if CAP:
+            z = softcap * tanh(z / softcap)
+        lp = z * inv_t - lse
         p = tl.exp(lp)
         ent = p * (tl.where(p > 0, lp, 0.0) + H)  # p·log p → 0 for −inf logits
         g = (g_lp * (tl.where(idx == tok, 1.0, 0.0) - p) - g_h * ent) * inv_t
+        if CAP:  # d c·tanh(x/c)/dx = 1 − tanh²
+            u = z / softcap
+            g = g * (1.0 - u * u)
         g = tl.where(ignored, 0.0, g)
         tl.store(gbase + idx, _narrow(g, grad_ptr.dtype.element_ty), mask=ok)
 
@@ -138,7 +171,7 @@ def configs(dtype=None, arch=None):
             for b in powers_of_two(MAX_BLOCK)]
 
 
-def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, arch=None):
+def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0, arch=None):
     """([Launch], (logp, entropy or an empty tensor, lse)) for logits [..., V] (rows strided as _row_layout
     allows) and contiguous tokens [...]."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -149,13 +182,15 @@ def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, arch=Non
     if N == 0:
         return [], (logp, ent, lse)
     inner, s_outer, s_inner, x = _row_layout(logits)
-    args = (x, tokens, logp, ent if return_entropy else lse, lse, V, inner, s_outer, s_inner, 1.0 / temperature,
-            ignore_index)
-    plan = [Launch(_logprobs_fwd_kernel, (N,), args, dict(ENT=bool(return_entropy), BLOCK=_block(V)))]
+    args = (x, tokens, logp, ent if return_entropy else lse, lse, lse if temperatures is None else temperatures, V,
+            inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
+    plan = [Launch(_logprobs_fwd_kernel, (N,), args, dict(ENT=bool(return_entropy), HAS_TEMPS=temperatures is not None,
+                                                          CAP=bool(softcap), BLOCK=_block(V)))]
     return plan, (logp, ent, lse)
 
 
-def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, arch=None):
+def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, temperatures=None,
+             softcap=0.0, arch=None):
     """([Launch], d logits) in the logits dtype; either upstream gradient may be None."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     N, V = tokens.numel(), logits.shape[-1]
@@ -163,17 +198,20 @@ def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature,
         return [], grad
     inner, s_outer, s_inner, x = _row_layout(logits)
     args = (grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
-            lse, entropy if grad_entropy is not None else lse, grad, V, inner, s_outer, s_inner, 1.0 / temperature,
-            ignore_index)
+            lse, entropy if grad_entropy is not None else lse, grad, lse if temperatures is None else temperatures, V,
+            inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
     plan = [Launch(_logprobs_bwd_kernel, (N,), args,
-                   dict(HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None, BLOCK=_block(V)))]
+                   dict(HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
+                        HAS_TEMPS=temperatures is not None, CAP=bool(softcap), BLOCK=_block(V)))]
     return plan, grad
 
 
-def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy):
-    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy), logits.device)
-
-
-def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index):
-    return execute(plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index),
+def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0):
+    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures, softcap),
                    logits.device)
+
+
+def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, temperatures=None,
+                 softcap=0.0):
+    return execute(plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index,
+                            temperatures, softcap), logits.device)

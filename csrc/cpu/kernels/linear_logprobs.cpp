@@ -1,5 +1,6 @@
 // Loops of linear_logprobs: the fused passes over one logits tile, compiled once per ISA (cpu/kernels.h).
 // The entry point (cpu/linear_logprobs.cpp) runs the GEMMs that fill each tile.
+#include <cmath>
 #include <cstring>
 
 #include "cpu/kernels.h"
@@ -13,7 +14,15 @@ namespace {
 // e^x in the fused passes is rk::r_exp (common.h): branch-free, so the loops that call it vectorise;
 // it gives exactly 0 below e^-87.3, which is what the callers want for -inf logits.
 
-// ---- the fused per-tile passes (z = (x + b)·invT) ----
+// ---- the fused per-tile passes (z = cap(x + b)·invT, cap(y) = c·tanh(y/c) with a softcap c, else y) ----
+
+// the softcap of a tile (in place, before the rest of the pass), and the factor its gradient picks up,
+// d cap(y)/dy = 1 − (cap(y)/c)²
+template <typename T, bool kBias>
+void cap_row(T* z, const T* b, int64_t vc, T c) {
+  const T ic = T(1) / c;
+  for (int64_t j = 0; j < vc; ++j) z[j] = c * std::tanh((z[j] + (kBias ? b[j] : T(0))) * ic);
+}
 
 // One row of a logits tile: scale it in place, return its (max, Σe, Σe·(z − max)) state.
 template <typename T, bool kBias>
@@ -54,11 +63,18 @@ RK_ALWAYS_INLINE void row_grad(T* z, const T* b, int64_t vc, T inv_t, T lse, T e
 
 // Forward pass over a tile: merge each row's chunk state into st[i], pick the target logit.
 template <typename T>
-void fwd_tile(T* Z, const T* b, T inv_t, const TileArgs& a,
-                                                         rk::LseState<T>* st, T* tgt) {
+void fwd_tile(T* Z, const T* b, const T* inv_t, const TileArgs& a, rk::LseState<T>* st, T* tgt) {
+  const T cap = T(a.softcap);
   for (int64_t i = 0; i < a.nr; ++i) {
     T* z = Z + i * a.vc;
-    rk::LseState<T> s = b ? row_state<T, true>(z, b, a.vc, inv_t) : row_state<T, false>(z, b, a.vc, inv_t);
+    if (a.tok[i] == a.ignore_index) continue;  // its outputs are zeros: no pass over its logits
+    const T* bb = b;
+    if (cap > T(0)) {  // the bias goes inside the cap, so it is applied here and not again
+      if (b) cap_row<T, true>(z, b, a.vc, cap);
+      else cap_row<T, false>(z, b, a.vc, cap);
+      bb = nullptr;
+    }
+    rk::LseState<T> s = bb ? row_state<T, true>(z, bb, a.vc, inv_t[i]) : row_state<T, false>(z, bb, a.vc, inv_t[i]);
     st[i] = rk::lse_merge(st[i], s);
     const int64_t t = a.tok[i] - a.v0;
     if (t >= 0 && t < a.vc) tgt[i] = z[t];
@@ -67,9 +83,9 @@ void fwd_tile(T* Z, const T* b, T inv_t, const TileArgs& a,
 
 // Backward pass over a tile: Z becomes d(logits) in place; db (if given) += its column sums.
 template <typename T>
-void bwd_tile(T* Z, const T* b, T inv_t, const TileArgs& a,
-                                                         const T* lse, const T* ent, const T* g_lp, const T* g_h,
-                                                         T* db) {
+void bwd_tile(T* Z, const T* b, const T* inv_t, const TileArgs& a, const T* lse, const T* ent, const T* g_lp,
+              const T* g_h, T* db) {
+  const T cap = T(a.softcap);
   for (int64_t i = 0; i < a.nr; ++i) {
     T* z = Z + i * a.vc;
     const int64_t tok = a.tok[i];
@@ -81,10 +97,27 @@ void bwd_tile(T* Z, const T* b, T inv_t, const TileArgs& a,
       std::memset(z, 0, sizeof(T) * a.vc);
       continue;
     }
-    if (b) row_grad<T, true>(z, b, a.vc, inv_t, lse[i], ent[i], g1, g2);
-    else row_grad<T, false>(z, b, a.vc, inv_t, lse[i], ent[i], g1, g2);
+    const T it = inv_t[i];
+    if (cap > T(0)) {
+      if (b) cap_row<T, true>(z, b, a.vc, cap);
+      else cap_row<T, false>(z, b, a.vc, cap);
+      // z holds cap(y) now; keep d cap/dy = 1 − (cap/c)² aside in the same pass order as below
+      const T ic = T(1) / cap;
+      const int64_t t = tok - a.v0;
+      for (int64_t j = 0; j < a.vc; ++j) {
+        const T y = z[j];
+        const T lp = y * it - lse[i];
+        const T p = rk::r_exp(lp);
+        const T pe = p > T(0) ? p * (lp + ent[i]) : T(0);
+        const T u = y * ic;
+        z[j] = ((-g1 * it) * p + (-g2 * it) * pe + (j == t ? g1 * it : T(0))) * (T(1) - u * u);
+      }
+      continue;
+    }
+    if (b) row_grad<T, true>(z, b, a.vc, it, lse[i], ent[i], g1, g2);
+    else row_grad<T, false>(z, b, a.vc, it, lse[i], ent[i], g1, g2);
     const int64_t t = tok - a.v0;
-    if (t >= 0 && t < a.vc) z[t] += g1 * inv_t;
+    if (t >= 0 && t < a.vc) z[t] += g1 * it;
   }
   if (db) {
     for (int64_t i = 0; i < a.nr; ++i) {

@@ -10,6 +10,7 @@
 // (16 for AVX-512, 8 for AVX2, 4 for SSE2 or NEON) so that no vector op is split into pieces; fp64 runs
 // scalar, straight from common.h (exactness matters there, speed does not).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -184,13 +185,34 @@ RK_ALWAYS_INLINE void narrow(const float* buf, Half* out, int64_t n) {
 
 using Vec = Simd<kLanes>;
 
+// The head's per-row options: 1/temperature of row r, and the softcap pass over a widened chunk.
+template <typename T, typename Args> RK_ALWAYS_INLINE T inv_t_of(const Args& a, int64_t r) {
+  return a.temps ? T(1) / static_cast<const T*>(a.temps)[r] : static_cast<T>(a.inv_t);
+}
+template <typename T> RK_ALWAYS_INLINE T capped(T x, T c, T ic) { return c > T(0) ? c * std::tanh(x * ic) : x; }
+// buf[0..n) = c·tanh(buf/c) in place
+RK_ALWAYS_INLINE void cap_chunk(float* buf, int64_t n, float c) {
+  const float ic = 1.0f / c;
+  for (int64_t i = 0; i < n; ++i) buf[i] = c * std::tanh(buf[i] * ic);
+}
+// the softcap's chain factor on a gradient chunk: g·(1 − (cap/c)²), with cap the capped logits
+RK_ALWAYS_INLINE void cap_grad(const float* capv, float* g, int64_t n, float c) {
+  const float ic = 1.0f / c;
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = capv[i] * ic;
+    g[i] *= 1.0f - u * u;
+  }
+}
+
 template <typename in_t, bool ENT> void fwd_rows_f(const LogitsFwdArgs& a, int64_t lo, int64_t hi) {
-  alignas(64) float buf[std::is_same<in_t, float>::value ? 1 : kChunk];
+  // a softcap needs a chunk buffer for fp32 logits too (the capped chunk)
+  alignas(64) float buf[kChunk];
   float* logp = static_cast<float*>(a.logp);
   float* lse = static_cast<float*>(a.lse);
   float* ent = static_cast<float*>(a.ent);
-  const float inv_t = static_cast<float>(a.inv_t);
+  const float cap = static_cast<float>(a.softcap), icap = cap > 0.0f ? 1.0f / cap : 0.0f;
   for (int64_t r = lo; r < hi; ++r) {
+    const float inv_t = inv_t_of<float>(a, r);
     const int64_t tok = a.tokens[r];
     if (tok == a.ignore_index) {
       logp[r] = 0.0f;
@@ -205,10 +227,15 @@ template <typename in_t, bool ENT> void fwd_rows_f(const LogitsFwdArgs& a, int64
       const float* xf;
       if constexpr (std::is_same<in_t, float>::value) {
         xf = x + c;
+        if (cap > 0.0f) {
+          std::memcpy(buf, xf, sizeof(float) * n);
+          xf = buf;
+        }
       } else {
         widen(x + c, buf, n);
         xf = buf;
       }
+      if (cap > 0.0f) cap_chunk(buf, n, cap);
       st = rk::lse_merge(st, Vec::template chunk_state<ENT>(xf, n, inv_t));
     }
     const float l = rk::lse_value(st);
@@ -216,20 +243,21 @@ template <typename in_t, bool ENT> void fwd_rows_f(const LogitsFwdArgs& a, int64
     // out-of-range ids (validate=False) read nothing and give NaN
     float xt = 0.0f;
     if (tok >= 0 && tok < a.V) widen_one(x + tok, xt);
-    logp[r] = (tok >= 0 && tok < a.V) ? xt * inv_t - l : rk::r_nan<float>();
+    logp[r] = (tok >= 0 && tok < a.V) ? capped(xt, cap, icap) * inv_t - l : rk::r_nan<float>();
     if (ENT) ent[r] = rk::lse_entropy(st);
   }
 }
 
 template <typename in_t> void bwd_rows_f(const LogitsBwdArgs& a, int64_t lo, int64_t hi) {
-  alignas(64) float xbuf[std::is_same<in_t, float>::value ? 1 : kChunk];
+  alignas(64) float xbuf[kChunk];
   alignas(64) float gbuf[std::is_same<in_t, float>::value ? 1 : kChunk];
   const float* g_logp = static_cast<const float*>(a.g_logp);
   const float* g_ent = static_cast<const float*>(a.g_ent);
   const float* lse = static_cast<const float*>(a.lse);
   const float* ent = static_cast<const float*>(a.ent);
-  const float inv_t = static_cast<float>(a.inv_t);
+  const float cap = static_cast<float>(a.softcap);
   for (int64_t r = lo; r < hi; ++r) {
+    const float inv_t = inv_t_of<float>(a, r);
     const int64_t tok = a.tokens[r];
     in_t* g = static_cast<in_t*>(a.grad) + r * a.V;
     if (tok == a.ignore_index) {
@@ -247,12 +275,21 @@ template <typename in_t> void bwd_rows_f(const LogitsBwdArgs& a, int64_t lo, int
       const int64_t n = std::min(kChunk, a.V - c);
       const bool has_tok = in_range && tok >= c && tok < c + n;
       if constexpr (std::is_same<in_t, float>::value) {
-        Vec::chunk_grad(x + c, g + c, n, inv_t, l, H, g_lp, g_H);
+        const float* xf = x + c;
+        if (cap > 0.0f) {
+          std::memcpy(xbuf, xf, sizeof(float) * n);
+          cap_chunk(xbuf, n, cap);
+          xf = xbuf;
+        }
+        Vec::chunk_grad(xf, g + c, n, inv_t, l, H, g_lp, g_H);
         if (has_tok) g[tok] += g_lp * inv_t;
+        if (cap > 0.0f) cap_grad(xbuf, g + c, n, cap);
       } else {
         widen(x + c, xbuf, n);
+        if (cap > 0.0f) cap_chunk(xbuf, n, cap);
         Vec::chunk_grad(xbuf, gbuf, n, inv_t, l, H, g_lp, g_H);
         if (has_tok) gbuf[tok - c] += g_lp * inv_t;
+        if (cap > 0.0f) cap_grad(xbuf, gbuf, n, cap);
         narrow(gbuf, g + c, n);
       }
     }
@@ -271,11 +308,12 @@ void fwd_rows_double(const LogitsFwdArgs& a, int64_t lo, int64_t hi) {
       continue;
     }
     const double* x = static_cast<const double*>(a.logits) + a.rows.offset(r);
+    const double it = inv_t_of<double>(a, r), c = a.softcap, ic = c > 0 ? 1.0 / c : 0.0;
     rk::LseState<double> st = rk::lse_init<double>();
-    for (int64_t j = 0; j < a.V; ++j) rk::lse_push(st, x[j] * a.inv_t);
+    for (int64_t j = 0; j < a.V; ++j) rk::lse_push(st, capped(x[j], c, ic) * it);
     const double l = rk::lse_value(st);
     lse[r] = l;
-    logp[r] = (tok >= 0 && tok < a.V) ? x[tok] * a.inv_t - l : rk::r_nan<double>();
+    logp[r] = (tok >= 0 && tok < a.V) ? capped(x[tok], c, ic) * it - l : rk::r_nan<double>();
     if (ent) ent[r] = rk::lse_entropy(st);
   }
 }
@@ -297,8 +335,11 @@ void bwd_rows_double(const LogitsBwdArgs& a, int64_t lo, int64_t hi) {
     const double g_lp = (g_logp && in_range) ? g_logp[r] : 0.0;
     const double g_H = g_ent ? g_ent[r] : 0.0;
     const double H = g_ent ? ent[r] : 0.0;
-    for (int64_t j = 0; j < a.V; ++j)
-      g[j] = rk::logprob_entropy_grad(x[j] * a.inv_t, lse[r], H, j == tok, g_lp, g_H) * a.inv_t;
+    const double it = inv_t_of<double>(a, r), c = a.softcap, ic = c > 0 ? 1.0 / c : 0.0;
+    for (int64_t j = 0; j < a.V; ++j) {
+      const double y = capped(x[j], c, ic), u = y * ic;
+      g[j] = rk::logprob_entropy_grad(y * it, lse[r], H, j == tok, g_lp, g_H) * it * (c > 0 ? 1.0 - u * u : 1.0);
+    }
   }
 }
 
