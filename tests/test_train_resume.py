@@ -27,13 +27,13 @@ def straight_and_resumed(tmp_path, monkeypatch, kind, train, keys, trainer_cls=N
 
 
 def test_rm_resume_gives_the_same_metrics_and_weights(tmp_path, monkeypatch):
-    keys = {**FAST, "steps": 3, "batch_size": 8, "micro_batch_size": 4, "pairs": 32}
+    keys = {**FAST, "steps": 2, "batch_size": 8, "micro_batch_size": 4, "pairs": 32}
     a, b = straight_and_resumed(tmp_path, monkeypatch, "rm", rm.train, keys)
     assert same_weights(a / "model", b / "model")
 
 
 def test_dpo_resume_gives_the_same_metrics_and_weights(tmp_path, monkeypatch):
-    keys = {**FAST, "steps": 3, "batch_size": 8, "micro_batch_size": 4, "pairs": 32}
+    keys = {**FAST, "steps": 2, "batch_size": 8, "micro_batch_size": 4, "pairs": 32}
     a, b = straight_and_resumed(tmp_path, monkeypatch, "dpo", dpo.train, keys)
     assert same_weights(a / "model", b / "model")
 
@@ -41,7 +41,7 @@ def test_dpo_resume_gives_the_same_metrics_and_weights(tmp_path, monkeypatch):
 def test_rto_resume_gives_the_same_metrics_and_weights(tmp_path, monkeypatch):
     torch.manual_seed(1)  # a "DPO policy" unlike the initial policy, so the dense reward is not 0
     models.save_lm(models.load_lm("tiny-llama"), tmp_path / "dpo")
-    keys = {**PPO_FAST, "steps": 3, "dpo_model": str(tmp_path / "dpo"), "kl_target": 1.0}
+    keys = {**PPO_FAST, "steps": 2, "dpo_model": str(tmp_path / "dpo"), "kl_target": 1.0}
     a, b = straight_and_resumed(tmp_path, monkeypatch, "rto", rto.train, keys, trainer_cls=rto.RTO)
     assert metrics(a)[0]["dpo_logratio"] != 0.0
     assert same_weights(a / "model", b / "model") and same_weights(a / "critic", b / "critic")
