@@ -17,7 +17,7 @@ endif
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cpu/kernels/*.cpp \
            csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check
+.PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check mutants mutants-quick
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ sanitize: build
 # sdist -> wheel -> install in a fresh venv (CPU-only build), smoke test of every op from outside the checkout
 sdist-check:
 	bash .ci/sdist_check.sh $(PYTHON) build/sdist-check
+
+# plant a curated list of realistic bugs one at a time and check that the tests catch every one
+# (.ci/mutants.py; minutes, so not part of `make test`); mutants-quick: a subset of them
+mutants: build
+	$(PY) .ci/mutants.py
+
+mutants-quick: build
+	$(PY) .ci/mutants.py --quick
 
 demo: build
 	$(PY) -m rlhf_kernels demo --out runs/demo

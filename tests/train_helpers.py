@@ -14,20 +14,43 @@ def metrics(run_dir):
 def interrupt_then_resume(monkeypatch, trainer_cls, step, run, between=None):
     """Call `run()` with `trainer_cls.step` interrupted at `step` (as a crash or Ctrl-C would), then
     (after `between()`, for checks of what the interrupted run left) `run()` again normally: the
-    second call resumes from the checkpoint the first one left."""
+    second call resumes from the checkpoint the first one left. Trainers whose step is a function
+    inside `train` (SFT, RM, DPO) pass `trainer_cls=None`: the shared step loop is interrupted at the
+    start of `step` instead (runlog.set_lr, its first call of a step)."""
     import pytest
 
-    original = trainer_cls.step
+    from rlhf_kernels.train.core import runlog
 
-    def crash(self, s):
-        if s == step:
+    owner, name = (trainer_cls, "step") if trainer_cls is not None else (runlog, "set_lr")
+    original = getattr(owner, name)
+
+    def crash(*args):
+        if args[-1] == step:  # Trainer.step(self, s) and set_lr(optimizer, cfg, s) both end with the step
             raise KeyboardInterrupt
-        return original(self, s)
+        return original(*args)
 
-    monkeypatch.setattr(trainer_cls, "step", crash)
+    monkeypatch.setattr(owner, name, crash)
     with pytest.raises(KeyboardInterrupt):
         run()
     if between is not None:
         between()
-    monkeypatch.setattr(trainer_cls, "step", original)
+    monkeypatch.setattr(owner, name, original)
     return run()
+
+
+def same_weights(a, b):
+    """True if the saved models in directories `a` and `b` hold the same tensors, bit for bit (every
+    *.safetensors file, e.g. an LM and a reward model's scalar head)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in Path(a).glob("*.safetensors"))
+    if not files or files != sorted(p.name for p in Path(b).glob("*.safetensors")):
+        return False
+    for f in files:
+        x, y = load_file(Path(a, f)), load_file(Path(b, f))
+        if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
