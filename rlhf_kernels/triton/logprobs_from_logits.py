@@ -171,6 +171,15 @@ def configs(dtype=None, arch=None):
             for b in powers_of_two(MAX_BLOCK)]
 
 
+def _fp64_temperatures(temperatures, temperature, N, acc, device):
+    """A float kernel argument reaches the kernel as fp32 (on a GPU, and through a nested call under the
+    interpreter): fp64 logits get their temperature as an fp64 per-row array instead, so 1/T is not rounded
+    to fp32 (a 2e-8 relative error at T = 0.7)."""
+    if temperatures is None and acc == torch.float64 and temperature != 1.0:
+        return torch.full((N,), float(temperature), dtype=acc, device=device), 1.0
+    return temperatures, temperature
+
+
 def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0, arch=None):
     """([Launch], (logp, entropy or an empty tensor, lse)) for logits [..., V] (rows strided as _row_layout
     allows) and contiguous tokens [...]."""
@@ -182,6 +191,7 @@ def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperat
     if N == 0:
         return [], (logp, ent, lse)
     inner, s_outer, s_inner, x = _row_layout(logits)
+    temperatures, temperature = _fp64_temperatures(temperatures, temperature, N, acc, logits.device)
     args = (x, tokens, logp, ent if return_entropy else lse, lse, lse if temperatures is None else temperatures, V,
             inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
     plan = [Launch(_logprobs_fwd_kernel, (N,), args, dict(ENT=bool(return_entropy), HAS_TEMPS=temperatures is not None,
@@ -197,6 +207,7 @@ def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature,
     if N == 0:
         return [], grad
     inner, s_outer, s_inner, x = _row_layout(logits)
+    temperatures, temperature = _fp64_temperatures(temperatures, temperature, N, lse.dtype, logits.device)
     args = (grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
             lse, entropy if grad_entropy is not None else lse, grad, lse if temperatures is None else temperatures, V,
             inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
