@@ -316,8 +316,9 @@ def compile_unit(unit):
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     except Exception as e:  # the report's subject: a kernel that does not compile for this target
-        msg = " ".join(str(e).split())
-        return {"compiled": False, "error": f"{type(e).__name__}: {msg[:400]}",
+        msg = " ".join(str(e).split())  # Triton puts the source first and the reason last: keep both ends
+        msg = msg if len(msg) <= 700 else f"{msg[:200]} ... {msg[-500:]}"
+        return {"compiled": False, "error": f"{type(e).__name__}: {msg}",
                 "seconds": round(time.perf_counter() - t0, 2)}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])

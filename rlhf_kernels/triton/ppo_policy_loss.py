@@ -114,7 +114,8 @@ def _fwd_ext_kernel(lp_ptr, ol_ptr, a_ptr, w_ptr, ref_ptr, m_ptr, sum_ptr, kl_pt
     base = row * L
     log_s = 0.0
     if SEQ:
-        log_s, _ = _row_log_ratio(lp_ptr, ol_ptr, m_ptr, base, L, BLOCK)
+        # not `log_s, _ =`: the loop below reuses `_`, and compiled Triton keeps a loop-carried name's type
+        log_s = _row_log_ratio(lp_ptr, ol_ptr, m_ptr, base, L, BLOCK)[0]
     dt = lp_ptr.dtype.element_ty
     acc_s = tl.zeros([BLOCK], dtype=dt)
     acc_k = tl.zeros([BLOCK], dtype=dt)
