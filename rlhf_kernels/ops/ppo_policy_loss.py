@@ -162,7 +162,7 @@ def _fake_bwd(grad_loss, logp, old, adv, mask, weights, ref, row_weight, clip_lo
 if HAVE_C:
     torch.library.register_fake("rlhf_kernels::ppo_policy_loss_fwd")(_fake_fwd)
     torch.library.register_fake("rlhf_kernels::ppo_policy_loss_bwd")(_fake_bwd)
-    # autograd of the C++ op is registered in C++ (csrc/cpu/ppo_policy_loss.cpp): far less per-call overhead
+    # autograd of the C++ op is registered in C++ (csrc/autograd.cpp): far less per-call overhead
 
 if HAVE_TRITON:
     from ..triton import ppo_policy_loss as _tk
