@@ -21,24 +21,8 @@ BLOCK_R = 1024    # rows per step of the combine program
 
 @triton.jit
 def _policy_token(lp, ol, a, clip_low, clip_high, dual_clip):
-    # the same selects as csrc/common.h ppo_policy_token_ratio
-    ratio = tl.exp(lp - ol)
-    lo = 1.0 - clip_low
-    hi = 1.0 + clip_high
-    cr = tl.minimum(tl.maximum(ratio, lo), hi)
-    l1 = -a * ratio
-    l2 = -a * cr
-    clipped = l2 > l1
-    inside = (ratio >= lo) & (ratio <= hi)
-    loss = tl.where(clipped, l2, l1)
-    dloss = tl.where(clipped & (~inside), 0.0, -a * ratio)
-    dadv = tl.where(clipped, -cr, -ratio)
-    cap = -dual_clip * a
-    dual = (dual_clip > 0) & (a < 0) & (loss > cap)
-    loss = tl.where(dual, cap, loss)
-    dloss = tl.where(dual, 0.0, dloss)
-    dadv = tl.where(dual, -dual_clip, dadv)
-    return loss, dloss, dadv, clipped
+    """Plain PPO's token: the clipped surrogate of _token_ext on the token's own ratio."""
+    return _token_ext(lp, ol, a, tl.exp(lp - ol), clip_low, clip_high, dual_clip, False)
 
 
 @triton.jit
