@@ -38,6 +38,7 @@ import os
 import torch
 
 from .. import reference
+from . import vocab_parallel
 from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
 from .logprobs_from_logits import check_tokens
 
@@ -61,7 +62,7 @@ def chunk_bytes():
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, validate=True, backend=None):
+                    return_entropy=False, validate=True, backend=None, process_group=None, vocab_offset=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
     log_softmax(cap(hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
@@ -71,6 +72,12 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
     with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
     requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
+
+    Vocabulary-parallel head: with process_group, weight (and bias) hold this rank's rows [vocab_offset,
+    vocab_offset + V_r) of the vocabulary (vocab_offset defaults to rank·V_r, the even split), tokens are global
+    ids, and every rank gets the outputs of the whole vocabulary (the same bits on every rank); backward gives each
+    rank its own weight and bias shard's gradient and the whole hidden gradient (summed over the group). The
+    communication per call and what composes are in rlhf_kernels/ops/vocab_parallel.py.
     """
     float_tensor("hidden", hidden, ndim_min=1)
     float_tensor("weight", weight)
@@ -95,6 +102,10 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     dt = reference.compute_dtype(hidden, weight, bias)
     temperature, temps = temperature_arg(temperature, tokens, dt, validate)
     cap = softcap_arg(softcap)
+    if process_group is not None or vocab_offset is not None:
+        name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
+        return vocab_parallel.linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index,
+                                              bool(return_entropy), validate, name, process_group, vocab_offset)
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":

@@ -2,6 +2,7 @@
 import torch
 
 from .. import reference
+from . import vocab_parallel
 from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -19,7 +20,7 @@ def check_tokens(tokens, V, ignore_index, validate):
 
 
 def logprobs_from_logits(logits, tokens, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False,
-                         validate=True, backend=None):
+                         validate=True, backend=None, process_group=None, vocab_offset=None):
     """log_softmax(cap(logits) / temperature)[tokens] (and the entropy of that distribution).
 
     cap(z) = softcap·tanh(z/softcap) when softcap is given (Gemma-2), else z; temperature is a number or a
@@ -32,6 +33,11 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, softcap=None, ignor
     so no gradient flows through it, as in the reference) while its entropy and the entropy's gradient are
     those of the row. Backward recomputes the softmax from a saved per-row log-sum-exp; apart from the
     caller's own logits nothing of size [..., V] is kept.
+
+    Vocabulary-parallel head: with process_group, logits hold this rank's columns [vocab_offset, vocab_offset + V_r)
+    of the vocabulary (vocab_offset defaults to rank·V_r), tokens are global ids, every rank gets the outputs of the
+    whole vocabulary (the same bits on every rank) and the gradient of its own logits shard; see
+    rlhf_kernels/ops/vocab_parallel.py.
     """
     float_tensor("logits", logits, ndim_min=1)
     int_tensor("tokens", tokens)
@@ -45,6 +51,10 @@ def logprobs_from_logits(logits, tokens, *, temperature=1.0, softcap=None, ignor
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     temperature, temps = temperature_arg(temperature, tokens, _acc_dtype(logits), validate)
     cap = softcap_arg(softcap)
+    if process_group is not None or vocab_offset is not None:
+        name = backend_for(backend, device, "logprobs_from_logits", IMPLEMENTED)
+        return vocab_parallel.logprobs_from_logits(logits, tokens, temperature, temps, cap, ignore_index,
+                                                   bool(return_entropy), validate, name, process_group, vocab_offset)
     check_tokens(tokens, logits.shape[-1], ignore_index, validate)
     name = backend_for(backend, device, "logprobs_from_logits", IMPLEMENTED)
     if name == "reference":
