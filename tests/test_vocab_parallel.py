@@ -60,6 +60,10 @@ def cases():
             _case(f"logits-uneven-{be}", "logits", be, 13, UNEVEN, temperature="per-token", softcap=3.0, seed=3),
             _case(f"logits-even-{be}", "logits", be, 14, EVEN, explicit=False, return_entropy=False, seed=4),
         ]
+    # only the entropy takes a gradient (no log-prob gradient reaches backward), and a frozen weight
+    only_ent = _case("linear-entropy-only", "linear", "cpu", 13, UNEVEN, temperature=1.3, seed=9)
+    only_ent.update(c1=None, frozen=True)
+    out.append(only_ent)
     out.append(_case("linear-bf16-cpu", "linear", "cpu", 14, EVEN, dtype=torch.bfloat16, seed=5))
     # validate=False, a token outside the whole vocabulary: NaN log-prob and no log-prob gradient, as one process
     bad = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(6))
@@ -113,7 +117,7 @@ def _single(c):
     kw = dict(temperature=c["temperature"], softcap=c["softcap"], ignore_index=c["ignore_index"],
               return_entropy=c["return_entropy"], validate=c["validate"], backend=c["backend"])
     if c["op"] == "linear":
-        leaves = dict(dh=c["hidden"].clone().requires_grad_(), dw=c["weight"].clone().requires_grad_())
+        leaves = dict(dh=c["hidden"].clone().requires_grad_(), dw=c["weight"].clone().requires_grad_(not c.get("frozen")))
         if c["bias"] is not None:
             leaves["db"] = c["bias"].clone().requires_grad_()
         out = rk.linear_logprobs(leaves["dh"], leaves["dw"], c["tokens"], bias=leaves.get("db"), **kw)
@@ -121,7 +125,7 @@ def _single(c):
         leaves = dict(dx=c["logits"].clone().requires_grad_())
         out = rk.logprobs_from_logits(leaves["dx"], c["tokens"], **kw)
     logp, ent = out if c["return_entropy"] else (out, None)
-    ((c["c1"] * logp).nansum() + (0 if ent is None else (c["c2"] * ent).sum())).backward()
+    ((0 if c["c1"] is None else (c["c1"] * logp).nansum()) + (0 if ent is None else (c["c2"] * ent).sum())).backward()
     return logp.detach(), None if ent is None else ent.detach(), {k: t.grad for k, t in leaves.items()}
 
 
@@ -149,7 +153,10 @@ def test_equals_single_process(run, name):
         off, rows = c["shards"][r]
         if c["op"] == "linear":
             torch.testing.assert_close(got["dh"], grads["dh"], rtol=rtol, atol=atol)
-            torch.testing.assert_close(got["dw"], grads["dw"][off:off + rows], rtol=rtol, atol=atol)
+            if c.get("frozen"):
+                assert got["dw"] is None and grads["dw"] is None
+            else:
+                torch.testing.assert_close(got["dw"], grads["dw"][off:off + rows], rtol=rtol, atol=atol)
             if c["bias"] is not None:
                 torch.testing.assert_close(got["db"], grads["db"][off:off + rows], rtol=rtol, atol=atol)
         else:

@@ -19,7 +19,7 @@ def run_case(c, rank):
               process_group=dist.group.WORLD, vocab_offset=off if c["explicit"] else None)
     if c["op"] == "linear":
         hidden = c["hidden"].clone().requires_grad_()
-        w = c["weight"][start:start + rows].clone().requires_grad_()
+        w = c["weight"][start:start + rows].clone().requires_grad_(not c.get("frozen"))
         b = None if c["bias"] is None else c["bias"][start:start + rows].clone().requires_grad_()
         out = rk.linear_logprobs(hidden, w, c["tokens"], bias=b, **kw)
         leaves = dict(dh=hidden, dw=w, db=b)
@@ -28,7 +28,7 @@ def run_case(c, rank):
         out = rk.logprobs_from_logits(logits[..., start:start + rows], c["tokens"], **kw)
         leaves = dict(dx=logits)
     logp, ent = out if c["return_entropy"] else (out, None)
-    loss = (c["c1"] * logp).nansum() + (0 if ent is None else (c["c2"] * ent).sum())
+    loss = (0 if c["c1"] is None else (c["c1"] * logp).nansum()) + (0 if ent is None else (c["c2"] * ent).sum())
     loss.backward()
     res = dict(logp=logp.detach(), ent=None if ent is None else ent.detach())
     for k, t in leaves.items():
