@@ -58,12 +58,16 @@ def cases():
             _case(f"linear-fp64-{be}", "linear", be, 13, UNEVEN, dtype=torch.float64, bias=False, seed=2,
                   return_entropy=False),
             _case(f"logits-uneven-{be}", "logits", be, 13, UNEVEN, temperature="per-token", softcap=3.0, seed=3),
-            _case(f"logits-even-{be}", "logits", be, 14, EVEN, explicit=False, return_entropy=False, seed=4),
+            _case(f"logits-even-{be}", "logits", be, 14, EVEN, explicit=False, return_entropy=False, seed=4,
+                  dtype=torch.float64),
         ]
     # only the entropy takes a gradient (no log-prob gradient reaches backward), and a frozen weight
     only_ent = _case("linear-entropy-only", "linear", "cpu", 13, UNEVEN, temperature=1.3, seed=9)
     only_ent.update(c1=None, frozen=True)
     out.append(only_ent)
+    uncompacted = _case("linear-uncompacted", "linear", "cpu", 13, UNEVEN, temperature=0.9, softcap=5.0, seed=13)
+    uncompacted["uncompacted"] = True
+    out.append(uncompacted)
     # every row ignored (nothing left after the compaction), and a single row
     out.append(_case("linear-all-ignored", "linear", "cpu", 13, UNEVEN, lead=(4,), ignore=(0, 1, 2, 3), seed=10))
     out.append(_case("logits-all-ignored", "logits", "cpu", 13, UNEVEN, lead=(4,), ignore=(0, 1, 2, 3), seed=11))
