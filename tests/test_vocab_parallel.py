@@ -72,7 +72,9 @@ def cases():
     out.append(_case("linear-all-ignored", "linear", "cpu", 13, UNEVEN, lead=(4,), ignore=(0, 1, 2, 3), seed=10))
     out.append(_case("logits-all-ignored", "logits", "cpu", 13, UNEVEN, lead=(4,), ignore=(0, 1, 2, 3), seed=11))
     out.append(_case("linear-one-row", "linear", "cpu", 13, UNEVEN, lead=(1,), ignore=(), seed=12))
-    out.append(_case("linear-bf16-cpu", "linear", "cpu", 14, EVEN, dtype=torch.bfloat16, seed=5))
+    bf16 = _case("linear-bf16-cpu", "linear", "cpu", 14, EVEN, dtype=torch.bfloat16, seed=5)
+    bf16["rows_per_step"] = 4
+    out.append(bf16)
     # validate=False, a token outside the whole vocabulary: NaN log-prob and no log-prob gradient, as one process
     bad = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(6))
     bad[0, 3] = 13

@@ -24,7 +24,13 @@ Communication per call, for N rows that are not ignored, R ranks, float32 (float
               with validate=True, first one all_gather of 2 int64 per rank (the shard layout, checked on every rank)
     backward  linear_logprobs: one all_reduce of the hidden gradient, N·H floats (the same as a Megatron LM head's
               input gradient); logprobs_from_logits: none (the logits gradient is local to the shard)
-Nothing of size [N, V] is ever sent. Ignored rows are compacted away first where the single-process op does so
+Nothing of size [N, V] is ever sent.
+
+Extra memory beyond the local op's (rlhf_kernels/ops/linear_logprobs.py states that): a few vectors of N floats, and
+in backward the hidden gradient in the accumulation dtype (N·H floats; for bf16/fp16 inputs a copy next to the
+kernel's own result) that the all_reduce sums in place; the corrections widen at most ROWS_PER_STEP rows of a
+bf16/fp16 hidden at a time. The all_reduce runs in fp32 for bf16/fp16 inputs (twice the bytes of a bf16 one, for a
+sum rounded once). Ignored rows are compacted away first where the single-process op does so
 (CPU tensors, or validate=True).
 
 Every rank must make the same calls with the same hidden, tokens and temperature, and compute the same loss from
@@ -192,6 +198,27 @@ def _grads_in(cfg, g_logp, g_ent, active, unowned, n, device):
     return g1.contiguous(), None if g2 is None else g2.contiguous()
 
 
+ROWS_PER_STEP = 4096  # rows of a bf16/fp16 hidden widened at a time by the corrections, not all N at once
+
+
+def _rows_dot(h, v, acc):
+    """h[n, H] @ v[H] in the accumulation dtype, widening at most ROWS_PER_STEP rows of h at a time."""
+    if h.dtype == acc:
+        return h @ v
+    return torch.cat([h[i:i + ROWS_PER_STEP].to(acc) @ v for i in range(0, h.shape[0], ROWS_PER_STEP)] +
+                     [v.new_zeros(0)])
+
+
+def _weighted_row_sum(c, h, acc):
+    """c[n] @ h[n, H] in the accumulation dtype, widening at most ROWS_PER_STEP rows of h at a time."""
+    if h.dtype == acc:
+        return c @ h
+    out = torch.zeros(h.shape[1], dtype=acc, device=h.device)
+    for i in range(0, h.shape[0], ROWS_PER_STEP):
+        out += c[i:i + ROWS_PER_STEP] @ h[i:i + ROWS_PER_STEP].to(acc)
+    return out
+
+
 class _LinearVP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, col, owned, active, cfg):
@@ -232,8 +259,8 @@ class _LinearVP(torch.autograd.Function):
         n, acc = h.shape[0], cfg.acc
         g1, g2 = _grads_in(cfg, g_logp, g_ent, active, unowned, n, h.device)
         inv_t = _inv_t(cfg.temperature, cfg.temps, n, acc, h.device)
-        ha, wa = h.to(acc), w.to(acc)
         if cfg.name == "reference":
+            ha, wa = h.to(acc), w.to(acc)
             x = ha @ wa.T
             if b is not None:
                 x = x + b
@@ -247,16 +274,17 @@ class _LinearVP(torch.autograd.Function):
             dh, dw, db = op(g1, g2, h, w, b, col, lse, ent, cfg.temperature, LOCAL_IGNORE, need_h, need_w, need_b,
                             chunk_bytes(), cfg.temps, cfg.cap)
             # rows owned elsewhere were sent with column 0 as their target: take its indicator out again
-            y0 = ha @ wa[0] + (b[0] if b is not None else 0)
+            w0 = w[0].to(acc)
+            y0 = _rows_dot(h, w0, acc) + (b[0] if b is not None else 0)
             slope0 = _capped(y0, cfg.cap)[1]
             if need_h:
                 foreign = torch.where(owned, torch.zeros_like(g1), g1 * inv_t * slope0)
-                dh = dh.to(acc) - foreign[:, None] * wa[0][None, :]
+                dh = dh.to(acc) - foreign[:, None] * w0[None, :]
             if need_w or need_b:
                 dz0 = _dz(y0, inv_t, cfg.cap, lse, ent, g1, g2, owned & (col == 0))
                 dz0 = torch.where(active, dz0, torch.zeros_like(dz0))
                 if need_w:
-                    dw[0] = (dz0 @ ha).to(dw.dtype)
+                    dw[0] = _weighted_row_sum(dz0, h, acc).to(dw.dtype)
                 if need_b:
                     db[0] = dz0.sum()
         if need_h:
