@@ -27,8 +27,8 @@ Communication per call, for N rows that are not ignored, R ranks, float32 (float
 Nothing of size [N, V] is ever sent.
 
 Extra memory beyond the local op's (rlhf_kernels/ops/linear_logprobs.py states that): a few vectors of N floats, and
-in backward the hidden gradient in the accumulation dtype (N·H floats; for bf16/fp16 inputs a copy next to the
-kernel's own result) that the all_reduce sums in place; the corrections widen at most ROWS_PER_STEP rows of a
+in backward, for bf16/fp16 inputs, the hidden gradient widened to fp32 (N·H floats, next to the kernel's own
+result), which the correction and the all_reduce update in place; the corrections widen at most ROWS_PER_STEP rows of a
 bf16/fp16 hidden at a time. The all_reduce runs in fp32 for bf16/fp16 inputs (twice the bytes of a bf16 one, for a
 sum rounded once). Ignored rows are compacted away first where the single-process op does so
 (CPU tensors, or validate=True).
@@ -279,7 +279,7 @@ class _LinearVP(torch.autograd.Function):
             slope0 = _capped(y0, cfg.cap)[1]
             if need_h:
                 foreign = torch.where(owned, torch.zeros_like(g1), g1 * inv_t * slope0)
-                dh = dh.to(acc) - foreign[:, None] * w0[None, :]
+                dh = dh.to(acc).addr_(foreign, w0, alpha=-1)  # in place: no [N, H] outer product
             if need_w or need_b:
                 dz0 = _dz(y0, inv_t, cfg.cap, lse, ent, g1, g2, owned & (col == 0))
                 dz0 = torch.where(active, dz0, torch.zeros_like(dz0))
