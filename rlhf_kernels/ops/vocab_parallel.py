@@ -8,7 +8,7 @@ Forward. Each rank runs the local op of its backend on its shard: per row the sh
 entropy H_r (of the softmax restricted to the shard) and, on the rank that owns the token, the target logit.
 One all_gather of those 2 (3 with entropy) floats per row, then every rank combines the R partials in rank
 order, so the outputs are bitwise identical on every rank:
-    L = M + log Σ_r exp(L_r − M)  (M = max_r L_r),   logp = z_target − L,
+    L = M + log Σ_r exp(L_r − M)  (M = max_r L_r),   logp = z_target − L  (z_target = the owner's logp_r + L_r),
     H = Σ_r π_r·(H_r − log π_r)    with π_r = exp(L_r − L), the shard's share of the probability mass.
 Backward. The local backward of every backend recomputes p = exp(z − lse) per column and adds the target's
 indicator where the token's column is; fed the global L and H it yields the gradient of the global log-prob and
@@ -19,23 +19,27 @@ term g·w_0/T (times the softcap's slope) is subtracted, and the gradient of wei
 (logits column 0 for logprobs_from_logits) is recomputed directly, O(N·H) (O(N)) work next to the head's
 O(N·V_r·H). The hidden gradient is summed over the group with one all_reduce.
 
-Communication per call, for N rows that are not ignored, R ranks, float32 (float64 for float64 inputs):
+Communication per call, for N rows, R ranks, float32 (float64 for float64 inputs):
     forward   one all_gather: each rank sends 2·N floats (3·N with return_entropy) and receives (R − 1) times that;
               with validate=True, first one all_gather of 2 int64 per rank (the shard layout, checked on every rank)
     backward  linear_logprobs: one all_reduce of the hidden gradient, N·H floats (the same as a Megatron LM head's
               input gradient); logprobs_from_logits: none (the logits gradient is local to the shard)
 Nothing of size [N, V] is ever sent.
 
-Extra memory beyond the local op's (rlhf_kernels/ops/linear_logprobs.py states that): a few vectors of N floats, and
-in backward, for bf16/fp16 inputs, the hidden gradient widened to fp32 (N·H floats, next to the kernel's own
-result), which the correction and the all_reduce update in place; the corrections widen at most ROWS_PER_STEP rows of a
-bf16/fp16 hidden at a time. The all_reduce runs in fp32 for bf16/fp16 inputs (twice the bytes of a bf16 one, for a
-sum rounded once). Ignored rows are compacted away first where the single-process op does so
-(CPU tensors, or validate=True).
+linear_logprobs compacts ignored rows away first where the single-process op does so (CPU tensors, or validate=True),
+and N above counts only the others; elsewhere, and always in logprobs_from_logits, ignored rows stay in, flagged to
+the kernels with LOCAL_IGNORE (they do no work there).
+
+Extra memory beyond the local op's (rlhf_kernels/ops/linear_logprobs.py states that): a few vectors of N floats,
+and in backward, for bf16/fp16 inputs, the hidden gradient widened to fp32 (N·H floats, next to the kernel's own
+result), which the correction and the all_reduce update in place; the corrections widen at most ROWS_PER_STEP rows
+of a bf16/fp16 hidden at a time. The all_reduce runs in fp32 for bf16/fp16 inputs (twice the bytes of a bf16 one,
+for a sum rounded once).
 
 Every rank must make the same calls with the same hidden, tokens and temperature, and compute the same loss from
-the outputs (their upstream gradients must agree: each rank back-propagates its own copy). Options that do not
-compose with process_group yet raise ValueError (see not_composable).
+the outputs (their upstream gradients must agree: each rank back-propagates its own copy). Head options that do not
+compose with process_group yet (issue 11's sampler replay top_k/top_p, batch_invariant) are to be refused through
+not_composable. torch.compile of a call with process_group and double backward are not supported.
 """
 import math
 
