@@ -85,6 +85,9 @@ def shard_layout(group, v_local, vocab_offset, device, validate):
     parts = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(parts, meta, group=group)
     shards = sorted((int(p[0]), int(p[1]), r) for r, p in enumerate(parts))
+    negative = [(r, o) for o, _, r in shards if o < 0]
+    if negative:
+        raise ValueError(f"vocab_offset must be >= 0; (rank, vocab_offset) = {negative}")
     end = 0
     for o, n, _ in shards:
         if o != end:
