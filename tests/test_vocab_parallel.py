@@ -4,6 +4,7 @@ check its outputs, so the whole module pays one start-up of two interpreters."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -104,9 +105,10 @@ def run(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "vocab_parallel_worker.py"), str(tmp / "cases.pt"),
                                str(r), str(WORLD), str(tmp / "store"), str(tmp / f"out{r}.pt")], env=env, cwd=ROOT,
                               stdout=logs[r], stderr=subprocess.STDOUT) for r in range(WORLD)]
+    deadline = time.monotonic() + 300  # the whole job; each collective also times out after 60 s in the worker
     try:
         for p in procs:
-            p.wait(timeout=300)
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:  # a rank that failed leaves the other waiting: never let it outlive the test
             if p.poll() is None:
