@@ -76,6 +76,29 @@ def variants(B, T, ref, weights):
     }
 
 
+def trl_configs(T):
+    """The TRL GRPOConfig values (bench/trl_peer.py) whose loss is each variant's (token-mean aggregation is
+    TRL's bnpo with one process; TRL's CISPO caps the ratio at epsilon_high = 1 + clip_high), and which of
+    the variant's tensors TRL reads besides logp, old_logp, advantages and mask."""
+    return [(dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=False), ("ref_logp",)),
+            (dict(loss_type="dr_grpo", max_completion_length=T), ()),
+            (dict(loss_type="bnpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4), ()),
+            (dict(loss_type="cispo", epsilon_high=6.0), ("weights",))]
+
+
+def _trl_contender(config, reads, logp, old, adv, mask, kw, eager_grad):
+    """TRL's loss path on the variant's inputs as a timed step; checked against the eager gradient first."""
+    from .trl_peer import trl_grpo_loss
+
+    f, m, extra = trl_grpo_loss(**config), mask.int(), {k: kw[k] for k in reads}
+
+    def step_():
+        return torch.autograd.grad(f(logp, old, adv, m, **extra), logp)
+
+    torch.testing.assert_close(step_()[0], eager_grad, rtol=1e-4, atol=1e-7)
+    return step_
+
+
 def _variant_tables(B, T, quick, csv_dir, ceilings):
     logp, old, adv, mask, ref, weights = _variant_inputs(B, T)
 
@@ -86,18 +109,22 @@ def _variant_tables(B, T, quick, csv_dir, ceilings):
 
     compiled = torch.compile(eager)
     texts = []
-    for i, (label, kw) in enumerate(variants(B, T, ref, weights).items()):
+    for i, ((label, kw), (config, reads)) in enumerate(zip(variants(B, T, ref, weights).items(), trl_configs(T))):
         def step_(fn, kw=kw):
             return lambda: torch.autograd.grad(fn(logp, old, adv, mask, kw)[0], logp)
 
         fns = {"eager composition (reference ops)": step_(eager), "torch.compile(eager)": step_(compiled)}
+        eager_grad = fns["eager composition (reference ops)"]()[0]
+        trl, skipped = peers({"TRL GRPOTrainer._compute_loss (its loss path, with its metrics)":
+                              lambda: _trl_contender(config, reads, logp, old, adv, mask, kw, eager_grad)})
+        fns.update(trl)
         for name, b in rk_backends("ppo_policy_loss").items():
             fns[name] = step_(lambda *a, b=b: rk.ppo_policy_loss(*a[:4], backend=b, **a[4]))
         res, peaks = measure(fns, repeats=20 if quick else 30, warmup=3)
         nbytes = (BYTES_PER_TOKEN + 8 * (("ref_logp" in kw) + ("weights" in kw))) * B * T
         texts.append(report(f"ppo_policy_loss {label}, forward+backward, {B}x{T} fp32", res,
                             "eager composition (reference ops)", ceilings, csv_name=f"ppo_policy_loss_variant{i}",
-                            csv_dir=csv_dir, nbytes=nbytes, peaks=peaks))
+                            csv_dir=csv_dir, nbytes=nbytes, peaks=peaks, skipped=skipped))
     return "\n".join(texts)
 
 

@@ -52,3 +52,27 @@ def test_trl_dpo_loss_matches_trl():
     assert r["top1_mismatches"] == 0, r
     # training went through our head on both the policy and the reference
     assert all(c > 0 for c in r["rk_head_calls_in_training"]), r
+
+
+def test_trl_grpo_loss_and_gradients_match_trl():
+    pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    ex = load("trl_grpo")
+    r = ex.main(steps=1, seed=0)
+    # rk.group_advantages of TRL's rewards equals TRL's own advantages
+    assert r["advantages_max_diff"] <= 1e-6 * r["advantages_scale"] and r["advantages_scale"] > 0, r
+    for name in ex.CASES:
+        c = r[name]
+        # TRL's head and loss arithmetic are fp32: 1e-6 (absolute for losses below 1, where terms of order 1
+        # cancel) is their rounding, far below a change of divisor (one empty row of 8), clip bound or KL
+        # weighting, which move the loss and the gradients by percents
+        for key in ("loss_rk_loss", "loss_rk"):  # rk's loss on TRL's log-probs; rk's head and loss
+            assert abs(c[key] - c["loss_trl"]) <= 1e-6 * max(1.0, abs(c["loss_trl"])), (name, c)
+        for key in ("grad_diff_rk_loss", "grad_diff_rk"):
+            assert c[key] <= 1e-6 * c["grad_scale"] and c["grad_scale"] > 0, (name, c)
+        if name == "sapo":  # not expressed by the op: TRL's loss, said so
+            assert c["fallback"] == "loss_type='sapo'", c
+        else:
+            assert c["fallback"] is None and c["clipfrac"] > 0, (name, c)  # rk's loss ran, and the clip bound
+    assert len({round(r[n]["loss_trl"], 6) for n in ex.CASES}) == len(ex.CASES)  # the cases differ from each other
+    assert all(n > 0 for n in r["rk_head_calls_in_training"]), r  # training ran through rk's head, policy and reference

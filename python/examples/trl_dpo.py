@@ -33,7 +33,8 @@ WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "sings"
          "big", "small", "yes", "no", "what", "is", "colour"]
 
 
-def add_rk_lm_head(model, temperature=1.0, outputs=("log_probs",), token_accuracy=True, chunk=256):
+def add_rk_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",), token_accuracy=True,
+                   chunk=256):
     """TRL's `add_fused_lm_head` (same signature) with the fused call computed by `rk.linear_logprobs`:
     `model(..., labels=..., fused_lm_head=True)` returns TRL's `FusedCausalLMOutput`. TRL's own head
     is installed first and kept underneath; setting `model.rk_use_trl_head = True` routes the fused
@@ -43,11 +44,22 @@ def add_rk_lm_head(model, temperature=1.0, outputs=("log_probs",), token_accurac
     `mean_logits` is exact and cheap (the vocabulary mean of `h·w_v` is `h·mean_v(w_v)`). `is_top1`
     (TRL's `mean_token_accuracy` metric) needs each row's arg-max, which log-probs alone do not give:
     it is found without gradient over `chunk` rows at a time (one extra GEMM, never a full
-    `[batch, seq, vocab]` tensor); `token_accuracy=False` skips it and the metric then reads 0.
+    `[batch, seq, vocab]` tensor); `token_accuracy=False` skips it and the metric then reads 0. Like
+    TRL's head, fields not named in `outputs` are None (GRPOTrainer asks for log-probs and entropy only).
+
+    `cast_lm_head_to_fp32` casts the hidden states and the head to fp32 first, as TRL's flag does (our
+    kernel accumulates in fp32 either way). Models whose head TRL rescales or soft-caps (config fields
+    `final_logit_softcapping`, `logit_scale`, `output_multiplier`, `lm_head_multiplier`, `logits_scaling`)
+    are refused rather than scored differently.
     """
     if "log_sum_sq_probs" in outputs:
         raise ValueError("outputs: log_sum_sq_probs (WPO weighting) is not computed by rk.linear_logprobs")
-    trl_add_fused_lm_head(model, temperature=temperature, outputs=outputs)
+    text_config = model.config.get_text_config()
+    for field in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text_config, field, None) not in (None, 1, 1.0):
+            raise ValueError(f"model: config.{field}={getattr(text_config, field)!r} rescales the logits; "
+                             "add_rk_lm_head covers heads without it")
+    trl_add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
     trl_forward = model.forward
     model.rk_use_trl_head, model.rk_calls = False, 0
 
@@ -64,19 +76,25 @@ def add_rk_lm_head(model, temperature=1.0, outputs=("log_probs",), token_accurac
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
+        if cast_lm_head_to_fp32:
+            weight, bias = weight.float(), None if bias is None else bias.float()
         hidden = hidden.to(weight.dtype)  # autocast may hand back a lower-precision backbone output
         mask = labels != -100
         # validate=False: no host sync on the token range; every label is a tokenizer id or -100
-        log_probs, entropy = rk.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                                return_entropy=True, validate=False)
+        out = rk.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                 return_entropy="entropy" in outputs, validate=False)
+        log_probs, entropy = out if "entropy" in outputs else (out, None)
+        mean_logits = is_top1 = None
         with torch.no_grad():
             h, w = hidden.float(), weight.float()
-            mean_logits = h @ w.mean(0)
-            if bias is not None:
-                mean_logits = mean_logits + bias.float().mean()
-            mean_logits = (mean_logits / temperature).masked_fill(~mask, 0)
-            is_top1 = torch.zeros_like(mask)
-            if token_accuracy:
+            if "mean_logits" in outputs:
+                mean_logits = h @ w.mean(0)
+                if bias is not None:
+                    mean_logits = mean_logits + bias.float().mean()
+                mean_logits = (mean_logits / temperature).masked_fill(~mask, 0)
+            if "is_top1" in outputs:
+                is_top1 = torch.zeros_like(mask)
+            if "is_top1" in outputs and token_accuracy:
                 flat_h, flat_y, flat_top = h.reshape(-1, h.shape[-1]), labels.reshape(-1), is_top1.view(-1)
                 for i in range(0, flat_h.shape[0], chunk):
                     logits = flat_h[i:i + chunk] @ w.T

@@ -3,6 +3,7 @@
 // ∂ℓ/∂logp recomputed per token and scaled by grad·row_weight. Masked positions are selected away
 // (never multiplied by 0), so garbage/inf there cannot leak NaN.
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
@@ -98,9 +99,9 @@ RK_ALWAYS_INLINE RowRatio<T> row_ratio(const T* lp, const T* old, const uint8_t*
 }
 
 // The loops are tiled as row_forward's: absent inputs read from constant tile buffers (the row's advantage,
-// weight 1), so the token loops are branch-free selects; the KL term is a template flag. GCC 12 still does not
-// vectorise these loops (-fopt-info-vec: "no vectype for stmt" at the first load), unlike plain PPO's: they
-// run ~3-6x plain PPO's time. Known gap, to be fixed.
+// weight 1), so the token loops are branch-free selects. The KL term, GSPO's row ratio and CISPO are template
+// flags: as runtime bools, their selects (`seq ? s_ratio : exp(d)`) were COND_EXPRs on a scalar condition,
+// which GCC 12's vectoriser rejects ("relevant stmt not supported"), leaving the whole token loop scalar.
 template <typename T> struct ExtRow {
   const T *lp, *old, *adv, *w, *ref;  // adv / w point at a tile buffer when per-row / absent
   const uint8_t* m;
@@ -120,14 +121,15 @@ RK_ALWAYS_INLINE ExtRow<T> ext_row(const PolicyArgs<T>& c, int64_t r, T* adv_buf
   return x;
 }
 
-template <bool kRef, typename T> void row_forward_ext(const PolicyArgs<T>& c, int64_t r, RowPartial<T>& out) {
+template <bool kRef, bool kSeq, bool kCispo, typename T>
+void row_forward_ext(const PolicyArgs<T>& c, int64_t r, RowPartial<T>& out) {
   alignas(64) T adv_buf[kTile], w_buf[kTile];
   alignas(64) T loss_buf[kTile], kl_buf[kTile], ratio_buf[kTile], tk_buf[kTile], ws_buf[kTile];
   alignas(64) int32_t n_buf[kTile], clip_buf[kTile];
   const ExtRow<T> x = ext_row(c, r, adv_buf, w_buf);
   const int64_t len = c.n, est = c.kl_estimator;
   const T cl = c.clip_low, ch = c.clip_high, dc = c.dual_clip, kc = c.kl_coef;
-  const bool seq = c.seq_ratio, cispo = c.cispo;
+  constexpr bool seq = kSeq, cispo = kCispo;
   const T s_ratio = seq ? row_ratio(x.lp, x.old, x.m, len).ratio : T(1);
   for (int64_t t0 = 0; t0 < len; t0 += kTile) {
     const int64_t n = std::min(kTile, len - t0);
@@ -176,12 +178,13 @@ template <bool kRef, typename T> void row_forward_ext(const PolicyArgs<T>& c, in
 // log-probability moves the row ratio, ∂log s/∂logp_t = m_t / n, so the row's policy gradient is
 // Σ_u w_u·∂ℓ_u/∂log s / n on each valid token: a first pass sums it, the second writes it. Per-row
 // advantages sum their gradient over the row. Outputs not asked for go to tile scratch buffers.
-template <bool kRef, typename T> void row_backward_ext(const PolicyArgs<T>& c, int64_t r, T scale) {
+template <bool kRef, bool kSeq, bool kCispo, typename T>
+void row_backward_ext(const PolicyArgs<T>& c, int64_t r, T scale) {
   alignas(64) T adv_buf[kTile], w_buf[kTile], old_scratch[kTile], adv_scratch[kTile];
   const ExtRow<T> x = ext_row(c, r, adv_buf, w_buf);
   const int64_t o = r * c.n, len = c.n, est = c.kl_estimator;
   const T cl = c.clip_low, ch = c.clip_high, dc = c.dual_clip, kc = c.kl_coef;
-  const bool seq = c.seq_ratio, cispo = c.cispo, row_grad = seq && !cispo;
+  constexpr bool seq = kSeq, cispo = kCispo, row_grad = seq && !cispo;
   const RowRatio<T> rr = seq ? row_ratio(x.lp, x.old, x.m, len) : RowRatio<T>{T(1), 0};
   const T s_ratio = rr.ratio;
   T row_g = 0;
@@ -210,18 +213,24 @@ template <bool kRef, typename T> void row_backward_ext(const PolicyArgs<T>& c, i
     T* g_lp = c.g_logp + o + t0;
     T* g_old = old_out ? c.g_old + o + t0 : old_scratch;
     T* g_adv = adv_out ? c.g_adv + o + t0 : adv_scratch;
+    // two copies of the token loop: the advantages' gradient (PPO's dadv selects on the int `clipped`, which
+    // GCC 12 does not vectorise) only when asked for, so the common call (detached advantages) vectorises
+    auto tokens = [&](auto with_adv) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const T ratio = seq ? s_ratio : rk::r_exp(a[i] - b[i]);
-      const auto tok = rk::policy_token(ratio, a[i], e[i], cl, ch, dc, cispo);
-      const T pol = row_grad ? row_g : w[i] * tok.dloss;
-      T kl = T(0);
-      if constexpr (kRef) kl = kc * rk::kl_dlogp(a[i], rf[i], est);
-      const bool valid = v[i] != 0;
-      g_lp[i] = valid ? scale * (pol + kl) : T(0);
-      g_old[i] = valid && !cispo ? -scale * pol : T(0);
-      g_adv[i] = valid ? scale * w[i] * tok.dadv : T(0);
-    }
+      for (int64_t i = 0; i < n; ++i) {
+        const T ratio = seq ? s_ratio : rk::r_exp(a[i] - b[i]);
+        const auto tok = rk::policy_token(ratio, a[i], e[i], cl, ch, dc, cispo);
+        const T pol = row_grad ? row_g : w[i] * tok.dloss;
+        T kl = T(0);
+        if constexpr (kRef) kl = kc * rk::kl_dlogp(a[i], rf[i], est);
+        const bool valid = v[i] != 0;
+        g_lp[i] = valid ? scale * (pol + kl) : T(0);
+        g_old[i] = valid && !cispo ? -scale * pol : T(0);
+        if constexpr (decltype(with_adv)::value) g_adv[i] = valid ? scale * w[i] * tok.dadv : T(0);
+      }
+    };
+    if (c.g_adv != nullptr) tokens(std::true_type{});
+    else tokens(std::false_type{});
     if (c.g_adv != nullptr && !x.adv_tiled) {
       T sa = 0;
 #pragma omp simd reduction(+ : sa)
@@ -232,12 +241,21 @@ template <bool kRef, typename T> void row_backward_ext(const PolicyArgs<T>& c, i
   if (c.g_adv != nullptr && !x.adv_tiled) c.g_adv[r] = adv_sum;
 }
 
+// The eight instantiations of the extended rows, indexed by (ref, sequence ratio, cispo) as bits 2, 1, 0.
+template <typename T> using ExtFwd = void (*)(const PolicyArgs<T>&, int64_t, RowPartial<T>&);
+template <typename T> using ExtBwd = void (*)(const PolicyArgs<T>&, int64_t, T);
+template <typename T, int K> constexpr ExtFwd<T> kExtFwd = &row_forward_ext<(K & 4) != 0, (K & 2) != 0, (K & 1) != 0, T>;
+template <typename T, int K> constexpr ExtBwd<T> kExtBwd = &row_backward_ext<(K & 4) != 0, (K & 2) != 0, (K & 1) != 0, T>;
+template <typename T> int ext_variant(const PolicyArgs<T>& a) {
+  return (a.ref != nullptr) * 4 + bool(a.seq_ratio) * 2 + bool(a.cispo);
+}
+
 template <typename T> void fwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t hi) {
   if (a.extended()) {
-    for (int64_t r = lo; r < hi; ++r) {
-      if (a.ref) row_forward_ext<true>(a, r, a.part[r]);
-      else row_forward_ext<false>(a, r, a.part[r]);
-    }
+    static constexpr ExtFwd<T> table[8] = {kExtFwd<T, 0>, kExtFwd<T, 1>, kExtFwd<T, 2>, kExtFwd<T, 3>,
+                                           kExtFwd<T, 4>, kExtFwd<T, 5>, kExtFwd<T, 6>, kExtFwd<T, 7>};
+    const ExtFwd<T> row = table[ext_variant(a)];
+    for (int64_t r = lo; r < hi; ++r) row(a, r, a.part[r]);
     return;
   }
   for (int64_t r = lo; r < hi; ++r) {
@@ -248,10 +266,10 @@ template <typename T> void fwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t 
 
 template <typename T> void bwd_rows(const PolicyArgs<T>& a, int64_t lo, int64_t hi) {
   if (a.extended()) {
-    for (int64_t r = lo; r < hi; ++r) {
-      if (a.ref) row_backward_ext<true>(a, r, a.grad * a.row_weight[r]);
-      else row_backward_ext<false>(a, r, a.grad * a.row_weight[r]);
-    }
+    static constexpr ExtBwd<T> table[8] = {kExtBwd<T, 0>, kExtBwd<T, 1>, kExtBwd<T, 2>, kExtBwd<T, 3>,
+                                           kExtBwd<T, 4>, kExtBwd<T, 5>, kExtBwd<T, 6>, kExtBwd<T, 7>};
+    const ExtBwd<T> row = table[ext_variant(a)];
+    for (int64_t r = lo; r < hi; ++r) row(a, r, a.grad * a.row_weight[r]);
     return;
   }
   for (int64_t r = lo; r < hi; ++r) {
