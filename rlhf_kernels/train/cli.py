@@ -2,6 +2,7 @@
 registry (core/commands.py: `train sft`, `train ppo`, ..., `demo`, `generate`, `bon`, `experiment
 ...`), `rlhf-kernels COMMAND --help` for its keys; also `python -m rlhf_kernels`."""
 import json
+import os
 import sys
 
 from .core.commands import registry
@@ -76,7 +77,7 @@ def main(argv=None):
             return 0
         cfg = command.build(*parse_options(rest))
         result = command.run(cfg)
-        if command.print_result:
+        if command.print_result and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 alone
             print(json.dumps(result, indent=2))
         return 0
     except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
