@@ -126,10 +126,7 @@ class ScalarModel(torch.nn.Module):
 
     def score(self, ids, attn):
         """The scalar at each row's last attended position."""
-        out = self(ids, attn)
-        idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        last = torch.where(attn.bool(), idx, torch.zeros_like(idx)).amax(-1)
-        return out.gather(1, last[:, None]).squeeze(1)
+        return at_last(self(ids, attn), ids, attn)
 
     def save(self, path):
         def write(tmp):
@@ -157,6 +154,13 @@ class ScalarModel(torch.nn.Module):
         m = cls(lm, head)
         m.offset.fill_(float(t["offset"][0]))
         return m.to(device)
+
+
+def at_last(out, ids, attn):
+    """out[b, t] at each row's last attended position t."""
+    idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last = torch.where(attn.bool(), idx, torch.zeros_like(idx)).amax(-1)
+    return out.gather(1, last[:, None]).squeeze(1)
 
 
 def save_dir(path, write):

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+import rlhf_kernels as rk
+
 from . import models
 
 
@@ -56,6 +58,16 @@ class Sampling:
         return self.forward(generate=True, **kwargs)
 
 
+class Scoring:
+    """What the scoring helpers need of a ScalarModel (`score`), routed through its wrapped forward."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def score(self, ids, attn):
+        return models.at_last(self.forward(ids, attn), ids, attn)
+
+
 class Single:
     """World size 1: no process group; every method leaves its argument as it is."""
     world, rank, mode = 1, 0, "none"
@@ -85,6 +97,9 @@ class Single:
     def broadcast(self, obj):
         return obj
 
+    def masked_whiten(self, x, mask, **kwargs):
+        return rk.masked_whiten(x, mask, **kwargs)
+
     def wrap_lm(self, lm, trainable=True):
         return LMForward(lm)
 
@@ -93,6 +108,9 @@ class Single:
 
     def sampler(self, forward, lm):
         return lm
+
+    def scorer(self, forward, model):
+        return model
 
     def full_state(self, modules, optimizer):
         return {n: m.state_dict() for n, m in modules.items()}, optimizer.state_dict()
@@ -173,9 +191,18 @@ class Distributed(Single):
 
     def gather(self, t):
         """The rank-major concatenation along dim 0 of every rank's `t` (equal shapes): the global batch."""
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        self.dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        src = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo has no bool
+        parts = [torch.empty_like(src) for _ in range(self.world)]
+        self.dist.all_gather(parts, src)
+        out = torch.cat(parts)
+        return out.bool() if t.dtype == torch.bool else out
+
+    def masked_whiten(self, x, mask, **kwargs):
+        """rk.masked_whiten with the mean and variance of the job's batch: the op runs on the gathered
+        batch (B×T values, the size of the rewards themselves) and each rank keeps its rows, so the
+        result is the single-process one bit for bit."""
+        full = rk.masked_whiten(self.gather(x), self.gather(mask), **kwargs)
+        return full[self.rows(full.shape[0])]
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (pickled)."""
@@ -212,6 +239,9 @@ class Distributed(Single):
 
     def sampler(self, forward, lm):
         return Sampling(forward, lm)
+
+    def scorer(self, forward, model):
+        return Scoring(forward)
 
     def save(self, module, write):
         """FSDP2: the full state dict of `module` is gathered, loaded on rank 0 into the unsharded copy
