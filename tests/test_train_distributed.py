@@ -140,3 +140,13 @@ def test_a_failing_rank_stops_the_job_with_its_error(tmp_path):
     assert p.returncode != 0 and elapsed < 300
     assert "rank 1 failed on purpose" in p.stderr
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
+
+
+def test_commands_that_do_not_run_data_parallel_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group exists
+    assert cli.main(["train", "rrhf", "--out", str(tmp_path / "rrhf")]) == 2
+    assert "train rrhf does not run data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "rrhf").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert cli.main(["train", "sft", "--fsdp=true", "--lora_r=4", "--out", str(tmp_path / "sft")]) == 2
+    assert "lora_r > 0 with fsdp=true" in capsys.readouterr().err

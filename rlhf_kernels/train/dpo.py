@@ -102,4 +102,4 @@ class DPOConfig(RunConfig):
 
 
 COMMAND = Command("train dpo", DPOConfig, train, "DPO on gold-labelled preference pairs (every rk.dpo_loss type)",
-                  print_result=True)
+                  print_result=True, data_parallel=True)

@@ -296,4 +296,4 @@ class GRPOConfig(RunConfig):
 
 
 COMMAND = Command("train grpo", GRPOConfig, train, "GRPO and its variants (Dr. GRPO, DAPO, GSPO, CISPO): group "
-                  "advantages, no critic, bf16 rollouts with mismatch correction", print_result=True)
+                  "advantages, no critic, bf16 rollouts with mismatch correction", print_result=True, data_parallel=True)

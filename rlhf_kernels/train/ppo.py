@@ -375,4 +375,4 @@ class PPOConfig(RunConfig):
 
 
 COMMAND = Command("train ppo", PPOConfig, train, "PPO on the task's prompts (N+ / OpenRLHF conventions, every "
-                  "choice a key)", print_result=True)
+                  "choice a key)", print_result=True, data_parallel=True)

@@ -126,4 +126,4 @@ class RMConfig(RunConfig):
 
 
 COMMAND = Command("train rm", RMConfig, train, "Bradley-Terry reward model (also calibrated, or an ensemble)",
-                  print_result=True)
+                  print_result=True, data_parallel=True)

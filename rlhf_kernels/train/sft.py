@@ -78,4 +78,4 @@ class SFTConfig(RunConfig):
 
 
 COMMAND = Command("train sft", SFTConfig, train, "supervised fine-tuning on the task's demonstrations",
-                  print_result=True)
+                  print_result=True, data_parallel=True)

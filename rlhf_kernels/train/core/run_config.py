@@ -62,6 +62,9 @@ class RunConfig:
             raise ConfigError(f"lora_r must be >= 0 (0 = LoRA off), got {self.lora_r}")
         if self.lora_r == 0:
             return
+        if self.fsdp:
+            raise ConfigError("lora_r > 0 with fsdp=true: LoRA adapters are not sharded with FSDP2 yet; "
+                              "use DDP (fsdp=false) under torchrun")
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
