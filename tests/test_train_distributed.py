@@ -42,7 +42,7 @@ ARGS = {"sft": ["train", "sft", "--examples", "64", "--batch_size", "8", "--step
         "dpo": ["train", "dpo", "--pairs", "64", "--batch_size", "8", "--steps", "2", *COMMON],
         "ppo": ["train", "ppo", "--batch_size", "8", "--minibatches", "1", "--epochs", "2", "--steps", "1", *COMMON]}
 PPO_RESUME = ["train", "ppo", "--fsdp", "true", "--batch_size", "8", "--minibatches", "2", "--epochs", "1",
-              "--steps", "3", *COMMON]
+              "--steps", "2", *COMMON]
 
 
 def torchrun(jobs, timeout=300):
@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
             {"argv": ARGS["dpo"] + out("dpo_ddp")},
             {"argv": ARGS["ppo"] + out("ppo_ddp"), "fixed_rollouts": True},
             {"argv": PPO_RESUME + out("ppo_fsdp")},
-            {"argv": PPO_RESUME + out("ppo_fsdp_resumed"), "crash_at": 3},
+            {"argv": PPO_RESUME + out("ppo_fsdp_resumed"), "crash_at": 2},
             {"argv": PPO_RESUME + out("ppo_fsdp_resumed")}]
     p, _ = torchrun(jobs)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -127,7 +127,7 @@ def test_rank_zero_alone_writes_and_records_the_world(runs):
 def test_resume_under_torchrun_gives_the_uninterrupted_metrics(runs):
     d, _ = runs
     straight, resumed = metrics(d / "ppo_fsdp"), metrics(d / "ppo_fsdp_resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [1, 2]
     assert straight == resumed
     a, b = (load_file(str(d / n / "model" / "model.safetensors")) for n in ("ppo_fsdp", "ppo_fsdp_resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)

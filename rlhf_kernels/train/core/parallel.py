@@ -235,7 +235,7 @@ class Distributed(Single):
             return module
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # no buffer to sync
 
     def sampler(self, forward, lm):
         return Sampling(forward, lm)
@@ -244,17 +244,18 @@ class Distributed(Single):
         return Scoring(forward)
 
     def save(self, module, write):
-        """FSDP2: the full state dict of `module` is gathered, loaded on rank 0 into the unsharded copy
-        kept at wrap time (on the meta device until now) and handed to `write`."""
+        """`write(m)` on rank 0 with `m` the whole model: DDP's replica, or with FSDP2 the gathered full
+        state dict loaded into the unsharded copy kept at wrap time (on the meta device until now)."""
         if self.mode != "fsdp":
-            return Single.save(self, module, write)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.is_main:
-            shell = self._shells[id(module)].to_empty(device="cpu")
-            shell.load_state_dict(sd)
-            write(shell)
-        self.barrier()
+            Single.save(self, module, write)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_main:
+                shell = self._shells[id(module)].to_empty(device="cpu")
+                shell.load_state_dict(sd)
+                write(shell)
+        self.barrier()  # no rank goes on (e.g. to load the model) before it is written
 
     def full_state(self, modules, optimizer):
         """({name: full state dict}, full optimizer state dict), on every rank. DDP keeps full replicas;

@@ -240,4 +240,5 @@ def finish(run, result):
         result = {**result, **run.parallel()}
     if run.par.is_main:
         (run.dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    run.par.barrier()  # the run directory is complete when any rank returns
     return result
