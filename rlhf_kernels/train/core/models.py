@@ -88,7 +88,9 @@ def hidden_states(model, ids, attn):
 def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused", entropy=False):
     """Log-probs [B, T - start] of the tokens ids[:, start:] at positions where `mask`, 0 elsewhere
     (and their entropies). "fused" feeds hidden states and lm_head.weight to rk.linear_logprobs;
-    "naive" materialises the logits and calls log_softmax."""
+    "naive" materialises the logits and calls log_softmax. This is the trainer's one call of the LM
+    head (under torchrun too, through parallel.LMForward): a vocabulary-parallel head would pass its
+    process group and vocabulary offset here."""
     h = hidden_states(model, ids, attn)[:, start - 1:-1]
     tokens = torch.where(mask, ids[:, start:], torch.full_like(ids[:, start:], -100))
     head = model.get_output_embeddings()
