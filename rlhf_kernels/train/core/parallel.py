@@ -126,7 +126,8 @@ class Single:
     def save(self, module, write):
         """`write(m)` on rank 0 with `m` the whole, unsharded `module` (a collective under FSDP2)."""
         if self.is_main:
-            write(getattr(module, "module", module))  # DDP's replica is whole
+            ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+            write(module.module if ddp else module)  # DDP's replica is whole
 
 
 class Distributed(Single):
