@@ -54,7 +54,9 @@ def train(cfg):
         idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=step_generator(cfg, step))[mine]
         sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
                 "rejected_reward": 0.0}
-        for micro in idx.split(cfg.micro_batch_size):
+        micros = idx.split(cfg.micro_batch_size)
+        for i, micro in enumerate(micros):
+            par.sync_grads(forward, last=i == len(micros) - 1)
             c, r = sequence_logprobs(forward, chosen, micro, cfg), sequence_logprobs(forward, rejected, micro, cfg)
             losses, cr, rr = rk.dpo_loss(c, r, ref_c[micro], ref_r[micro], beta=cfg.beta, loss_type=cfg.loss_type,
                                          label_smoothing=cfg.label_smoothing)

@@ -178,7 +178,8 @@ class GRPO:
             for mb in order.split(mb_size):
                 micros = mb.split(cfg.micro_batch_size)
                 denominator = minibatch_denominator(cfg, ex["mask"][mb], par)
-                for micro in micros:
+                for i, micro in enumerate(micros):
+                    par.sync_grads(self.forward, last=i == len(micros) - 1)
                     logp, loss, st = self.micro_loss(ex, micro, denominator)
                     # local: the mean of the micro-batch means; otherwise the shared divisor already sums
                     # the micro-batch losses to the minibatch's (token-sum needs none)

@@ -226,7 +226,9 @@ class PPO:
             order = ex["order"] if epoch == 0 else torch.randperm(n, generator=g).to(cfg.device)
             for mb in order.split(mb_size):
                 advantages = ppo_max.minibatch_advantages(ex["advantages"], mb, s.mask, cfg)
-                for micro in mb.split(cfg.micro_batch_size):
+                micros = mb.split(cfg.micro_batch_size)
+                for i, micro in enumerate(micros):
+                    par.sync_grads(self.forward, self.critic_net, last=i == len(micros) - 1)
                     logp = self.logprobs(self.policy, s, micro)
                     v = self.values(s, micro)
                     mask, vmask = s.mask[micro], ex["vmask"][micro]

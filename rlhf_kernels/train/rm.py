@@ -45,7 +45,9 @@ def train(cfg):
     def step_fn(step):
         idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=step_generator(cfg, step))[mine]
         loss_sum, acc = 0.0, 0.0
-        for micro in idx.split(cfg.micro_batch_size):
+        micros = idx.split(cfg.micro_batch_size)
+        for i, micro in enumerate(micros):
+            par.sync_grads(net, last=i == len(micros) - 1)
             margin = scorer.score(*rows(chosen, micro, cfg.device)) - scorer.score(*rows(rejected, micro, cfg.device))
             loss = -F.logsigmoid(margin).sum() / cfg.batch_size  # the job's batch (this rank holds a share)
             run.check_finite(step, loss=loss)

@@ -24,7 +24,9 @@ def nll_step(run, step, forward, data, idx, cfg, par=None):
     dev = cfg.device
     total = par.sum(data.mask[idx].sum()).clamp(min=1)  # the job's response tokens
     loss_sum = 0.0
-    for micro in idx.split(cfg.micro_batch_size):
+    micros = idx.split(cfg.micro_batch_size)
+    for i, micro in enumerate(micros):
+        par.sync_grads(forward, last=i == len(micros) - 1)
         s = rollout.Samples(data.prompts[micro], data.responses[micro], data.mask[micro], data.has_eos[micro])
         lp = forward(s.ids.to(dev), s.attn.to(dev), s.start, s.mask.to(dev), impl=cfg.logprob_impl)
         loss = -lp.sum() / total

@@ -123,6 +123,9 @@ class Single:
     def barrier(self):
         pass
 
+    def sync_grads(self, *modules, last):
+        pass
+
     def save(self, module, write):
         """`write(m)` on rank 0 with `m` the whole, unsharded `module` (a collective under FSDP2)."""
         if self.is_main:
@@ -213,6 +216,16 @@ class Distributed(Single):
 
     def barrier(self):
         self.dist.barrier()
+
+    def sync_grads(self, *modules, last):
+        """Before a micro-batch's forward: DDP all-reduces the accumulated gradients at the backward of
+        the minibatch's `last` micro-batch only (what its no_sync() context sets, without re-indenting
+        every accumulation loop). FSDP2 reduce-scatters at every backward: its unsharded gradients
+        are not kept across micro-batches."""
+        from torch.nn.parallel import DistributedDataParallel
+        for m in modules:
+            if isinstance(m, DistributedDataParallel):
+                m.require_backward_grad_sync = last
 
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
