@@ -2,10 +2,12 @@
 registry (core/commands.py: `train sft`, `train ppo`, ..., `demo`, `generate`, `bon`, `experiment
 ...`), `rlhf-kernels COMMAND --help` for its keys; also `python -m rlhf_kernels`."""
 import json
+import os
 import sys
 
 from .core.commands import registry
 from .core.config import ConfigError, describe
+from .core.parallel import world_size
 from .core.runlog import CheckpointError, TrainingDiverged
 
 HELP_FLAGS = ("-h", "--help")
@@ -74,9 +76,13 @@ def main(argv=None):
         if any(a in HELP_FLAGS for a in rest):
             print(command_help(command))
             return 0
+        if world_size() > 1 and not command.data_parallel:
+            runs = ", ".join(c.name for c in registry().values() if c.data_parallel)
+            raise ConfigError(f"{command.name} does not run data-parallel: run it without torchrun (or with "
+                              f"--nproc_per_node=1); these do: {runs} (docs/distributed.md)")
         cfg = command.build(*parse_options(rest))
         result = command.run(cfg)
-        if command.print_result:
+        if command.print_result and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
             print(json.dumps(result, indent=2))
         return 0
     except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:

@@ -17,6 +17,7 @@ The denominator of each minibatch's loss (`denominator`):
            frameworks that accumulate per-micro-batch means do (the bias of trl#3823);
   max_len  Dr. GRPO's constant: rows × max_new_tokens, with aggregation token-mean.
 """
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -39,7 +40,7 @@ from .._choices import (
     Task,
 )
 from . import tasks
-from .core import lora, models
+from .core import lora, models, parallel
 from .core.commands import Command
 from .core.config import ConfigError, topic
 from .core.optim import make_optimizer
@@ -64,16 +65,18 @@ def correction_args(cfg):
             "high": high if cfg.rc_high is None else cfg.rc_high}
 
 
-def minibatch_denominator(cfg, mask):
+def minibatch_denominator(cfg, mask, par=None):
     """The divisor `denominator` passes to rk.ppo_policy_loss for the minibatch whose mask is `mask`
-    (None: each micro-batch's own count)."""
+    (None: each micro-batch's own count). Under torchrun `mask` is this rank's part of the minibatch
+    and the count is the job's (all-reduced)."""
+    par = par or parallel.Single()
     if cfg.denominator == "local" or cfg.aggregation == "token-sum":
         return None
     if cfg.denominator == "max_len":
-        return float(mask.shape[0] * cfg.max_new_tokens)
+        return par.sum(float(mask.shape[0] * cfg.max_new_tokens))
     if cfg.aggregation == "token-mean":
-        return float(mask.sum())
-    return float(mask.any(-1).sum())
+        return par.sum(float(mask.sum()))
+    return par.sum(float(mask.any(-1).sum()))
 
 
 class GRPO:
@@ -81,19 +84,31 @@ class GRPO:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        dev = cfg.device
         torch.manual_seed(cfg.seed)
+        self.par = par = parallel.setup(cfg)  # under torchrun: sets cfg.device to this rank's GPU
+        if par.mode == "fsdp" and cfg.rollout_dtype != "fp32":
+            raise ConfigError("rollout_dtype=bf16 with fsdp: the sampler copy is refreshed from whole weights; "
+                              "use DDP (fsdp=false) or fp32 rollouts")
+        dev = cfg.device
         self.task = tasks.get(cfg.task)
         self.policy = lora.wrap(models.load_lm(cfg.policy, dev, len(self.task.WORDS)), cfg)
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev)) if cfg.kl_coef > 0 else None
         self.rm = (None if cfg.reward_model == "gold" else
                    models.freeze(models.ScalarModel.load(cfg.reward_model, dev)))
         self.sampler = rollout.Sampler(self.policy, cfg.rollout_dtype)
+        # DDP or FSDP2 around the policy (and FSDP2 around the reference); the optimizer then sees the shards
+        self.forward = par.wrap_lm(self.policy)
+        self.forwards = {id(self.policy): self.forward}
+        if self.ref is not None:
+            self.forwards[id(self.ref)] = par.wrap_lm(self.ref, trainable=False)
+        self.policy_sampler = par.sampler(self.forward, self.policy)
         self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr)])
 
     def logprobs(self, model, s, rows):
-        return models.token_logprobs(model, s.ids[rows], s.attn[rows], s.start, s.mask[rows],
-                                     temperature=self.cfg.temperature, impl=self.cfg.logprob_impl)
+        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one)."""
+        forward = self.forwards.get(id(model), functools.partial(models.token_logprobs, model))
+        return forward(s.ids[rows], s.attn[rows], s.start, s.mask[rows], temperature=self.cfg.temperature,
+                       impl=self.cfg.logprob_impl)
 
     def score(self, s):
         if self.rm is None:
@@ -102,11 +117,15 @@ class GRPO:
 
     @torch.no_grad()
     def make_experience(self, step, g):
-        cfg = self.cfg
-        G, n = cfg.group_size, cfg.batch_size * cfg.group_size
-        prompts = sentiment.prompts(cfg.batch_size, g).to(cfg.device).repeat_interleave(G, 0)  # groups: G rows
-        s = rollout.sample(self.sampler.sync(), prompts, temperature=cfg.temperature,
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+        cfg, par = self.cfg, self.par
+        G = cfg.group_size
+        # this rank's share of the prompts, whole groups (G rows each), sampled with its own seed
+        prompts = sentiment.prompts(cfg.batch_size, g)[par.rows(cfg.batch_size)].to(cfg.device)
+        prompts = prompts.repeat_interleave(G, 0)
+        n = len(prompts)
+        sampler = self.sampler.sync() if self.sampler.separate else self.policy_sampler
+        s = rollout.sample(sampler, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                           seed=par.seed(cfg.seed * 1_000_003 + step))
         order = torch.randperm(n, generator=g).to(cfg.device)  # also the first epoch's order
         mb = cfg.micro_batch_size
         old_logp = rollout.chunked(lambda r: self.logprobs(self.policy, s, r), order, mb)
@@ -119,12 +138,18 @@ class GRPO:
         weights, mask, rc = rk.rollout_correction(old_logp, rollout_logp, s.mask, **correction_args(cfg))
         if cfg.rollout_correction == "none":
             weights, mask = None, s.mask
-        groups = score.view(cfg.batch_size, G)
-        stats = {"gold_reward": self.task.gold_reward(s.responses.cpu()).mean().item(),
-                 "score": raw.float().mean().item(), "score_group_std": groups.std(1).mean().item(),
+        if par.world > 1:  # the mismatch statistics of the job's batch
+            _, _, rc = rk.rollout_correction(par.gather(old_logp), par.gather(rollout_logp), par.gather(s.mask),
+                                             **correction_args(cfg))
+        # statistics of the job's batch: every rank's rows gathered (the identity on one process)
+        g_resp, g_mask = par.gather(s.responses).cpu(), par.gather(s.mask)
+        groups = par.gather(score).view(cfg.batch_size, G)
+        stats = {"gold_reward": self.task.gold_reward(g_resp).mean().item(),
+                 "score": par.gather(raw.float()).mean().item(), "score_group_std": groups.std(1).mean().item(),
                  "uniform_groups": (groups == groups[:, :1]).all(1).float().mean().item(),
-                 "no_eos": (~s.has_eos).float().mean().item(), "response_len": s.mask.sum(1).float().mean().item(),
-                 **{f"rollout_{k}": float(v) for k, v in rc.items()}, **self.task.metrics(s.responses.cpu())}
+                 "no_eos": (~par.gather(s.has_eos)).float().mean().item(),
+                 "response_len": g_mask.sum(1).float().mean().item(),
+                 **{f"rollout_{k}": float(v) for k, v in rc.items()}, **self.task.metrics(g_resp)}
         return dict(samples=s, order=order, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
                     weights=weights, mask=mask, stats=stats)
 
@@ -143,21 +168,26 @@ class GRPO:
         cfg = self.cfg
         g = step_generator(cfg, step)
         ex = self.make_experience(step, g)
-        s, n = ex["samples"], cfg.batch_size * cfg.group_size
+        s, par = ex["samples"], self.par
+        n = len(s.prompts)  # this rank's rows
         mb_size = n // cfg.minibatches
         sums, ratio_max, first_dev, n_mb = {"pg_loss": 0.0}, 0.0, None, 0
+        local_mean = cfg.denominator == "local" and cfg.aggregation != "token-sum"  # see minibatch_denominator
         for epoch in range(cfg.epochs):
             order = ex["order"] if epoch == 0 else torch.randperm(n, generator=g).to(cfg.device)
             for mb in order.split(mb_size):
                 micros = mb.split(cfg.micro_batch_size)
-                denominator = minibatch_denominator(cfg, ex["mask"][mb])
-                for micro in micros:
+                denominator = minibatch_denominator(cfg, ex["mask"][mb], par)
+                for i, micro in enumerate(micros):
+                    par.sync_grads(self.forward, last=i == len(micros) - 1)
                     logp, loss, st = self.micro_loss(ex, micro, denominator)
                     # local: the mean of the micro-batch means; otherwise the shared divisor already sums
                     # the micro-batch losses to the minibatch's (token-sum needs none)
                     w = 1.0 / len(micros) if denominator is None and cfg.aggregation != "token-sum" else 1.0
                     self.run.check_finite(step, policy_loss=loss)
-                    (w * loss).backward()
+                    # a shared divisor (or token-sum) makes each rank's loss its share of the job's, scaled
+                    # because DDP/FSDP2 average gradients; `local` means of means are averaged as they are
+                    (w * (loss if local_mean else par.scale(loss))).backward()
                     if first_dev is None:  # the rollout forward and this one must agree exactly
                         d = (logp.detach() - ex["old_logp"][micro]).abs().masked_fill(~s.mask[micro], 0)
                         first_dev = d.max().item()
@@ -171,19 +201,24 @@ class GRPO:
                 sums.setdefault("grad_norm", 0.0)
                 sums["grad_norm"] += clip_and_step(self.run, step, self.optimizer, self.policy.parameters(),
                                                    cfg.max_grad_norm)
-        metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_max": ratio_max,
-                   "ratio_dev_first_minibatch": first_dev}
+        if par.world > 1:  # pg_loss: shares of the job's loss (or a mean of means); stats: per-rank means
+            summed = par.sum_metrics(sums, keep=("grad_norm",))
+            sums = {k: v if k == "grad_norm" or (k == "pg_loss" and not local_mean) else v / par.world
+                    for k, v in summed.items()}
+        metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_max": par.max(ratio_max),
+                   "ratio_dev_first_minibatch": par.max(first_dev)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = rollout.evaluate_cfg(self.policy, cfg)
+            ev = rollout.evaluate_cfg(self.policy_sampler, cfg)
             metrics.update({f"eval_{k}": ev[k] for k in ("gold_reward", *self.task.METRICS)})
         forwards = 1 + cfg.epochs + self.sampler.separate + (self.ref is not None)
         return metrics, int(s.attn.sum()) * forwards
 
     def train(self):
-        self.run = Run(self.cfg, self.kind)
+        self.run = Run(self.cfg, self.kind, self.par)
         loop(self.run, {"policy": self.policy}, self.optimizer, self.step)
-        models.save_lm(self.policy, self.run.dir / "model")
-        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg),
+        self.par.save(self.forward, lambda m: models.save_lm(m.lm, self.run.dir / "model"))
+        return finish(self.run, {"model": str(self.run.dir / "model"),
+                                 **rollout.evaluate_cfg(self.policy_sampler, self.cfg),
                                  **lora.summary(self.policy)})
 
 
@@ -262,4 +297,4 @@ class GRPOConfig(RunConfig):
 
 
 COMMAND = Command("train grpo", GRPOConfig, train, "GRPO and its variants (Dr. GRPO, DAPO, GSPO, CISPO): group "
-                  "advantages, no critic, bf16 rollouts with mismatch correction", print_result=True)
+                  "advantages, no critic, bf16 rollouts with mismatch correction", print_result=True, data_parallel=True)

@@ -11,6 +11,7 @@ Optional, off by default: the PPO-max tricks (ppo_max.py), the reference EMA (re
 RMSprop optimizer of A2C (core/optim.py); `--preset ppo-max` / `--preset a2c` set them (presets.py).
 """
 import copy
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -32,7 +33,7 @@ from .._choices import (
     WhitenLevel,
 )
 from . import ppo_max, ref_ema, tasks
-from .core import lora, models
+from .core import lora, models, parallel
 from .core.commands import Command
 from .core.config import ConfigError, topic
 from .core.optim import make_ppo_optimizer
@@ -56,15 +57,31 @@ class AdaptiveKL:
             state["kl_coef"] = state["kl_coef"] * (1 + e * n / self.cfg.kl_horizon)
 
 
-def micro_weight(aggregation, mask_micro, mask_mb):
+def micro_weight(aggregation, mask_micro, mask_mb, par=None):
     """Share of a minibatch's aggregated loss carried by one micro-batch, so that accumulating
     micro-batch losses gives exactly the minibatch's aggregate (token counts for token-mean,
-    counts of non-empty rows for the seq-mean forms, 1 for token-sum)."""
+    counts of non-empty rows for the seq-mean forms, 1 for token-sum). Under torchrun `mask_mb` is
+    this rank's part of the minibatch and the count is the job's (all-reduced)."""
+    par = par or parallel.Single()
     if aggregation == "token-sum":
         return 1.0
     if aggregation == "token-mean":
-        return float(mask_micro.sum()) / max(float(mask_mb.sum()), 1.0)
-    return float(mask_micro.any(-1).sum()) / max(float(mask_mb.any(-1).sum()), 1.0)
+        return float(mask_micro.sum()) / max(par.sum(float(mask_mb.sum())), 1.0)
+    return float(mask_micro.any(-1).sum()) / max(par.sum(float(mask_mb.any(-1).sum())), 1.0)
+
+
+def check_parallel(cfg, par):
+    """The PPO options that do not run data-parallel yet (their statistics are per rank)."""
+    if par.world == 1:
+        return
+    unsupported = {"reward_norm": cfg.reward_norm != "none", "ptx_coef": cfg.ptx_coef > 0,
+                   "critic_pretrain_steps": cfg.critic_pretrain_steps > 0, "ppo_c": cfg.ppo_c,
+                   "advantage_whiten_level=minibatch": cfg.advantage_whiten_level == "minibatch",
+                   "ref_ema with fsdp": cfg.ref_ema is not None and cfg.fsdp}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not supported under torchrun yet (world size {par.world}); "
+                          "run on one process")
 
 
 def value_mask(mask, score_position):
@@ -84,8 +101,10 @@ class PPO:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        dev = cfg.device
         torch.manual_seed(cfg.seed)
+        self.par = par = parallel.setup(cfg)  # under torchrun: sets cfg.device to this rank's GPU
+        check_parallel(cfg, par)
+        dev = cfg.device
         self.task = tasks.get(cfg.task)
         self.policy = lora.wrap(models.load_lm(cfg.policy, dev, len(self.task.WORDS)), cfg)  # lora_r > 0: adapters only train
         self.ref = models.freeze(models.load_reference(cfg.ref, self.policy, dev))
@@ -97,6 +116,12 @@ class PPO:
         else:  # critic_init="policy", or no reward model to start from
             self.critic = models.ScalarModel(lora.base_copy(self.policy)).to(dev)  # LoRA: a full critic
         self.critic.lm.get_output_embeddings().weight.requires_grad_(False)
+        # DDP or FSDP2 around every model whose forward builds a graph (the optimizer then sees FSDP2's shards)
+        self.forward = par.wrap_lm(self.policy)
+        self.forwards = {id(self.policy): self.forward,
+                         id(self.ref): par.wrap_lm(self.ref, trainable=False)}
+        self.critic_net = par.wrap(self.critic)
+        self.sampler = par.sampler(self.forward, self.policy)
         self.optimizer = make_ppo_optimizer(cfg, [(self.policy.parameters(), cfg.lr),
                                                   (self.critic.parameters(), cfg.critic_lr)])
         self.state = {"kl_coef": cfg.kl_coef}
@@ -111,11 +136,13 @@ class PPO:
 
     # rollout -------------------------------------------------------------------------------------
     def logprobs(self, model, s, rows, entropy=False):
-        return models.token_logprobs(model, s.ids[rows], s.attn[rows], s.start, s.mask[rows],
-                                     temperature=self.cfg.temperature, impl=self.cfg.logprob_impl, entropy=entropy)
+        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one)."""
+        forward = self.forwards.get(id(model), functools.partial(models.token_logprobs, model))
+        return forward(s.ids[rows], s.attn[rows], s.start, s.mask[rows], temperature=self.cfg.temperature,
+                       impl=self.cfg.logprob_impl, entropy=entropy)
 
     def values(self, s, rows):
-        return self.critic(s.ids[rows], s.attn[rows])[:, s.start - 1:-1]
+        return self.critic_net(s.ids[rows], s.attn[rows])[:, s.start - 1:-1]
 
     def score(self, s):
         if self.rm is None:
@@ -129,11 +156,9 @@ class PPO:
 
     @torch.no_grad()
     def make_experience(self, step, g):
-        cfg = self.cfg
-        prompts = sentiment.prompts(cfg.batch_size, g).to(cfg.device)
-        s = rollout.sample(self.policy, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                           seed=cfg.seed * 1_000_003 + step)
-        order = torch.randperm(cfg.batch_size, generator=g).to(cfg.device)  # also the first epoch's order
+        cfg, par = self.cfg, self.par
+        s = self.sample(step, g)
+        order = torch.randperm(len(s.prompts), generator=g).to(cfg.device)  # also the first epoch's order
         mb = cfg.micro_batch_size
         old_logp, entropy = rollout.chunked(lambda r: self.logprobs(self.policy, s, r, entropy=True), order, mb)
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
@@ -149,25 +174,36 @@ class PPO:
             score = score.clamp(-cfg.score_clip, cfg.score_clip)
         rewards = self.rewards(score, s.mask, old_logp, ref_logp, dense)
         vmask = value_mask(s.mask, cfg.score_position)
-        if cfg.whiten_rewards:
-            rewards = rk.masked_whiten(rewards, vmask, shift_mean=False)
+        if cfg.whiten_rewards:  # whitening statistics of the job's batch (par.masked_whiten)
+            rewards = par.masked_whiten(rewards, vmask, shift_mean=False)
         advantages, returns = rk.gae(rewards, values, vmask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages and cfg.advantage_whiten_level == "batch":
-            advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
+            advantages = par.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)
         kl_seq = torch.where(s.mask, old_logp - ref_logp, torch.zeros_like(old_logp)).sum(1)
-        stats = {"gold_reward": self.task.gold_reward(s.responses.cpu()).mean().item(),
-                 "score": raw_score.float().mean().item(), "kl": kl_seq.mean().item(),
-                 "entropy": (entropy.sum() / s.mask.sum()).item(), "no_eos": (~s.has_eos).float().mean().item(),
-                 "response_len": s.mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
-                 "return_mean": (returns.sum() / vmask.sum()).item(), **self.task.metrics(s.responses.cpu()),
-                 **calib_stats}
+        # statistics of the job's batch: every rank's rows gathered (the identity on one process)
+        g_resp, g_mask, g_kl = par.gather(s.responses).cpu(), par.gather(s.mask), par.gather(kl_seq)
+        stats = {"gold_reward": self.task.gold_reward(g_resp).mean().item(),
+                 "score": par.gather(raw_score.float()).mean().item(), "kl": g_kl.mean().item(),
+                 "entropy": (par.gather(entropy).sum() / g_mask.sum()).item(),
+                 "no_eos": (~par.gather(s.has_eos)).float().mean().item(),
+                 "response_len": g_mask.sum(1).float().mean().item(), "kl_coef": self.state["kl_coef"],
+                 "return_mean": (par.gather(returns).sum() / par.gather(vmask).sum()).item(),
+                 **self.task.metrics(g_resp), **calib_stats}
         if cfg.reward_norm != "none":
             stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if dense is not None:
-            stats["dpo_logratio"] = (dense * s.mask).sum(1).mean().item()
-        stats.update(getattr(self.rm, "stats", {}))  # a reward-model ensemble: member mean and spread
+            stats["dpo_logratio"] = par.gather((dense * s.mask).sum(1)).mean().item()
+        stats.update(getattr(self.rm, "stats", {}))  # a reward-model ensemble: member mean and spread (rank 0's rows)
         return dict(samples=s, order=order, old_logp=old_logp, values=values, advantages=advantages,
-                    returns=returns, vmask=vmask, stats=stats, kl=kl_seq.mean().item())
+                    returns=returns, vmask=vmask, stats=stats, kl=g_kl.mean().item())
+
+    def sample(self, step, g):
+        """This rank's rollouts of iteration `step`: its share of the batch's prompts (drawn from `g`, the
+        same on every rank), sampled with its own seed (rank 0: the single-process seed)."""
+        cfg = self.cfg
+        prompts = sentiment.prompts(cfg.batch_size, g)[self.par.rows(cfg.batch_size)].to(cfg.device)
+        return rollout.sample(self.sampler, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                              seed=self.par.seed(cfg.seed * 1_000_003 + step))
 
     def rewards(self, score, mask, logp, ref_logp, dense):
         cfg = self.cfg
@@ -179,17 +215,20 @@ class PPO:
         cfg = self.cfg
         g = step_generator(cfg, step)
         ex = self.make_experience(step, g)
-        s = ex["samples"]
-        mb_size = cfg.batch_size // cfg.minibatches
+        s, par = ex["samples"], self.par
+        n = len(s.prompts)  # this rank's rows
+        mb_size = n // cfg.minibatches
         sums = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
         n_mb, first_dev = 0, None
         critic_only = ppo_max.actor_frozen(cfg, step)
         g_ptx = step_generator(cfg, step, salt=ppo_max.PTX_SALT)
         for epoch in range(cfg.epochs):
-            order = ex["order"] if epoch == 0 else torch.randperm(cfg.batch_size, generator=g).to(cfg.device)
+            order = ex["order"] if epoch == 0 else torch.randperm(n, generator=g).to(cfg.device)
             for mb in order.split(mb_size):
                 advantages = ppo_max.minibatch_advantages(ex["advantages"], mb, s.mask, cfg)
-                for micro in mb.split(cfg.micro_batch_size):
+                micros = mb.split(cfg.micro_batch_size)
+                for i, micro in enumerate(micros):
+                    par.sync_grads(self.forward, self.critic_net, last=i == len(micros) - 1)
                     logp = self.logprobs(self.policy, s, micro)
                     v = self.values(s, micro)
                     mask, vmask = s.mask[micro], ex["vmask"][micro]
@@ -198,11 +237,11 @@ class PPO:
                                                  dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
                     vf, vst = rk.ppo_value_loss(v, ex["values"][micro], ex["returns"][micro], vmask,
                                                 clip=cfg.vf_clip, aggregation=cfg.aggregation)
-                    wp = micro_weight(cfg.aggregation, mask, s.mask[mb])
-                    wv = micro_weight(cfg.aggregation, vmask, ex["vmask"][mb])
+                    wp = micro_weight(cfg.aggregation, mask, s.mask[mb], par)
+                    wv = micro_weight(cfg.aggregation, vmask, ex["vmask"][mb], par)
                     loss = (0.0 if critic_only else wp * pg) + cfg.vf_coef * wv * vf
                     self.run.check_finite(step, policy_loss=pg, value_loss=vf)
-                    loss.backward()
+                    par.scale(loss).backward()
                     if first_dev is None:  # the rollout forward and this one must agree exactly
                         d = (logp.detach() - ex["old_logp"][micro]).abs().masked_fill(~mask, 0)
                         first_dev = d.max().item()
@@ -218,26 +257,28 @@ class PPO:
         if cfg.ref_ema is not None and not critic_only:
             ref_ema.ema_update(self.ref, self.policy, cfg.ref_ema)
         self.kl_ctl.update(self.state, ex["kl"], cfg.batch_size)
-        metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()}, "ratio_dev_first_minibatch": first_dev}
+        sums = par.sum_metrics(sums, keep=("grad_norm",))  # each rank holds its share of each minibatch's loss
+        metrics = {**ex["stats"], **{k: v / n_mb for k, v in sums.items()},
+                   "ratio_dev_first_minibatch": par.max(first_dev)}
         if cfg.critic_pretrain_steps:
             metrics["critic_only"] = float(critic_only)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = rollout.evaluate_cfg(self.policy, cfg)
+            ev = rollout.evaluate_cfg(self.sampler, cfg)
             metrics.update({f"eval_{k}": ev[k] for k in ("gold_reward", *self.task.METRICS)})
         tokens = int(s.attn.sum()) * (1 + cfg.epochs)
         return metrics, tokens
 
     def train(self):
-        self.run = Run(self.cfg, self.kind)
+        self.run = Run(self.cfg, self.kind, self.par)
         modules = {"policy": self.policy, "critic": self.critic}
         if self.cfg.reward_norm != "none":
             modules["reward_moments"] = self.moments
         if self.cfg.ref_ema is not None:  # the reference moves, so it is part of the state
             modules["ref"] = self.ref
         loop(self.run, modules, self.optimizer, self.step, self.state)
-        models.save_lm(self.policy, self.run.dir / "model")
-        self.critic.save(self.run.dir / "critic")
-        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.policy, self.cfg),
+        self.par.save(self.forward, lambda m: models.save_lm(m.lm, self.run.dir / "model"))
+        self.par.save(self.critic_net, lambda m: m.save(self.run.dir / "critic"))
+        return finish(self.run, {"model": str(self.run.dir / "model"), **rollout.evaluate_cfg(self.sampler, self.cfg),
                                  **lora.summary(self.policy)})
 
 
@@ -336,4 +377,4 @@ class PPOConfig(RunConfig):
 
 
 COMMAND = Command("train ppo", PPOConfig, train, "PPO on the task's prompts (N+ / OpenRLHF conventions, every "
-                  "choice a key)", print_result=True)
+                  "choice a key)", print_result=True, data_parallel=True)

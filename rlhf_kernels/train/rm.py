@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .._choices import CRMLoss, Task
 from . import tasks
-from .core import models
+from .core import models, parallel
 from .core.commands import Command
 from .core.config import ConfigError, positive, topic
 from .core.optim import make_optimizer
@@ -28,39 +28,45 @@ def train(cfg):
         return train_members(cfg)
     if cfg.calibrated:  # PPO-M's calibrated reward model (docs/algorithms.md §8)
         return crm.train(cfg)
-    run = Run(cfg, "rm")
-    task = tasks.get(cfg.task)
     torch.manual_seed(cfg.seed)
+    par = parallel.setup(cfg)
+    run = Run(cfg, "rm", par)
+    task = tasks.get(cfg.task)
     rm = models.ScalarModel(models.load_lm(cfg.model, cfg.device, len(task.WORDS))).to(cfg.device)
     rm.lm.get_output_embeddings().weight.requires_grad_(False)  # the LM head plays no part in a score
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     chosen, rejected = pair_set(cfg.pairs, data_seed, cfg.label_noise, task)
     held_c, held_r = pair_set(256, data_seed + 7, 0.0, task)
+    net = par.wrap(rm)
+    scorer = par.scorer(net, rm)
     opt = make_optimizer([(rm.parameters(), cfg.lr)])
+    mine = par.rows(cfg.batch_size)
 
     def step_fn(step):
-        idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=step_generator(cfg, step))
+        idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=step_generator(cfg, step))[mine]
         loss_sum, acc = 0.0, 0.0
-        for micro in idx.split(cfg.micro_batch_size):
-            margin = rm.score(*rows(chosen, micro, cfg.device)) - rm.score(*rows(rejected, micro, cfg.device))
-            loss = -F.logsigmoid(margin).sum() / len(idx)
+        micros = idx.split(cfg.micro_batch_size)
+        for i, micro in enumerate(micros):
+            par.sync_grads(net, last=i == len(micros) - 1)
+            margin = scorer.score(*rows(chosen, micro, cfg.device)) - scorer.score(*rows(rejected, micro, cfg.device))
+            loss = -F.logsigmoid(margin).sum() / cfg.batch_size  # the job's batch (this rank holds a share)
             run.check_finite(step, loss=loss)
-            loss.backward()
+            par.scale(loss).backward()
             loss_sum += loss.item()
-            acc += (margin > 0).float().sum().item() / len(idx)
-        metrics = {"loss": loss_sum, "accuracy": acc,
-                   "grad_norm": clip_and_step(run, step, opt, rm.parameters(), cfg.max_grad_norm)}
+            acc += (margin > 0).float().sum().item() / cfg.batch_size
+        sums = par.sum_metrics({"loss": loss_sum, "accuracy": acc})
+        metrics = {**sums, "grad_norm": clip_and_step(run, step, opt, rm.parameters(), cfg.max_grad_norm)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["eval_accuracy"] = accuracy(rm, held_c, held_r, cfg.device)
+            metrics["eval_accuracy"] = accuracy(scorer, held_c, held_r, cfg.device)
         tokens = int(chosen.attn[idx].sum() + rejected.attn[idx].sum())
         return metrics, tokens
 
     loop(run, {"rm": rm}, opt, step_fn)
     if cfg.normalize:
         rm.offset.zero_()
-        rm.offset.fill_(mean_score(rm, demonstration_set(512, data_seed + 3, task), cfg.device).item())
-    rm.save(run.dir / "model")
-    return finish(run, {"model": str(run.dir / "model"), "eval_accuracy": accuracy(rm, held_c, held_r, cfg.device),
+        rm.offset.fill_(mean_score(scorer, demonstration_set(512, data_seed + 3, task), cfg.device).item())
+    par.save(net, lambda m: m.save(run.dir / "model"))
+    return finish(run, {"model": str(run.dir / "model"), "eval_accuracy": accuracy(scorer, held_c, held_r, cfg.device),
                         "offset": rm.offset.item()})
 
 
@@ -79,7 +85,8 @@ def train_members(cfg):
         results.append(train(member))
     result = {"model": str(out), "members": [r["model"] for r in results],
               "eval_accuracy": [r["eval_accuracy"] for r in results]}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if parallel.setup(cfg).is_main:
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -121,4 +128,4 @@ class RMConfig(RunConfig):
 
 
 COMMAND = Command("train rm", RMConfig, train, "Bradley-Terry reward model (also calibrated, or an ensemble)",
-                  print_result=True)
+                  print_result=True, data_parallel=True)

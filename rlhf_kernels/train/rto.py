@@ -70,4 +70,4 @@ class RTOConfig(PPOConfig):
 
 
 COMMAND = Command("train rto", RTOConfig, train, "RTO: PPO with the DPO policy's dense token reward",
-                  print_result=True)
+                  print_result=True, data_parallel=True)

@@ -15,6 +15,7 @@ class Command:
     run: Callable          # run(cfg) -> result
     summary: str           # one line for the list of commands
     print_result: bool = False  # print run()'s result as JSON
+    data_parallel: bool = False  # runs under torchrun with several processes (docs/distributed.md)
 
     @property
     def kind(self):

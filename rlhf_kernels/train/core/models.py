@@ -88,7 +88,9 @@ def hidden_states(model, ids, attn):
 def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused", entropy=False):
     """Log-probs [B, T - start] of the tokens ids[:, start:] at positions where `mask`, 0 elsewhere
     (and their entropies). "fused" feeds hidden states and lm_head.weight to rk.linear_logprobs;
-    "naive" materialises the logits and calls log_softmax."""
+    "naive" materialises the logits and calls log_softmax. This is the trainer's one call of the LM
+    head (under torchrun too, through parallel.LMForward): a vocabulary-parallel head would pass its
+    process group and vocabulary offset here."""
     h = hidden_states(model, ids, attn)[:, start - 1:-1]
     tokens = torch.where(mask, ids[:, start:], torch.full_like(ids[:, start:], -100))
     head = model.get_output_embeddings()
@@ -126,10 +128,7 @@ class ScalarModel(torch.nn.Module):
 
     def score(self, ids, attn):
         """The scalar at each row's last attended position."""
-        out = self(ids, attn)
-        idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        last = torch.where(attn.bool(), idx, torch.zeros_like(idx)).amax(-1)
-        return out.gather(1, last[:, None]).squeeze(1)
+        return at_last(self(ids, attn), ids, attn)
 
     def save(self, path):
         def write(tmp):
@@ -157,6 +156,13 @@ class ScalarModel(torch.nn.Module):
         m = cls(lm, head)
         m.offset.fill_(float(t["offset"][0]))
         return m.to(device)
+
+
+def at_last(out, ids, attn):
+    """out[b, t] at each row's last attended position t."""
+    idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last = torch.where(attn.bool(), idx, torch.zeros_like(idx)).amax(-1)
+    return out.gather(1, last[:, None]).squeeze(1)
 
 
 def save_dir(path, write):

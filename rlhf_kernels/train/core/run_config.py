@@ -30,6 +30,10 @@ class RunConfig:
                                                    "naive: logits + log_softmax")
     device: str = run_key("cpu", "torch device of the run (cpu, cuda, cuda:1, ...)")
     progress: bool = run_key(True, "show a progress bar")
+    fsdp: bool = run_key(False, "under torchrun: shard the policy (critic, reference) with FSDP2 fully_shard "
+                                "instead of DDP replicas (docs/distributed.md)")
+    dist_timeout_s: float = run_key(600.0, "under torchrun: timeout of every collective, so a failed rank "
+                                           "stops the job")
     lora_r: int = lora_key(0, "adapter rank; 0 = off (full fine-tuning); sft/ppo/dpo/rto then train adapters only")
     lora_alpha: float = lora_key(16.0, "adapter output scaled by lora_alpha / lora_r")
     lora_dropout: float = lora_key(0.0, "N+ detail 7: off; > 0 drops adapter inputs in the update forwards only")
@@ -39,6 +43,8 @@ class RunConfig:
     def check(self):
         positive(self, *(k for k in ("steps", "batch_size", "micro_batch_size", "save_every", "eval_every",
                                      "eval_prompts", "max_new_tokens", "minibatches", "epochs") if hasattr(self, k)))
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.check_batches()
@@ -56,6 +62,9 @@ class RunConfig:
             raise ConfigError(f"lora_r must be >= 0 (0 = LoRA off), got {self.lora_r}")
         if self.lora_r == 0:
             return
+        if self.fsdp:
+            raise ConfigError("lora_r > 0 with fsdp=true: LoRA adapters are not sharded with FSDP2 yet; "
+                              "use DDP (fsdp=false) under torchrun")
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:

@@ -15,7 +15,7 @@ from .config import to_dict
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # settings that may change between a run and its resumption without changing its results
-RESUMABLE_CHANGES = {"out", "steps", "progress", "save_every", "device"}
+RESUMABLE_CHANGES = {"out", "steps", "progress", "save_every", "device", "dist_timeout_s"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -33,19 +33,47 @@ def peak_memory_mb(device):
 
 
 class Run:
-    def __init__(self, cfg, kind):
+    """The run directory. Under torchrun (`par` a parallel.Distributed) rank 0 alone reads and writes it
+    and the other ranks get what it read; `par=None` is a single process."""
+
+    def __init__(self, cfg, kind, par=None):
         if not cfg.out:
             raise ValueError("no output directory: pass --out DIR")
-        self.cfg, self.kind = cfg, kind
+        if par is None:
+            from .parallel import Single, world_size
+            if world_size() > 1:
+                from .config import ConfigError
+                raise ConfigError(f"{kind} does not run data-parallel: run it without torchrun (or with "
+                                  "--nproc_per_node=1); sft, rm, dpo, ppo, rto and grpo do (docs/distributed.md)")
+            par = Single()
+        self.cfg, self.kind, self.par = cfg, kind, par
         self.dir = Path(cfg.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if par.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint = self.dir / CHECKPOINT
         self.metrics = self.dir / METRICS
         self.last_good = None  # (step, path) of the newest checkpoint written or loaded
 
     # checkpoints -------------------------------------------------------------------------------
     def load(self):
-        """The checkpoint of this directory (dict) or None; truncates metrics.jsonl to its step."""
+        """The checkpoint of this directory (dict) or None; truncates metrics.jsonl to its step. Under
+        torchrun rank 0 reads it and every rank gets it (or raises its error)."""
+        if self.par.world == 1:
+            return self._load()
+        ck, error = None, None
+        if self.par.is_main:
+            try:
+                ck = self._load()
+            except Exception as e:  # every rank raises it, so none waits for the others
+                error = e
+        ck, error = self.par.broadcast((ck, error))
+        if error is not None:
+            raise error
+        if ck is not None:
+            self.last_good = (int(ck["step"]), self.checkpoint)
+        return ck
+
+    def _load(self):
         if not self.checkpoint.exists():
             if self.metrics.exists():
                 self.metrics.unlink()  # a run that never checkpointed restarts from scratch
@@ -74,10 +102,11 @@ class Run:
         for name, t in _tensors(state):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 self.fail(step, f"non-finite values in {name}")
-        ck = dict(state, step=step, kind=self.kind, config=json.dumps(to_dict(self.cfg)))
-        tmp = self.checkpoint.with_name(CHECKPOINT + ".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, self.checkpoint)
+        if self.par.is_main:
+            ck = dict(state, step=step, kind=self.kind, config=json.dumps(to_dict(self.cfg)))
+            tmp = self.checkpoint.with_name(CHECKPOINT + ".tmp")
+            torch.save(ck, tmp)
+            os.replace(tmp, self.checkpoint)
         self.last_good = (step, self.checkpoint)
 
     def fail(self, step, what):
@@ -93,6 +122,8 @@ class Run:
 
     # metrics -----------------------------------------------------------------------------------
     def log(self, row):
+        if not self.par.is_main:
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -116,10 +147,18 @@ class Run:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.metrics)
 
+    def parallel(self):
+        """How the run was executed: recorded in config.json and result.json."""
+        return {"world_size": self.par.world, "parallel": self.par.mode}
+
     def write_config(self):
-        (self.dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        if self.par.is_main:
+            text = json.dumps({**to_dict(self.cfg), **self.parallel()}, indent=2)
+            (self.dir / "config.json").write_text(text + "\n")
 
     def plot(self):
+        if not self.par.is_main:
+            return
         from .plots import plot_metrics
         plot_metrics(self.read_metrics(), self.dir / "curves.png", title=f"{self.kind}: {self.dir}")
 
@@ -162,27 +201,28 @@ def loop(run, modules, optimizer, step_fn, extra_state=None):
     ck = run.load()
     start = 0
     if ck is not None:
-        for name, m in modules.items():
-            m.load_state_dict(ck["models"][name])
-        optimizer.load_state_dict(ck["optimizer"])
+        run.par.load_state(modules, optimizer, ck["models"], ck["optimizer"])
         extra_state.update(ck.get("extra", {}))
         start = int(ck["step"])
     run.write_config()
-    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=run.kind, disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=run.kind,
+               disable=not (cfg.progress and run.par.is_main), dynamic_ncols=True)
     for step in range(start + 1, cfg.steps + 1):
         lr = set_lr(optimizer, cfg, step)
         t0 = time.perf_counter()
         metrics, tokens = step_fn(step)
         dt = time.perf_counter() - t0
+        peak = peak_memory_mb(cfg.device)
+        if run.par.world > 1:  # the job's throughput, the largest rank's memory
+            tokens, peak = run.par.sum(tokens), run.par.max(peak)
         row = {"step": step, **metrics, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
-               "step_time_s": dt, "peak_mem_mb": peak_memory_mb(cfg.device)}
+               "step_time_s": dt, "peak_mem_mb": peak}
         run.log(row)
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("gold_reward", "loss", "kl") if k in row}, refresh=False)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            run.save(step, {"models": {n: m.state_dict() for n, m in modules.items()},
-                            "optimizer": optimizer.state_dict(), "extra": dict(extra_state)})
+            models, optim = run.par.full_state(modules, optimizer)  # FSDP2: gathered on every rank
+            run.save(step, {"models": models, "optimizer": optim, "extra": dict(extra_state)})
     bar.close()
     run.plot()
     return run.read_metrics()
@@ -194,6 +234,11 @@ def step_generator(cfg, step, salt=0):
 
 
 def finish(run, result):
-    """Write result.json (the final evaluation) and return it."""
-    (run.dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    """Write result.json (the final evaluation; under torchrun also the world size and parallel mode)
+    and return it."""
+    if run.par.world > 1:
+        result = {**result, **run.parallel()}
+    if run.par.is_main:
+        (run.dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    run.par.barrier()  # the run directory is complete when any rank returns
     return result
