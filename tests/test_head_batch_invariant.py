@@ -14,7 +14,7 @@ CAP = 6.0
 
 # (V, H, batch sizes) per backend: V crosses the cpu backend's 1024-entry vocabulary chunks, the sizes cross its
 # 64-row tiles and the default mode's 512-row tiles; the interpreter (triton) gets a few 16-row tiles
-SHAPES = {"reference": (37, 8, (1, 3, 6)), "cpu": (2500, 40, (1, 7, 70, 600)), "triton": (100, 24, (1, 5, 21, 40)),
+SHAPES = {"reference": (37, 8, (1, 3, 6)), "cpu": (2500, 40, (1, 7, 70, 600)), "triton": (100, 24, (1, 5, 37)),
           "cuda": (5000, 72, (1, 7, 300, 1500))}
 
 
@@ -79,7 +79,8 @@ class Probe:
 
 
 def _placements(sizes, K):
-    """(batch size, positions of the K probes): alone, first, last, scattered; never more than the size holds."""
+    """(batch size, positions of the K probes): all K together, then per size the last positions and scattered
+    ones (the first ones in a small batch)."""
     out = [(K, list(range(K)))]
     for n in sizes:
         if n >= K:
@@ -88,24 +89,25 @@ def _placements(sizes, K):
     return out
 
 
-def _check(op, backend, dtype, sizes=None, device="cpu"):
+def _check(op, backend, dtype, sizes=None, device="cpu", paddings=(0, 3), shape=None):
     V, H, default_sizes = SHAPES[backend]
+    V, H = shape or (V, H)
     sizes = sizes or default_sizes
     p = Probe(op, V, H, dtype, device)
     K = p.rows.shape[0]
     alone = [p.run(backend, _single(p, k)) for k in range(K)]
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for i, (n, at) in enumerate(_placements(sizes, K)):
-        for ignored in (0, 3):
-            data, pos = p.batch(n, at, ignored)
-            got = p.run(backend, data)
-            for k, a in enumerate(pos):
-                for name, x, y in zip(("logp", "entropy", "d rows"), alone[k], got):
-                    assert torch.equal(x[0], y[a]), (name, n, a, ignored, k)
-            if i == 0 and ignored:  # the values: the float64 reference of the same batch
-                exp = p.expected(data)
-                for x, y in zip(got, exp):
-                    torch.testing.assert_close(x.double(), y, **tol)
+        ignored = paddings[i % len(paddings)]
+        data, pos = p.batch(n, at, ignored)
+        got = p.run(backend, data)
+        for k, a in enumerate(pos):
+            for name, x, y in zip(("logp", "entropy", "d rows"), alone[k], got):
+                assert torch.equal(x[0], y[a]), (name, n, a, ignored, k)
+        if i == 1:  # the values: the float64 reference of the same batch
+            exp = p.expected(data)
+            for x, y in zip(got, exp):
+                torch.testing.assert_close(x.double(), y, **tol)
 
 
 def _single(p, k):
@@ -131,7 +133,8 @@ def test_linear_logprobs_large_batch(backend):
     """One batch of thousands of rows (CPU: 4096; the same rows alone give the same bits)."""
     if backend == "triton":
         pytest.skip("the interpreter is too slow for thousands of rows; the triton shapes above cross its tiles")
-    _check("linear_logprobs", backend, torch.float32, sizes=(4096,), device="cuda" if backend == "cuda" else "cpu")
+    _check("linear_logprobs", backend, torch.float32, sizes=(4096,), device="cuda" if backend == "cuda" else "cpu",
+           paddings=(3,), shape=(1100, 16))
 
 
 def test_default_cpu_mode_is_not_batch_invariant():
@@ -184,7 +187,7 @@ def test_linear_logprobs_weight_gradient_is_deterministic(backend):
 def test_linear_logprobs_gradcheck_batch_invariant(backend):
     device = "cuda" if backend == "cuda" else "cpu"
     g = torch.Generator().manual_seed(3)
-    N, V, H = 5, 1030 if backend == "cpu" else 37, 6
+    N, V, H = 3, 11, 4  # the vocabulary chunks are crossed in the tests above (against the float64 reference)
     h = torch.randn(N, H, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
     b = torch.randn(V, generator=g, dtype=torch.float64).to(device).requires_grad_()
@@ -195,14 +198,17 @@ def test_linear_logprobs_gradcheck_batch_invariant(backend):
     def f(h, w, b):
         return rk.linear_logprobs(h, w, tok, bias=b, temperature=temp, softcap=3.0, return_entropy=True,
                                   backend=backend, batch_invariant=True)
-    assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-6)
+    if backend == "triton":  # the interpreter is slow: the weight's gradient is checked against the reference above
+        assert torch.autograd.gradcheck(lambda h, b: f(h, w.detach(), b), (h, b), eps=1e-6, atol=1e-6)
+    else:
+        assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", _backends("logprobs_from_logits"))
 def test_logprobs_from_logits_gradcheck_batch_invariant(backend):
     device = "cuda" if backend == "cuda" else "cpu"
     g = torch.Generator().manual_seed(4)
-    N, V = 4, 29
+    N, V = 3, 11
     x = (torch.randn(N, V, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
     tok = torch.randint(0, V, (N,), generator=g).to(device)
     tok[2] = IGN
