@@ -38,8 +38,17 @@ import os
 import torch
 
 from .. import reference
-from ._common import (HAVE_C, HAVE_TRITON, backend_for, bool_arg, float_tensor, int_tensor, same_device, softcap_arg,
-                      temperature_arg)
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    backend_for,
+    bool_arg,
+    float_tensor,
+    int_tensor,
+    same_device,
+    softcap_arg,
+    temperature_arg,
+)
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
