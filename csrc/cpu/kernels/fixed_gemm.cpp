@@ -5,7 +5,7 @@
 // of operations depends only on the reduction length:
 //   dot : Z[i, j] = Σ_k A[i, k]·B[j, k]. Lane l of a W-lane accumulator sums k ≡ l (mod W) in ascending
 //         k (the last partial vector zero-filled), then the lanes are added in a fixed pairwise order.
-//         Rows and columns go in blocks of 2 × 4 accumulators; a block that runs past the tile's edge
+//         Rows and columns go in register blocks (kRows × kCols accumulators); a block that runs past the tile's edge
 //         repeats its last row / column (computed, not stored), so an element never takes another path
 //         because of where its row sits in the tile or how many rows the tile has.
 //   axpy: Out[r, k] += Σ_s C[r, s]·B[s, k], s ascending, one lane per k (no sum across lanes). Starting
@@ -58,7 +58,12 @@ template <typename T> struct Vec {
   }
 };
 
-constexpr int kRows = 2, kCols = 4;  // dot: accumulators per block
+// Register blocks: AVX-512 has 32 vector registers, the others 16 (accumulators plus the loaded operands)
+#if defined(__AVX512F__)
+constexpr int kRows = 4, kCols = 4;  // dot: accumulators per block
+#else
+constexpr int kRows = 2, kCols = 4;
+#endif
 
 template <typename T>
 void dot_tile(const T* A, const T* B, T* Z, int64_t nr, int64_t nc, int64_t H, int64_t ldz) {
@@ -93,7 +98,11 @@ void dot_tile(const T* A, const T* B, T* Z, int64_t nr, int64_t nc, int64_t H, i
   }
 }
 
-constexpr int kOutRows = 4, kOutVecs = 2;  // axpy: Out rows × vectors of k per block
+#if defined(__AVX512F__)
+constexpr int kOutRows = 4, kOutVecs = 4;  // axpy: Out rows × vectors of k per block
+#else
+constexpr int kOutRows = 4, kOutVecs = 2;
+#endif
 
 // Out[r, k] for r < nr and k in [k0, k0 + n·W) (n ≤ kOutVecs full vectors, or one partial of `part` lanes).
 template <typename T>
