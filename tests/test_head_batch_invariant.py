@@ -137,19 +137,18 @@ def test_linear_logprobs_large_batch(backend):
            paddings=(3,), shape=(1100, 16))
 
 
-def test_default_cpu_mode_is_not_batch_invariant():
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
+def test_default_mode_is_not_batch_invariant(backend):
     """Why the flag exists: the default cpu plan sizes its tiles by the row count (and picks BLAS GEMMs by
-    shape), so a row's bits change with the batch. Were it not so, the test above would prove nothing new."""
-    if "cpu" not in cpu_backends("linear_logprobs"):
-        pytest.skip("no native cpu backend")
-    V, H = 5000, 64
-    p = Probe("linear_logprobs", V, H, torch.float32, "cpu", K=8)
-    alone = p.run("cpu", _single_all(p), invariant=False)
-    data, pos = p.batch(600, list(range(0, 600, 75)))
-    got = p.run("cpu", data, invariant=False)
-    same = all(torch.equal(x, y[pos]) for x, y in zip(alone, got))
-    assert not same
-    assert all(torch.equal(x, y[pos]) for x, y in zip(p.run("cpu", _single_all(p)), p.run("cpu", data)))
+    shape), the default triton forward splits the vocabulary more when there are few row tiles, so a row's
+    bits change with the batch. Were it not so, the tests above would prove nothing about the flag."""
+    V, H, n = {"cpu": (5000, 64, 600), "triton": (300, 24, 70)}[backend]
+    p = Probe("linear_logprobs", V, H, torch.float32, "cpu", K=4)
+    data, pos = p.batch(n, [n // 4 * k + 3 for k in range(4)])
+    alone, got = p.run(backend, _single_all(p), invariant=False), p.run(backend, data, invariant=False)
+    assert not all(torch.equal(x, y[pos]) for x, y in zip(alone, got))
+    alone, got = p.run(backend, _single_all(p)), p.run(backend, data)
+    assert all(torch.equal(x, y[pos]) for x, y in zip(alone, got))
 
 
 def _single_all(p):
