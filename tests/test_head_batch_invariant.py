@@ -114,7 +114,7 @@ def _single(p, k):
     return (p.rows[k:k + 1], p.tok[k:k + 1], p.temp[k:k + 1], p.g1[k:k + 1], p.g2[k:k + 1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("backend", _backends("linear_logprobs"))
 def test_linear_logprobs_rows_do_not_depend_on_the_batch(backend, dtype):
     device = "cuda" if backend == "cuda" else "cpu"
