@@ -8,18 +8,17 @@
 //    the chunks in ascending order (rk::lse_merge); each chunk's row pass (the same fused pass as the
 //    default mode) runs on a row that starts 64-byte aligned in a buffer of fixed stride kVc, so even the
 //    compiler's vector loop prologue is the same for every row.
-//  - d(hidden): dh[i, :] += Σ_j dz[i, j]·W[j, :] over j = 0 … V−1 in ascending order (the axpy tiles), one
-//    accumulation per row, in the output itself (fp32/fp64; bf16/fp16 round once at the end).
-//  - threads work on whole rows (tiles of rows, any size: no row's arithmetic depends on it), so there
-//    is no merge of per-thread partials for anything a row returns.
-// The weight and bias gradients sum over rows: a second pass, parallel over vocabulary chunks, recomputes
-// each chunk's d(logits) tile by tile (the same arithmetic as the first pass) and adds dzᵀ·h over the
-// rows in ascending order: deterministic run to run (for a given batch), no atomics.
-// Cost next to the default mode: the fixed-order tiles run slower than a tuned BLAS GEMM, and with a weight
-// or bias gradient the backward computes the logits twice (4 GEMM-sized products instead of 3); BENCHMARKS.md
-// has the measured ratio. Extra memory: per thread a [nt, kVc] logits tile and, for bf16/fp16 inputs, the
-// fp32 copies of a row tile and a weight chunk (and of a d(W) chunk), plus the [N, H] accumulator as in the
-// default mode; no per-group state.
+//  - forward: threads work on whole rows (tiles of rows, any size: no row's arithmetic depends on it), so
+//    there is no merge of per-thread partials.
+//  - the backward runs blocks of rows in turn, the vocabulary split into kGroups fixed groups of chunks in
+//    parallel: d(hidden)[i, :] is the sum, in group order, of each group's Σ_j dz[i, j]·W[j, :] over its j
+//    in ascending order (an order set by V alone); each group's partial is its own buffer.
+// The weight and bias gradients sum over rows: each chunk belongs to one group, which adds dzᵀ·h of each row
+// block in order: deterministic run to run (for a given batch), no atomics.
+// Cost next to the default mode: the fixed-order tiles run slower than a tuned BLAS GEMM (BENCHMARKS.md has
+// the measured ratio). Extra memory: per thread a logits tile (at most kBlockRows × kVc) and, for bf16/fp16
+// inputs, the fp32 copies of a row block and a weight chunk; the group partials kGroups·kBlockRows·H; the
+// [N, H] d(hidden) accumulator as in the default mode; and, for bf16/fp16 weights, an fp32 d(W) [V, H].
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -40,6 +39,10 @@ namespace {
 constexpr int64_t kVc = 1024;
 // Rows per task at most: any value gives the same results; 64 rows × kVc fp32 logits = 256 KiB (L2).
 constexpr int64_t kMaxTileRows = 64;
+// Backward: vocabulary groups run in parallel (fixed: a row's d(hidden) adds their partials in this order),
+// over blocks of rows (any size gives the same rows; it bounds the partials, kGroups·kBlockRows·H).
+constexpr int64_t kGroups = 8;
+constexpr int64_t kBlockRows = 256;
 
 int64_t tile_rows(int64_t N) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -153,54 +156,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_invariant(const at::Tensor& g
     }
   };
 
-  // pass 1, parallel over row tiles: d(hidden) rows, each summed over the vocabulary in ascending order
-  at::Tensor dh = need_h ? at::zeros({N, H}, opts) : at::Tensor();
-  if (need_h) {
-    T* dhp = dh.mutable_data_ptr<T>();
-    const int64_t nt = tile_rows(N), tiles = (N + nt - 1) / nt;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // Blocks of rows one after the other; in each, the kGroups vocabulary groups run in parallel. A group
+  // computes d(logits) of its chunks once and uses it twice: d(hidden) into the group's own [rows, H]
+  // partial (summed over its chunks in ascending order), and d(W) of its chunks (each chunk belongs to one
+  // group; summed over the row blocks in order). A row's d(hidden) is then the sum of the group partials in
+  // group order: the groups, like the chunks, are a function of V alone.
+  const int64_t G = std::min(kGroups, chunks);
+  auto first = [&](int64_t g) { return g * chunks / G; };
+  at::Tensor dh = need_h ? at::empty({N, H}, opts) : at::Tensor();
+  at::Tensor part = need_h ? at::empty({G, kBlockRows, H}, opts) : at::Tensor();
+  // bf16/fp16 weights: d(W) accumulates in fp32 over all row blocks before its cast
+  at::Tensor dwacc = cast && need_w ? at::zeros({V, H}, opts) : at::Tensor();
+  T* dwp = !need_w ? nullptr : (cast ? dwacc.mutable_data_ptr<T>() : grad_w.mutable_data_ptr<T>());
+  T* dbp = need_b ? grad_b.mutable_data_ptr<T>() : nullptr;
+  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+    const int64_t nr = std::min(kBlockRows, N - r0);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1e) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      at::Tensor zbuf = at::empty({nt * kVc}, opts);
+      at::Tensor zbuf = at::empty({nr * kVc}, opts);
       at::Tensor wbuf = cast ? at::empty({kVc, H}, opts) : at::Tensor();
-      at::Tensor hbuf = cast ? at::empty({nt, H}, opts) : at::Tensor();
+      at::Tensor hbuf = cast ? at::empty({nr, H}, opts) : at::Tensor();
       T* z = zbuf.mutable_data_ptr<T>();
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * nt, nr = std::min(nt, N - r0);
-        const T* h = operand(hidden, r0, nr, hbuf).const_data_ptr<T>();
-        for (int64_t v0 = 0; v0 < V; v0 += kVc) {
-          const int64_t vc = std::min(kVc, V - v0);
+      const T* h = operand(hidden, r0, nr, hbuf).const_data_ptr<T>();
+      for (int64_t g = g0; g < g1e; ++g) {
+        T* pg = need_h ? part.select(0, g).narrow(0, 0, nr).zero_().mutable_data_ptr<T>() : nullptr;
+        for (int64_t c = first(g); c < first(g + 1); ++c) {
+          const int64_t v0 = c * kVc, vc = std::min(kVc, V - v0);
           const T* w = operand(weight, v0, vc, wbuf).const_data_ptr<T>();
-          dlogits(z, h, w, r0, nr, v0, vc, nullptr);
-          axpy(z, kVc, 1, w, dhp + r0 * H, nr, vc, H);
-        }
-      }
-    });
-  }
-
-  // pass 2, parallel over vocabulary chunks: d(W) and d(b) of a chunk, summed over the rows in ascending order
-  if (need_w || need_b) {
-    T* dbp = need_b ? grad_b.mutable_data_ptr<T>() : nullptr;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      at::Tensor zbuf = at::empty({kMaxTileRows * kVc}, opts);
-      at::Tensor wbuf = cast ? at::empty({kVc, H}, opts) : at::Tensor();
-      at::Tensor hbuf = cast ? at::empty({kMaxTileRows, H}, opts) : at::Tensor();
-      at::Tensor dwbuf = cast && need_w ? at::empty({kVc, H}, opts) : at::Tensor();
-      T* z = zbuf.mutable_data_ptr<T>();
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t v0 = c * kVc, vc = std::min(kVc, V - v0);
-        const T* w = operand(weight, v0, vc, wbuf).const_data_ptr<T>();
-        at::Tensor dw = !need_w ? at::Tensor() : (cast ? dwbuf.narrow(0, 0, vc).zero_() : grad_w.narrow(0, v0, vc));
-        for (int64_t r0 = 0; r0 < N; r0 += kMaxTileRows) {
-          const int64_t nr = std::min(kMaxTileRows, N - r0);
-          const T* h = operand(hidden, r0, nr, hbuf).const_data_ptr<T>();
           dlogits(z, h, w, r0, nr, v0, vc, dbp ? dbp + v0 : nullptr);
-          if (need_w) axpy(z, 1, kVc, h, dw.mutable_data_ptr<T>(), vc, nr, H);
+          if (need_h) axpy(z, kVc, 1, w, pg, nr, vc, H);
+          if (need_w) axpy(z, 1, kVc, h, dwp + v0 * H, vc, nr, H);
         }
-        if (need_w && cast) grad_w.narrow(0, v0, vc).copy_(dw);
       }
     });
+    if (need_h) {  // elementwise adds, in group order
+      at::Tensor dhr = dh.narrow(0, r0, nr);
+      dhr.copy_(part.select(0, 0).narrow(0, 0, nr));
+      for (int64_t g = 1; g < G; ++g) dhr.add_(part.select(0, g).narrow(0, 0, nr));
+    }
   }
+  if (need_w && cast) grad_w.copy_(dwacc);
 
   if (!need_h) return {at::empty({0}, hidden.options()), grad_w, grad_b};
   return {dh.to(hidden.scalar_type()), grad_w, grad_b};
