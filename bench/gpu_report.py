@@ -183,9 +183,11 @@ def _linear_logprobs(mod):
                             label = (f"N={N} H={H} V={V}" + (" bias+entropy" if bias is not None else "")
                                      + (" tf32" if tf32 else ""))
                             fwd = mod.plan_fwd(h, w, bias, tok, r, r, r, allow_tf32=tf32)
+                            # batch_invariant changes the forward's grid (its vocabulary splits), not its kernels
+                            fwd_inv = mod.plan_fwd(h, w, bias, tok, r, r, r, batch_invariant=True, allow_tf32=tf32)
                             bwd = mod.plan_bwd(r, gent, h, w, bias, tok, r, r, _meta(N, H, dtype=dt),
                                                _meta(V, H, dtype=dt), bias, allow_tf32=tf32)
-                            out += [(dt, label, fwd), (dt, label, bwd)]
+                            out += [(dt, label, fwd), (dt, label + " batch_invariant", fwd_inv), (dt, label, bwd)]
     return out
 
 

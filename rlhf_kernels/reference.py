@@ -31,7 +31,11 @@ def _scale(z, tokens, temperature, softcap):
     return z / temperature
 
 
-def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None):
+def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None,
+                         batch_invariant=False):
+    if batch_invariant:
+        return _row_by_row(lambda z, tok, t: logprobs_from_logits(z, tok, t, ignore_index, return_entropy, softcap),
+                           logits, tokens, temperature, return_entropy, compute_dtype(logits))
     z = _scale(logits.to(compute_dtype(logits)), tokens, temperature, softcap)
     V = z.shape[-1]
     logp_all = torch.log_softmax(z, dim=-1)
@@ -52,12 +56,36 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, ret
 
 
 def linear_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, softcap=None):
+                    return_entropy=False, softcap=None, batch_invariant=False):
     dt = compute_dtype(hidden, weight, bias)
+    if batch_invariant:
+        # logits of one row as an elementwise product and a sum over H of a [V, H] tensor: the same ops on
+        # the same shapes whatever the batch (a matmul over all rows may pick its kernel by the row count)
+        w, b = weight.to(dt), None if bias is None else bias.to(dt)
+
+        def one(h, tok, t):
+            z = (w * h.to(dt)).sum(-1)
+            return logprobs_from_logits(z if b is None else z + b, tok, t, ignore_index, return_entropy, softcap)
+        return _row_by_row(one, hidden, tokens, temperature, return_entropy, dt)
     logits = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)
     return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy, softcap)
+
+
+def _row_by_row(one, x, tokens, temperature, return_entropy, dtype):
+    """batch_invariant: `one(x_row, token, temperature)` for each position on its own, stacked (x is [..., D]).
+    Each row runs the same ops on tensors of the same shapes whatever the rest of the batch, so its result
+    cannot depend on the batch; slow, and meant for tests on small shapes."""
+    flat_x, flat_t = x.reshape(-1, x.shape[-1]), tokens.reshape(-1)
+    temps = temperature.detach().expand(tokens.shape).reshape(-1) if isinstance(temperature, torch.Tensor) else None
+    outs = [one(flat_x[i], flat_t[i], temperature if temps is None else temps[i]) for i in range(flat_t.numel())]
+    if not outs:
+        empty = x.new_zeros(tokens.shape, dtype=dtype)
+        return (empty, empty.clone()) if return_entropy else empty
+    if return_entropy:
+        return torch.stack([o[0] for o in outs]).view(tokens.shape), torch.stack([o[1] for o in outs]).view(tokens.shape)
+    return torch.stack(outs).view(tokens.shape)
 
 
 def _expm1_minus(x):

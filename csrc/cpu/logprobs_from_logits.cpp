@@ -3,6 +3,9 @@
 // fp16 accumulate in float; fp64 in double). Leading dims may have any strides (e.g. logits[:, :-1]);
 // only the vocabulary dim must be contiguous (the Python layer ensures it). Only lse[N] (and
 // entropy[N]) is kept for backward.
+// Batch-invariant in every mode (the batch_invariant flag changes nothing here): a row is reduced by one
+// task on its own, in chunks and SIMD lanes counted from the row's first element with unaligned loads, so
+// its order of operations depends on V alone, not on N, its position, the thread count or its address.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
                                                                         const at::Tensor& tokens, double temperature,
                                                                         int64_t ignore_index, bool return_entropy,
                                                                         const std::optional<at::Tensor>& temps,
-                                                                        double softcap) {
+                                                                        double softcap, bool /*batch_invariant*/) {
   rk::check_logprobs_from_logits(logits_in, tokens);
   rk::check_head_options("logprobs_from_logits", temps, softcap, rk::accumulation_type(logits_in), tokens.numel(),
                          logits_in);
@@ -65,7 +68,7 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index, const std::optional<at::Tensor>& temps,
-                                    double softcap) {
+                                    double softcap, bool /*batch_invariant*/) {
   rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
   rk::check_head_options("logprobs_from_logits_bwd", temps, softcap, rk::accumulation_type(logits_in),
                          tokens.numel(), logits_in);

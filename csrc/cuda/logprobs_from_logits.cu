@@ -5,6 +5,10 @@
 // Backward: one block per row, one pass writing the gradient with rk::logprob_entropy_grad.
 // Rows are read (and the gradient written) in 16-byte vectors: a row's unaligned head and its tail go
 // one element at a time, the aligned body 16 bytes per thread and access (8 bf16/fp16, 4 fp32, 2 fp64).
+// batch_invariant: where the aligned body starts depends on the row's address, i.e. on its position in
+// the batch when V is not a multiple of the vector width, and it decides which thread folds which
+// element; the forward then reads element by element (thread t takes j ≡ t mod kRowThreads), an order
+// that depends on V alone. The backward is elementwise: batch-invariant either way.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -125,7 +129,8 @@ template <typename in_t, typename T>
 __global__ void __launch_bounds__(kRowThreads)
     logprobs_fwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
                         const int64_t* __restrict__ tokens, T* __restrict__ logp, T* __restrict__ ent,
-                        T* __restrict__ lse, T inv_t0, const T* __restrict__ temps, T softcap, int64_t ignore_index) {
+                        T* __restrict__ lse, T inv_t0, const T* __restrict__ temps, T softcap, int64_t ignore_index,
+                        bool invariant) {
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const T inv_t = row_inv_t(temps, r, inv_t0);
     const int64_t tok = tokens[r];
@@ -138,7 +143,12 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     const in_t* row = x + rows.offset(r);
     rk::LseState<T> st = rk::lse_init<T>();
-    for_each_in_row(row, V, [&](int64_t, in_t x) { rk::lse_push(st, capped(static_cast<T>(x), softcap) * inv_t); });
+    auto push = [&](int64_t, in_t x) { rk::lse_push(st, capped(static_cast<T>(x), softcap) * inv_t); };
+    if (invariant) {
+      for (int64_t j = threadIdx.x; j < V; j += kRowThreads) push(j, row[j]);
+    } else {
+      for_each_in_row(row, V, push);
+    }
     st = block_merge(st);
     if (threadIdx.x == 0) {
       const T l = rk::lse_value(st);
@@ -197,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
                                                                         const at::Tensor& tokens, double temperature,
                                                                         int64_t ignore_index, bool return_entropy,
                                                                         const std::optional<at::Tensor>& temps,
-                                                                        double softcap) {
+                                                                        double softcap, bool batch_invariant) {
   rk::check_logprobs_from_logits(logits_in, tokens);
   rk::check_head_options("logprobs_from_logits", temps, softcap, rk::accumulation_type(logits_in), tokens.numel(),
                          logits_in);
@@ -219,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
         static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
         logp.mutable_data_ptr<T>(), return_entropy ? ent.mutable_data_ptr<T>() : nullptr, lse.mutable_data_ptr<T>(),
         static_cast<T>(1.0 / temperature), has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap),
-        ignore_index);
+        ignore_index, batch_invariant);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, ent, lse};
@@ -229,7 +239,7 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index, const std::optional<at::Tensor>& temps,
-                                    double softcap) {
+                                    double softcap, bool /*batch_invariant*/) {
   rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
   rk::check_head_options("logprobs_from_logits_bwd", temps, softcap, rk::accumulation_type(logits_in),
                          tokens.numel(), logits_in);

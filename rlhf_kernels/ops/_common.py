@@ -143,6 +143,13 @@ def temperature_arg(temperature, tokens, dtype, validate):
     return 1.0, t.contiguous()
 
 
+def bool_arg(name, value):
+    """A flag that must be a real bool (not 0/1, not None): the kernels take it as a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def softcap_arg(softcap):
     """softcap as the kernels take it: c > 0, or 0.0 for none."""
     c = number("softcap", softcap, positive=True, optional=True)

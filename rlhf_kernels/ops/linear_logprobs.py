@@ -39,7 +39,17 @@ import torch
 
 from .. import reference
 from . import vocab_parallel
-from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    backend_for,
+    bool_arg,
+    float_tensor,
+    int_tensor,
+    same_device,
+    softcap_arg,
+    temperature_arg,
+)
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -62,7 +72,8 @@ def chunk_bytes():
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, validate=True, backend=None, process_group=None, vocab_offset=None):
+                    return_entropy=False, validate=True, backend=None, batch_invariant=False,
+                    process_group=None, vocab_offset=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
     log_softmax(cap(hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
@@ -72,6 +83,12 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
     with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
     requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
+
+    batch_invariant=True: each position's log-prob, entropy and row of the hidden gradient are bitwise the
+    same whatever else is in the batch (its position, the batch size, the other rows' contents, ignored
+    rows); the weight and bias gradients stay deterministic run to run. Every backend gets it by
+    construction, not by luck: no reduction whose order depends on the number of rows (docs/batch_invariant.md
+    says how each backend does it, and what it costs).
 
     Vocabulary-parallel head: with process_group, weight (and bias) hold this rank's rows [vocab_offset,
     vocab_offset + V_r) of the vocabulary (vocab_offset defaults to rank·V_r, the even split), tokens are global
@@ -102,7 +119,10 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     dt = reference.compute_dtype(hidden, weight, bias)
     temperature, temps = temperature_arg(temperature, tokens, dt, validate)
     cap = softcap_arg(softcap)
+    invariant = bool_arg("batch_invariant", batch_invariant)
     if process_group is not None or vocab_offset is not None:
+        if invariant:
+            vocab_parallel.not_composable("batch_invariant")
         name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
         return vocab_parallel.linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index,
                                               bool(return_entropy), validate, name, process_group, vocab_offset)
@@ -110,7 +130,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
         return reference.linear_logprobs(hidden, weight, tokens, bias, temperature if temps is None else temps,
-                                         ignore_index, bool(return_entropy), softcap)
+                                         ignore_index, bool(return_entropy), softcap, invariant)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     w = weight
@@ -124,7 +144,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     if name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
-            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap)
+            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap, invariant)
     else:
         # one storage dtype for both (bf16/fp16 stay so, and are widened chunk by chunk); with mixed
         # dtypes only the narrower side is widened, which is the small hidden unless weight is bf16/fp16
@@ -133,7 +153,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         h = h.to(store).contiguous()
         w = w.to(store).contiguous()
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
-                                                                  chunk_bytes(), temps, cap)
+                                                                  chunk_bytes(), temps, cap, invariant)
     if keep is not None:
         n = tokens.numel()
         logp = logp.new_zeros(n).index_copy(0, keep, logp)
@@ -187,7 +207,7 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.extra = tuple(inputs[6:])  # the chunk budget, the per-row temperatures, the softcap
+    ctx.extra = tuple(inputs[6:])  # the chunk budget, the per-row temperatures, the softcap, batch_invariant
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
 
 
@@ -221,8 +241,10 @@ if HAVE_TRITON:
     def _linear_logprobs_fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                     tokens: torch.Tensor, temperature: float, ignore_index: int,
                                     budget: int, temperatures: torch.Tensor | None = None,
-                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures, softcap)
+                                    softcap: float = 0.0,
+                                    batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures, softcap,
+                                       batch_invariant)
 
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_bwd_triton", mutates_args=())
     def _linear_logprobs_bwd_triton(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
@@ -230,10 +252,11 @@ if HAVE_TRITON:
                                     lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
                                     need_hidden: bool, need_weight: bool, need_bias: bool,
                                     budget: int, temperatures: torch.Tensor | None = None,
-                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    softcap: float = 0.0,
+                                    batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tl.linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy,
                                        temperature, ignore_index, need_hidden, need_weight, need_bias, budget,
-                                       temperatures, softcap)
+                                       temperatures, softcap, batch_invariant)
 
     _linear_logprobs_fwd_triton.register_fake(_fake_fwd)
     _linear_logprobs_bwd_triton.register_fake(_fake_bwd)

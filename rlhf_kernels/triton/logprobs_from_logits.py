@@ -4,6 +4,8 @@ Forward keeps an online log-sum-exp state (max m, Σe^{z−m}, Σe^{z−m}(z−m
 time (the same state and merge rule as csrc/common.h LseState / lse_merge), and stores logp, entropy and lse.
 Backward recomputes p = exp(z − lse) tile by tile and writes the gradient in the logits dtype.
 Rows are addressed through two leading strides, so logits[:, :-1] of a [B, T, V] tensor needs no copy.
+Batch-invariant in every mode (batch_invariant changes nothing here): one program per row, its tile width
+set by V alone, so a row's order of operations never depends on the rest of the batch.
 """
 import torch
 import triton
