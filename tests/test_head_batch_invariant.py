@@ -225,3 +225,12 @@ def test_batch_invariant_must_be_a_bool():
         rk.linear_logprobs(h, w, tok, batch_invariant=1)
     with pytest.raises(TypeError, match="batch_invariant must be a bool"):
         rk.logprobs_from_logits(torch.randn(2, 5), tok, batch_invariant=None)
+
+
+def test_batch_invariant_with_a_vocabulary_shard_is_refused():
+    # the vocabulary-parallel head combines the shards' partials outside the kernels: not batch-invariant yet
+    h, w, tok = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="batch_invariant does not compose with process_group"):
+        rk.linear_logprobs(h, w, tok, batch_invariant=True, vocab_offset=0)
+    with pytest.raises(ValueError, match="batch_invariant does not compose with process_group"):
+        rk.logprobs_from_logits(torch.randn(2, 5), tok, batch_invariant=True, vocab_offset=0)
