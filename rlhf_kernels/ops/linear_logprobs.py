@@ -38,7 +38,19 @@ import os
 import torch
 
 from .. import reference
-from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    backend_for,
+    float_tensor,
+    int_tensor,
+    same_device,
+    softcap_arg,
+    temperature_arg,
+    top_k_arg,
+    top_p_arg,
+)
+from ._replay_head import ReplayHead
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -61,7 +73,7 @@ def chunk_bytes():
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, validate=True, backend=None):
+                    return_entropy=False, validate=True, backend=None, top_k=None, top_p=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
     log_softmax(cap(hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
@@ -71,6 +83,10 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
     with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
     requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
+
+    top_k, top_p: the sampler replay, exactly as in rk.logprobs_from_logits (a token outside its kept set gets
+    −inf and no gradient; mask it before a loss). It runs the head in blocks of rows over the whole vocabulary
+    (one pass forward, one backward; rlhf_kernels/ops/_replay_head.py states the passes and the memory).
     """
     float_tensor("hidden", hidden, ndim_min=1)
     float_tensor("weight", weight)
@@ -95,22 +111,29 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     dt = reference.compute_dtype(hidden, weight, bias)
     temperature, temps = temperature_arg(temperature, tokens, dt, validate)
     cap = softcap_arg(softcap)
+    ks = top_k_arg(top_k, tokens, validate)
+    ps = top_p_arg(top_p, tokens, dt, validate)
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
         return reference.linear_logprobs(hidden, weight, tokens, bias, temperature if temps is None else temps,
-                                         ignore_index, bool(return_entropy), softcap)
+                                         ignore_index, bool(return_entropy), softcap, ks, ps)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     w = weight
     b = None if bias is None else bias.to(dt).contiguous()
     tok = tokens.reshape(-1).to(torch.int64).contiguous()
     temps = None if temps is None else temps.reshape(-1)
+    ks = None if ks is None else ks.reshape(-1)
+    ps = None if ps is None else ps.reshape(-1)
     keep = _valid_rows(tok, ignore_index, validate)
     if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
         h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
-        temps = None if temps is None else temps.index_select(0, keep)
-    if name == "triton":
+        temps, ks, ps = (None if x is None else x.index_select(0, keep) for x in (temps, ks, ps))
+    if ks is not None or ps is not None:
+        logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
+                                     ks, ps, bool(return_entropy), name, chunk_bytes())
+    elif name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
             h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap)
