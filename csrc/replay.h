@@ -14,30 +14,55 @@
 
 namespace rk {
 
-RK_HD int64_t order_key(float z) {
-  z = z + 0.0f;  // −0 -> +0: equal values get equal keys
+// the bits of a float as an integer and back (intrinsics on the device, memcpy on the host)
+RK_HD int32_t float_bits(float z) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(z);
+#else
   int32_t b;
   std::memcpy(&b, &z, sizeof b);
-  return b >= 0 ? int64_t(b) : int64_t(b ^ 0x7fffffff);
+  return b;
+#endif
 }
-RK_HD int64_t order_key(double z) {
-  z = z + 0.0;
+RK_HD int64_t float_bits(double z) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int64_t>(__double_as_longlong(z));
+#else
   int64_t b;
   std::memcpy(&b, &z, sizeof b);
-  return b >= 0 ? b : (b ^ int64_t(0x7fffffffffffffffLL));
+  return b;
+#endif
 }
-RK_HD float key_value(int64_t k, float) {
-  int32_t b = k >= 0 ? int32_t(k) : (int32_t(k) ^ 0x7fffffff);
+RK_HD float bits_float(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
   float z;
   std::memcpy(&z, &b, sizeof z);
   return z;
+#endif
 }
-RK_HD double key_value(int64_t k, double) {
-  int64_t b = k >= 0 ? k : (k ^ int64_t(0x7fffffffffffffffLL));
+RK_HD double bits_double(int64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
   double z;
   std::memcpy(&z, &b, sizeof z);
   return z;
+#endif
 }
+
+// An integer key with the order of z (its bits, negatives reflected); −0 and +0 get the same key.
+RK_HD int64_t order_key(float z) {
+  const int32_t b = float_bits(z + 0.0f);
+  return b >= 0 ? int64_t(b) : int64_t(b ^ 0x7fffffff);
+}
+RK_HD int64_t order_key(double z) {
+  const int64_t b = float_bits(z + 0.0);
+  return b >= 0 ? b : (b ^ int64_t(0x7fffffffffffffffLL));
+}
+RK_HD float key_value(int64_t k, float) { return bits_float(k >= 0 ? int32_t(k) : (int32_t(k) ^ 0x7fffffff)); }
+RK_HD double key_value(int64_t k, double) { return bits_double(k >= 0 ? k : (k ^ int64_t(0x7fffffffffffffffLL))); }
 // floor((a + b) / 2) without overflow
 RK_HD int64_t key_mid(int64_t a, int64_t b) { return (a >> 1) + (b >> 1) + (a & b & 1); }
 
