@@ -14,8 +14,8 @@ import rlhf_kernels as rk
 from .common import interleaved
 
 
-def run(quick=False, csv_dir=None, ceilings=None, backend=None):
-    N, H, V = (256, 256, 8192) if quick else (1024, 512, 32000)
+def run(quick=False, csv_dir=None, ceilings=None, backend=None, shape=None):
+    N, H, V = shape or ((256, 256, 8192) if quick else (1024, 512, 32000))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g).requires_grad_()
     w = (torch.randn(V, H, generator=g) / H ** 0.5 * 4).requires_grad_()
@@ -47,5 +47,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--backend", default=None)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"), default=None)
     a = p.parse_args()
-    run(quick=a.quick, backend=a.backend)
+    run(quick=a.quick, backend=a.backend, shape=a.shape)

@@ -268,3 +268,22 @@ def test_replays_transformers_sampler(top_k, top_p, temperature):
         got = rk.logprobs_from_logits(logits[..., None, :].expand(*every.shape, V), every, backend=backend, **kw)
         assert torch.equal(torch.isinf(got), torch.isinf(want)), backend
         torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends("linear_logprobs") if b != "reference"])
+def test_linear_row_blocks(backend, monkeypatch):
+    """A budget of two rows per block: the forward and the backward walk several blocks and agree with one block."""
+    hidden, weight, bias, tokens, temps, top_k, top_p = _case((7,), 23, 5, 4)
+    monkeypatch.setenv("RLHF_KERNELS_CHUNK_BYTES", str(2 * 2 * 23 * 8))
+    outs = []
+    for budget in ("small", "default"):
+        if budget == "default":
+            monkeypatch.delenv("RLHF_KERNELS_CHUNK_BYTES")
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        lp, ent = rk.linear_logprobs(leaves[0], leaves[1], tokens, bias=leaves[2], temperature=temps, top_k=top_k,
+                                     top_p=top_p, return_entropy=True, backend=backend)
+        (torch.where(torch.isfinite(lp), lp, 0.0).sum() + ent.sum()).backward()
+        outs.append([lp, ent] + [x.grad for x in leaves])
+    assert torch.isinf(outs[0][0]).any()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
