@@ -1,15 +1,15 @@
-// CPU row loops of logprobs_from_logits' sampler replay (top-k / top-p): the per-row threshold (csrc/replay.h),
-// then forward and backward on the logits with z < threshold set to −inf. Scalar code in the accumulation
+// CPU row loops of logprobs_from_logits' sampler replay (top-k / top-p): the per-row threshold, then forward
+// and backward on the logits with z < threshold set to −inf. Scalar code in the accumulation
 // dtype; the threshold, forward and backward compute each z with the same expression, so a token is on the
 // same side of its row's threshold in all three. Included once, by cpu/logprobs_from_logits.cpp.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "replay.h"
 
 namespace rk {
 namespace cpu {
@@ -27,9 +27,44 @@ template <typename T, typename in_t> void row_z(const in_t* x, int64_t V, T it, 
   for (int64_t j = 0; j < V; ++j) out[j] = capped(static_cast<T>(x[j]), c, ic) * it;
 }
 
+// The threshold of one row whose scaled logits are z[0..V) (buf: V scratch values). The same set as
+// rk::replay_threshold (csrc/replay.h), found with a selection and a sort instead of bisection passes, since the
+// row is in a buffer: top-k is the k-th largest z (nth_element, O(V)); top-p sorts the survivors ascending and
+// takes the lowest value whose cumulative mass, summed ascending to the end of its group of equal values,
+// exceeds (1 − p)·Z (the reference's own order of summation).
+template <typename T> T row_threshold(const T* z, int64_t V, int64_t k, T p, T* buf) {
+  const T ninf = -r_inf<T>();
+  T m = ninf;
+  for (int64_t j = 0; j < V; ++j) m = r_max(m, z[j]);
+  if (m == ninf || m != m) return ninf;
+  T th = ninf;
+  if (k > 0 && k < V) {
+    std::copy(z, z + V, buf);
+    std::nth_element(buf, buf + (k - 1), buf + V, [](T a, T b) { return a > b; });
+    th = buf[k - 1];
+  }
+  if (p < T(1)) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < V; ++j)
+      if (z[j] >= th && z[j] != ninf) buf[n++] = z[j];
+    std::sort(buf, buf + n);
+    T Z = T(0);
+    for (int64_t i = 0; i < n; ++i) Z += r_exp(buf[i] - m);
+    const T target = (T(1) - p) * Z;
+    T cum = T(0);
+    for (int64_t i = 0; i < n;) {
+      int64_t e = i;
+      while (e < n && buf[e] == buf[i]) cum += r_exp(buf[e++] - m);
+      if (cum > target || e == n) return buf[i];  // the max always stays
+      i = e;
+    }
+  }
+  return th;
+}
+
 template <typename T, typename in_t>
 void threshold_rows(const LogitsFwdArgs& a, const int64_t* top_k, const T* top_p, T* thr, int64_t lo, int64_t hi) {
-  std::vector<T> z(a.V), e(a.V);
+  std::vector<T> z(a.V), buf(a.V);
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t k = top_k ? top_k[r] : 0;
     const T p = top_p ? top_p[r] : T(1);
@@ -38,17 +73,7 @@ void threshold_rows(const LogitsFwdArgs& a, const int64_t* top_k, const T* top_p
       continue;
     }
     row_z<T>(static_cast<const in_t*>(a.logits) + a.rows.offset(r), a.V, inv_t_of<T>(a, r), T(a.softcap), z.data());
-    // e^{z − max} is filled once the max is known (the first call), then read from the buffer
-    T em = r_nan<T>();
-    auto zf = [&](int64_t j) { return z[j]; };
-    auto ef = [&](int64_t j, T m) {
-      if (!(em == m)) {
-        for (int64_t i = 0; i < a.V; ++i) e[i] = z[i] == -r_inf<T>() ? T(0) : r_exp(z[i] - m);
-        em = m;
-      }
-      return e[j];
-    };
-    thr[r] = replay_threshold<T>(zf, ef, a.V, k, p);
+    thr[r] = row_threshold<T>(z.data(), a.V, k, p, buf.data());
   }
 }
 
