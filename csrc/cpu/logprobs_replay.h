@@ -27,12 +27,17 @@ template <typename T, typename in_t> void row_z(const in_t* x, int64_t V, T it, 
   for (int64_t j = 0; j < V; ++j) out[j] = capped(static_cast<T>(x[j]), c, ic) * it;
 }
 
-// The threshold of one row whose scaled logits are z[0..V) (buf: V scratch values). The same set as
-// rk::replay_threshold (csrc/replay.h), found with a selection and a sort instead of bisection passes, since the
-// row is in a buffer: top-k is the k-th largest z (nth_element, O(V)); top-p sorts the survivors ascending and
-// takes the lowest value whose cumulative mass, summed ascending to the end of its group of equal values,
-// exceeds (1 − p)·Z (the reference's own order of summation).
-template <typename T> T row_threshold(const T* z, int64_t V, int64_t k, T p, T* buf) {
+// A survivor of the top-k cut: its scaled logit and e^{z − max}.
+template <typename T> struct Survivor {
+  T v, e;
+};
+
+// The threshold of one row whose scaled logits are z[0..V) (buf, sbuf: V scratch entries each). The same set as
+// rk::replay_threshold (csrc/replay.h), found with selections instead of bisection passes, since the row is in a
+// buffer: top-k is the k-th largest z (nth_element); top-p is the lowest value whose ascending cumulative mass,
+// its whole group of equal values included, exceeds (1 − p)·Z, found by quickselect on mass (three-way
+// partitions around a pivot, keeping the side that holds the crossing): expected O(V), not a sort.
+template <typename T> T row_threshold(const T* z, int64_t V, int64_t k, T p, T* buf, Survivor<T>* sv) {
   const T ninf = -r_inf<T>();
   T m = ninf;
   for (int64_t j = 0; j < V; ++j) m = r_max(m, z[j]);
@@ -43,28 +48,41 @@ template <typename T> T row_threshold(const T* z, int64_t V, int64_t k, T p, T* 
     std::nth_element(buf, buf + (k - 1), buf + V, [](T a, T b) { return a > b; });
     th = buf[k - 1];
   }
-  if (p < T(1)) {
-    int64_t n = 0;
-    for (int64_t j = 0; j < V; ++j)
-      if (z[j] >= th && z[j] != ninf) buf[n++] = z[j];
-    std::sort(buf, buf + n);
-    T Z = T(0);
-    for (int64_t i = 0; i < n; ++i) Z += r_exp(buf[i] - m);
-    const T target = (T(1) - p) * Z;
-    T cum = T(0);
-    for (int64_t i = 0; i < n;) {
-      int64_t e = i;
-      while (e < n && buf[e] == buf[i]) cum += r_exp(buf[e++] - m);
-      if (cum > target || e == n) return buf[i];  // the max always stays
-      i = e;
+  if (!(p < T(1))) return th;
+  int64_t n = 0;
+  T Z = T(0);
+  for (int64_t j = 0; j < V; ++j)
+    if (z[j] >= th && z[j] != ninf) {
+      sv[n] = {z[j], r_exp(z[j] - m)};
+      Z += sv[n++].e;
+    }
+  const T target = (T(1) - p) * Z;
+  T below = T(0);  // the mass of the values already known to lie below the answer; stays <= target
+  Survivor<T>*lo = sv, *hi = sv + n;
+  while (lo < hi) {
+    const T a = lo->v, b = lo[(hi - lo) / 2].v, c = hi[-1].v;  // median of three
+    const T x = r_max(r_min(a, b), r_min(r_max(a, b), c));
+    Survivor<T>* m1 = std::partition(lo, hi, [x](const Survivor<T>& s) { return s.v < x; });
+    Survivor<T>* m2 = std::partition(m1, hi, [x](const Survivor<T>& s) { return s.v == x; });
+    T mass_l = T(0), mass_e = T(0);
+    for (Survivor<T>* s = lo; s < m1; ++s) mass_l += s->e;
+    for (Survivor<T>* s = m1; s < m2; ++s) mass_e += s->e;
+    if (below + mass_l > target) {
+      hi = m1;  // the crossing lies among the smaller values
+    } else if (below + mass_l + mass_e > target) {
+      return x;
+    } else {
+      below += mass_l + mass_e;
+      lo = m2;
     }
   }
-  return th;
+  return m;  // rounding left nothing above the target: the most probable token always stays
 }
 
 template <typename T, typename in_t>
 void threshold_rows(const LogitsFwdArgs& a, const int64_t* top_k, const T* top_p, T* thr, int64_t lo, int64_t hi) {
   std::vector<T> z(a.V), buf(a.V);
+  std::vector<Survivor<T>> sv(a.V);
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t k = top_k ? top_k[r] : 0;
     const T p = top_p ? top_p[r] : T(1);
@@ -73,7 +91,7 @@ void threshold_rows(const LogitsFwdArgs& a, const int64_t* top_k, const T* top_p
       continue;
     }
     row_z<T>(static_cast<const in_t*>(a.logits) + a.rows.offset(r), a.V, inv_t_of<T>(a, r), T(a.softcap), z.data());
-    thr[r] = row_threshold<T>(z.data(), a.V, k, p, buf.data());
+    thr[r] = row_threshold<T>(z.data(), a.V, k, p, buf.data(), sv.data());
   }
 }
 
