@@ -13,8 +13,9 @@ columns, nc chosen so that a block and its gradient fit the temporaries budget B
 
 Extra memory: one block of logits and one of its gradient, 2·nc·V·a ≤ B (a = 4, 8 for float64), and for
 bf16/fp16 inputs an fp32 copy of the weight (V·H·4) and of each block's hidden rows.
-The threshold costs the bisection's passes over each row in memory (≤ 33 per cut in fp32, 65 in fp64), which
-the benchmark in BENCHMARKS.md measures.
+The threshold costs a few passes over each row in memory (CPU: a selection per cut; CUDA and Triton: a
+bisection, ≤ 33 passes per cut in fp32, 65 in fp64); BENCHMARKS.md measures the whole (1.7–2.3× the plain head
+on CPU).
 """
 import torch
 
