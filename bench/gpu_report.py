@@ -164,6 +164,11 @@ def _logprobs_from_logits(mod):
                     out.append((dt, f"N={N} V={V}", mod.plan_fwd(z, tok, 1.0, -100, ent)[0]))
                 for gent in (None, r):
                     out.append((dt, f"N={N} V={V}", mod.plan_bwd(r, gent, z, tok, r, r, 1.0, -100)[0]))
+                # the sampler replay: the threshold (top-k alone, and top-k with top-p), the head cut at it
+                for p in (None, r):
+                    out.append((dt, f"N={N} V={V} replay", mod.plan_threshold(z, tok, 1.0, -100, None, 0.0, tok, p)[0]))
+                out.append((dt, f"N={N} V={V} replay", mod.plan_fwd(z, tok, 1.0, -100, True, thresholds=r)[0]))
+                out.append((dt, f"N={N} V={V} replay", mod.plan_bwd(r, r, z, tok, r, r, 1.0, -100, thresholds=r)[0]))
     return out
 
 

@@ -49,7 +49,10 @@ from ._common import (
     same_device,
     softcap_arg,
     temperature_arg,
+    top_k_arg,
+    top_p_arg,
 )
+from ._replay_head import ReplayHead
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -72,7 +75,7 @@ def chunk_bytes():
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, validate=True, backend=None, batch_invariant=False,
+                    return_entropy=False, validate=True, backend=None, top_k=None, top_p=None, batch_invariant=False,
                     process_group=None, vocab_offset=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
@@ -83,6 +86,12 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
     with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
     requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
+
+    top_k, top_p: the sampler replay, exactly as in rk.logprobs_from_logits (a token outside its kept set gets
+    −inf and no gradient; mask it before a loss). It runs the head in blocks of rows over the whole vocabulary
+    (one pass forward, one backward; rlhf_kernels/ops/_replay_head.py states the passes and the memory).
+    With batch_invariant=True they are refused for now (the replay's row blocks run torch GEMMs); on
+    materialised logits, rk.logprobs_from_logits takes both.
 
     batch_invariant=True: each position's log-prob, entropy and row of the hidden gradient are bitwise the
     same whatever else is in the batch (its position, the batch size, the other rows' contents, ignored
@@ -119,29 +128,42 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     dt = reference.compute_dtype(hidden, weight, bias)
     temperature, temps = temperature_arg(temperature, tokens, dt, validate)
     cap = softcap_arg(softcap)
+    ks = top_k_arg(top_k, tokens, validate)
+    ps = top_p_arg(top_p, tokens, dt, validate)
     invariant = bool_arg("batch_invariant", batch_invariant)
     if process_group is not None or vocab_offset is not None:
+        if ks is not None or ps is not None:
+            vocab_parallel.not_composable("top_k/top_p")
         if invariant:
             vocab_parallel.not_composable("batch_invariant")
         name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
         return vocab_parallel.linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index,
                                               bool(return_entropy), validate, name, process_group, vocab_offset)
+    if invariant and (ks is not None or ps is not None):
+        raise ValueError("top_k/top_p do not compose with batch_invariant=True in linear_logprobs yet (the replay "
+                         "runs its row blocks through BLAS GEMMs): compute the logits and use "
+                         "rk.logprobs_from_logits, which takes both")
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
         return reference.linear_logprobs(hidden, weight, tokens, bias, temperature if temps is None else temps,
-                                         ignore_index, bool(return_entropy), softcap, invariant)
+                                         ignore_index, bool(return_entropy), softcap, ks, ps, invariant)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     w = weight
     b = None if bias is None else bias.to(dt).contiguous()
     tok = tokens.reshape(-1).to(torch.int64).contiguous()
     temps = None if temps is None else temps.reshape(-1)
+    ks = None if ks is None else ks.reshape(-1)
+    ps = None if ps is None else ps.reshape(-1)
     keep = _valid_rows(tok, ignore_index, validate)
     if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
         h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
-        temps = None if temps is None else temps.index_select(0, keep)
-    if name == "triton":
+        temps, ks, ps = (None if x is None else x.index_select(0, keep) for x in (temps, ks, ps))
+    if ks is not None or ps is not None:
+        logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
+                                     ks, ps, bool(return_entropy), name, chunk_bytes())
+    elif name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
             h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap, invariant)

@@ -49,8 +49,22 @@ class RunConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.check_batches()
         self.check_lora()
+        if hasattr(self, "top_k"):
+            self.check_sampler()
         if hasattr(self, "label_noise") and not 0 <= self.label_noise < 0.5:
             raise ConfigError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
+
+    def check_sampler(self):
+        """top_k / top_p of the trainers that sample rollouts (PPO, GRPO and their variants)."""
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    def replay(self):
+        """The sampler settings the policy's rollout log-probs replay (rk.linear_logprobs' top_k / top_p)."""
+        return dict(top_k=getattr(self, "top_k", 0) or None,
+                    top_p=None if getattr(self, "top_p", 1.0) == 1.0 else self.top_p)
 
     def check_batches(self):
         if self.batch_size % self.micro_batch_size:
