@@ -234,3 +234,46 @@ def test_batch_invariant_with_a_vocabulary_shard_is_refused():
         rk.linear_logprobs(h, w, tok, batch_invariant=True, vocab_offset=0)
     with pytest.raises(ValueError, match="batch_invariant does not compose with process_group"):
         rk.logprobs_from_logits(torch.randn(2, 5), tok, batch_invariant=True, vocab_offset=0)
+
+
+@pytest.mark.parametrize("backend", _backends("logprobs_from_logits"))
+def test_logprobs_from_logits_replay_is_batch_invariant(backend):
+    # the sampler replay's threshold is found row by row, so top_k/top_p compose with batch_invariant here
+    V = SHAPES[backend][0]
+    g = torch.Generator().manual_seed(3)
+    dev = "cuda" if backend == "cuda" else "cpu"
+
+    def rows(n):
+        x = torch.randn(n, V, generator=g) * 3
+        return (x.to(dev), x.argmax(-1).to(dev), torch.randint(0, 9, (n,), generator=g).to(dev),
+                (0.5 + 0.5 * torch.rand(n, generator=g)).to(dev), torch.randn(n, generator=g).to(dev))
+
+    def run(x, tok, k, p, g1):
+        x = x.clone().requires_grad_()
+        lp, ent = rk.logprobs_from_logits(x, tok, top_k=k, top_p=p, softcap=CAP, return_entropy=True,
+                                          backend=backend, batch_invariant=True)
+        (lp * g1 + ent).sum().backward()
+        return lp.detach(), ent.detach(), x.grad
+
+    probe = rows(2)
+    alone = [run(*(t[i:i + 1] for t in probe)) for i in range(2)]
+    batch = rows(37)
+    at = (5, 30)
+    for i, a in enumerate(at):
+        for t, src in zip(batch, probe):
+            t[a] = src[i]
+    got = run(*batch)
+    for i, a in enumerate(at):
+        for x, y in zip(alone[i], got):
+            assert torch.equal(x[0], y[a])
+    assert torch.isfinite(got[0][list(at)]).all()  # each probe's token is its row's argmax: always kept
+
+
+def test_replay_with_batch_invariant_on_the_linear_head_and_with_a_shard_is_refused():
+    h, w, tok = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="top_k/top_p do not compose with batch_invariant"):
+        rk.linear_logprobs(h, w, tok, top_k=2, batch_invariant=True)
+    with pytest.raises(ValueError, match="top_k/top_p does not compose with process_group"):
+        rk.linear_logprobs(h, w, tok, top_p=0.9, vocab_offset=0)
+    with pytest.raises(ValueError, match="top_k/top_p does not compose with process_group"):
+        rk.logprobs_from_logits(torch.randn(2, 5), tok, top_k=3, vocab_offset=0)
