@@ -15,10 +15,10 @@ The contract every trainer follows under world size W:
   * rank 0 alone writes files (`is_main`).
 The models whose forward builds a graph are wrapped (`wrap_lm`, `wrap`) with DDP, or with FSDP2
 `fully_shard` when `cfg.fsdp`; every use of a causal LM (log-probs and sampling) goes through the
-wrapper's forward (LMForward), so the DDP/FSDP hooks see it. With `cfg.tp_head` (DDP only) the trained
-policy's LM head is sharded by vocabulary rows instead of replicated (tp_head.py): DDP ignores the
-shard, the gradient norm sums the shards' squares over the ranks (`clip_grad_norm`), and checkpoints
-and the saved model hold the whole head, gathered.
+wrapper's forward (LMForward), so the DDP/FSDP hooks see it. With `cfg.tp_head` (DDP only) the LM
+head of every wrapped LM (policy, reference) is sharded by vocabulary rows instead of replicated
+(tp_head.py): DDP ignores the shard, the gradient norm adds the shards' squares over the ranks
+(`clip_grad_norm`), and checkpoints and the saved model hold the whole head, gathered.
 """
 import copy
 import datetime
@@ -258,8 +258,10 @@ class Distributed(Single):
 
     # models ------------------------------------------------------------------------------------
     def wrap_lm(self, lm, trainable=True):
-        """The LM's forward wrapped; with tp_head a trained LM's head is first sharded (tp_head.shard)."""
-        if self.tp_head and trainable:
+        """The LM's forward wrapped; with tp_head its head is first sharded (tp_head.shard): the policy's, and
+        that of a frozen reference too, so that both take their log-probs through the same op (the first
+        KL of a run is then exactly 0, as on one process)."""
+        if self.tp_head:
             head = tp_head.shard(lm)
             self._shards.update(id(p) for p in head.parameters())
         return self.wrap(LMForward(lm), trainable)
