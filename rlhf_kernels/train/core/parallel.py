@@ -263,7 +263,7 @@ class Distributed(Single):
         KL of a run is then exactly 0, as on one process)."""
         if self.tp_head:
             head = tp_head.shard(lm)
-            self._shards.update(id(p) for p in head.parameters())
+            self._shards.update(id(p) for p in head.parameters() if p.requires_grad)  # a reference's: frozen
         return self.wrap(LMForward(lm), trainable)
 
     def wrap(self, module, trainable=True):

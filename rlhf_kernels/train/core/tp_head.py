@@ -3,7 +3,8 @@ the vocabulary-parallel head (rlhf_kernels/ops/vocab_parallel.py) inside the dat
 (docs/distributed.md, "Training on torchrun").
 
 Each rank keeps rows [offset, offset + V_r) of lm_head.weight (and bias) as its trainable parameter
-(ShardedHead, in place of the model's output embedding). DDP ignores it and the optimizer updates the shard,
+(ShardedHead, in place of the model's output embedding; a frozen reference's head is sharded alike, so that
+policy and reference log-probs go through the same op). DDP ignores it and the optimizer updates the shard,
 so the head's weight, gradient and AdamW moments are 1/W of the whole on every rank; the whole head exists
 only while `whole()` gathers it (sampling, saving the model).
 
