@@ -164,6 +164,11 @@ def _logprobs_from_logits(mod):
                     out.append((dt, f"N={N} V={V}", mod.plan_fwd(z, tok, 1.0, -100, ent)[0]))
                 for gent in (None, r):
                     out.append((dt, f"N={N} V={V}", mod.plan_bwd(r, gent, z, tok, r, r, 1.0, -100)[0]))
+                # the sampler replay: the threshold (top-k alone, and top-k with top-p), the head cut at it
+                for p in (None, r):
+                    out.append((dt, f"N={N} V={V} replay", mod.plan_threshold(z, tok, 1.0, -100, None, 0.0, tok, p)[0]))
+                out.append((dt, f"N={N} V={V} replay", mod.plan_fwd(z, tok, 1.0, -100, True, thresholds=r)[0]))
+                out.append((dt, f"N={N} V={V} replay", mod.plan_bwd(r, r, z, tok, r, r, 1.0, -100, thresholds=r)[0]))
     return out
 
 
@@ -183,9 +188,11 @@ def _linear_logprobs(mod):
                             label = (f"N={N} H={H} V={V}" + (" bias+entropy" if bias is not None else "")
                                      + (" tf32" if tf32 else ""))
                             fwd = mod.plan_fwd(h, w, bias, tok, r, r, r, allow_tf32=tf32)
+                            # batch_invariant changes the forward's grid (its vocabulary splits), not its kernels
+                            fwd_inv = mod.plan_fwd(h, w, bias, tok, r, r, r, batch_invariant=True, allow_tf32=tf32)
                             bwd = mod.plan_bwd(r, gent, h, w, bias, tok, r, r, _meta(N, H, dtype=dt),
                                                _meta(V, H, dtype=dt), bias, allow_tf32=tf32)
-                            out += [(dt, label, fwd), (dt, label, bwd)]
+                            out += [(dt, label, fwd), (dt, label + " batch_invariant", fwd_inv), (dt, label, bwd)]
     return out
 
 

@@ -15,22 +15,31 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // The head's options come last, with defaults: temperatures (per token, tokens' shape, contiguous, the
   // accumulation dtype; replaces `temperature` when given) and softcap (z <- c·tanh(z/c) before the
   // temperature; 0 = none). Further per-row settings are added the same way.
+  // thresholds (per row, the accumulation dtype; the sampler replay): logits whose z = cap(x)/t is below
+  // their row's threshold are left out (−inf), as is a token's log-prob (−inf, no gradient).
   m.def("logprobs_from_logits_fwd(Tensor logits, Tensor tokens, float temperature, int ignore_index, "
-        "bool return_entropy, Tensor? temperatures=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
+        "bool return_entropy, Tensor? temperatures=None, float softcap=0., bool batch_invariant=False, "
+        "Tensor? thresholds=None) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("logprobs_from_logits_bwd(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
         "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? temperatures=None, "
-        "float softcap=0.) -> Tensor");
+        "float softcap=0., bool batch_invariant=False, Tensor? thresholds=None) -> Tensor");
+  // The replay's threshold per row from top_k (int64 [N]) and top_p ([N], accumulation dtype), csrc/replay.h.
+  m.def("logprobs_from_logits_threshold(Tensor logits, Tensor tokens, float temperature, int ignore_index, "
+        "Tensor? temperatures, float softcap, Tensor? top_k, Tensor? top_p) -> Tensor");
   // hidden[N, H] and weight[V, H] of one dtype, bias[V] in the accumulation dtype (fp32, fp64 for fp64
   // inputs), tokens[N] int64 -> logp[N], entropy[N], lse[N] (accumulation dtype). chunk_bytes caps the
   // temporaries (<= 0: the default, 256 MiB). The backward gives grad_hidden, grad_weight, grad_bias,
   // each empty when its need_* flag is false (a frozen weight skips its GEMM).
-  // temperatures[N] and softcap as in logprobs_from_logits.
+  // temperatures[N] and softcap as in logprobs_from_logits. batch_invariant: each row's outputs (and its
+  // d(hidden) row) do not depend on the other rows (docs/batch_invariant.md).
   m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float temperature, "
-        "int ignore_index, int chunk_bytes, Tensor? temperatures=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
+        "int ignore_index, int chunk_bytes, Tensor? temperatures=None, float softcap=0., "
+        "bool batch_invariant=False) -> (Tensor, Tensor, Tensor)");
   m.def("linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
         "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int ignore_index, bool need_hidden, "
-        "bool need_weight, bool need_bias, int chunk_bytes, Tensor? temperatures=None, float softcap=0.) "
-        "-> (Tensor, Tensor, Tensor)");
+        "bool need_weight, bool need_bias, int chunk_bytes, Tensor? temperatures=None, float softcap=0., "
+        "bool batch_invariant=False) -> (Tensor, Tensor, Tensor)");
   m.def("token_kl_fwd(Tensor logp, Tensor ref_logp, int estimator, float clamp) -> Tensor");
   m.def("token_kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, float clamp) -> (Tensor, Tensor)");
   // score[R], mask[R, T] (uint8); logp/ref_logp/dense[R, T] or empty

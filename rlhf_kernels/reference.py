@@ -31,14 +31,63 @@ def _scale(z, tokens, temperature, softcap):
     return z / temperature
 
 
-def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None):
+def _per_token(x, tokens, dtype):
+    """A number or a tensor broadcastable to tokens.shape -> a tensor of tokens.shape (no gradient)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor(x, dtype=dtype, device=tokens.device)
+    return x.detach().to(device=tokens.device, dtype=dtype).expand(tokens.shape)
+
+
+def replay_kept(z, tokens, top_k=None, top_p=None):
+    """The sampler's kept set, a bool [..., V] mask over the scaled logits z, in vLLM's order: the top k
+    (every z equal to the k-th largest is kept; k <= 0 or k >= V keeps all), then over what is left the
+    softmax sorted ascending, dropping each token whose cumulative probability is <= 1 − p (p = 1: off).
+    A token tied with a kept token is kept (the cumulative probability of a group of equal z is the one at
+    its end), so the kept set is always {z >= threshold} for one threshold per row; the largest z is kept."""
+    V = z.shape[-1]
+    kept = z > float("-inf")
+    if top_k is not None:
+        k = _per_token(top_k, tokens, torch.int64)
+        on = (k > 0) & (k < V)
+        desc = z.sort(-1, descending=True).values
+        kth = desc.gather(-1, (k.clamp(1, V) - 1).unsqueeze(-1))
+        kept = kept & (~on.unsqueeze(-1) | (z >= kth))
+    if top_p is not None:
+        p = _per_token(top_p, tokens, z.dtype)
+        zk = torch.where(kept, z, torch.full_like(z, float("-inf")))
+        asc = zk.sort(-1).values
+        cum = torch.softmax(asc, -1).cumsum(-1)
+        # the cumulative probability at the end of each group of equal values
+        last = torch.searchsorted(asc.contiguous(), asc.contiguous(), right=True) - 1
+        cum_group = cum.gather(-1, last)
+        keep_sorted = (cum_group > (1 - p).unsqueeze(-1)) | (asc == asc[..., -1:])
+        big = torch.full_like(asc, float("inf"))
+        theta = torch.where(keep_sorted, asc, big).amin(-1, keepdim=True)
+        on = (p < 1).unsqueeze(-1)
+        kept = kept & (~on | (zk >= theta))
+    return kept
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None,
+                         top_k=None, top_p=None, batch_invariant=False):
+    if batch_invariant:
+        return _row_by_row(lambda z, tok, t, k, p: logprobs_from_logits(z, tok, t, ignore_index, return_entropy,
+                                                                        softcap, k, p),
+                           logits, tokens, (temperature, top_k, top_p), return_entropy, compute_dtype(logits))
     z = _scale(logits.to(compute_dtype(logits)), tokens, temperature, softcap)
     V = z.shape[-1]
+    replay = top_k is not None or top_p is not None
+    if replay:  # the kept set is piecewise constant in z: no gradient flows through its choice
+        kept = replay_kept(z.detach(), tokens, top_k, top_p)
+        z = torch.where(kept, z, torch.full_like(z, float("-inf")))
     logp_all = torch.log_softmax(z, dim=-1)
     valid = tokens != ignore_index
     in_range = (tokens >= 0) & (tokens < V)
     safe = torch.where(valid & in_range, tokens, torch.zeros_like(tokens)).long()
     lp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if replay:  # a token outside its kept set: −inf, a constant (no gradient)
+        tok_kept = kept.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        lp = torch.where(tok_kept, lp, torch.full_like(lp, float("-inf")))
     nan = torch.full_like(lp, float("nan"))
     lp = torch.where(valid, torch.where(in_range, lp, nan), torch.zeros_like(lp))
     if not return_entropy:
@@ -52,12 +101,38 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, ignore_index=-100, ret
 
 
 def linear_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, softcap=None):
+                    return_entropy=False, softcap=None, top_k=None, top_p=None, batch_invariant=False):
     dt = compute_dtype(hidden, weight, bias)
+    if batch_invariant:
+        # logits of one row as an elementwise product and a sum over H of a [V, H] tensor: the same ops on
+        # the same shapes whatever the batch (a matmul over all rows may pick its kernel by the row count)
+        w, b = weight.to(dt), None if bias is None else bias.to(dt)
+
+        def one(h, tok, t, k, p):
+            z = (w * h.to(dt)).sum(-1)
+            return logprobs_from_logits(z if b is None else z + b, tok, t, ignore_index, return_entropy, softcap, k, p)
+        return _row_by_row(one, hidden, tokens, (temperature, top_k, top_p), return_entropy, dt)
     logits = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)
-    return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy, softcap)
+    return logprobs_from_logits(logits, tokens, temperature, ignore_index, return_entropy, softcap, top_k, top_p)
+
+
+def _row_by_row(one, x, tokens, per_token, return_entropy, dtype):
+    """batch_invariant: `one(x_row, token, *settings)` for each position on its own, stacked (x is [..., D]);
+    `per_token` holds the settings (temperature, top_k, top_p), each a number, None or a tensor broadcastable
+    to tokens.shape. Each row runs the same ops on tensors of the same shapes whatever the rest of the batch,
+    so its result cannot depend on the batch; slow, and meant for tests on small shapes."""
+    flat_x, flat_t = x.reshape(-1, x.shape[-1]), tokens.reshape(-1)
+    cols = [a.detach().expand(tokens.shape).reshape(-1) if isinstance(a, torch.Tensor) else None for a in per_token]
+    outs = [one(flat_x[i], flat_t[i], *(a if c is None else c[i] for a, c in zip(per_token, cols)))
+            for i in range(flat_t.numel())]
+    if not outs:
+        empty = x.new_zeros(tokens.shape, dtype=dtype)
+        return (empty, empty.clone()) if return_entropy else empty
+    if return_entropy:
+        return torch.stack([o[0] for o in outs]).view(tokens.shape), torch.stack([o[1] for o in outs]).view(tokens.shape)
+    return torch.stack(outs).view(tokens.shape)
 
 
 def _expm1_minus(x):

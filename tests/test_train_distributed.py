@@ -154,6 +154,8 @@ def test_tp_head_refuses_what_it_does_not_compose_with(capsys, tmp_path):
                         (["--logprob_impl=naive"], "logprob_impl=naive")):
         assert cli.main(["train", "sft", "--tp_head=true", *extra, "--out", str(tmp_path / "x")]) == 2
         assert f"tp_head=true with {what}" in capsys.readouterr().err
+    assert cli.main(["train", "ppo", "--tp_head=true", "--top_k=5", "--out", str(tmp_path / "ppo")]) == 2
+    assert "tp_head=true with top_k/top_p" in capsys.readouterr().err
     assert cli.main(["train", "rm", "--tp_head=true", "--out", str(tmp_path / "rm")]) == 2
     assert "a reward model has no LM head in its loss" in capsys.readouterr().err
     tp_head.check_untied(models.load_lm("tiny-llama"))

@@ -78,6 +78,18 @@ struct LinearKernels {
   ByType<TileBwdFn> bwd_tile;
 };
 
+// ---- fixed-order GEMM tiles (batch-invariant linear_logprobs): each element's order of operations depends
+// only on the reduction length, never on the tile's shape, its position or the alignment (kernels/fixed_gemm.cpp)
+// Z[i·ldz + j] = Σ_k A[i·H + k]·B[j·H + k] for i < nr, j < nc
+template <typename T> using DotTileFn = void(const T* A, const T* B, T* Z, int64_t nr, int64_t nc, int64_t H, int64_t ldz);
+// Out[r·H + k] += Σ_s C[r·cs_r + s·cs_s]·B[s·H + k], s ascending, for r < nr
+template <typename T>
+using AxpyTileFn = void(const T* C, int64_t cs_r, int64_t cs_s, const T* B, T* Out, int64_t nr, int64_t ns, int64_t H);
+struct FixedGemmKernels {
+  ByType<DotTileFn> dot;
+  ByType<AxpyTileFn> axpy;
+};
+
 // ---- token_kl: elementwise ----
 template <typename T> struct KlArgs {
   const T *grad, *logp, *ref;  // grad: backward only
@@ -247,6 +259,7 @@ struct RolloutCorrectionKernels {
 
 RK_CPU_TABLE(LogitsKernels, logprobs_from_logits)
 RK_CPU_TABLE(LinearKernels, linear_logprobs)
+RK_CPU_TABLE(FixedGemmKernels, fixed_gemm)
 RK_CPU_TABLE(TokenKlKernels, token_kl)
 RK_CPU_TABLE(DpoKernels, dpo_loss)
 RK_CPU_TABLE(GaeKernels, gae)

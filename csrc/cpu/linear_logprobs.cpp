@@ -18,6 +18,7 @@
 // bf16/fp16 inputs: each hidden tile and weight chunk is cast to fp32 into a reused buffer and every
 // GEMM runs in fp32 (CPU low-precision GEMMs are emulated and slower). fp64 inputs run in fp64
 // throughout.
+// batch_invariant=True takes another path (cpu/linear_logprobs_invariant.cpp): no BLAS, fixed-order tiles.
 // `chunk_bytes` bounds every temporary (tiles, cast chunks, d(W) chunks, per-group state and d(hidden)
 // partials): rk::linear_plan_cpu (linear_logprobs_plan.h) sizes the tile and the number of parallel
 // groups, and gives the exact extra memory.
@@ -37,6 +38,7 @@
 #include "checks.h"
 #include "common.h"
 #include "cpu/kernels.h"
+#include "cpu/linear_logprobs_invariant.h"
 #include "linear_logprobs_plan.h"
 
 namespace rk_linear_cpu {
@@ -138,10 +140,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const at::Tensor& tokens, double temperature,
                                                                    int64_t ignore_index, int64_t chunk_bytes,
                                                                    const c10::optional<at::Tensor>& temps,
-                                                                   double softcap) {
+                                                                   double softcap, bool batch_invariant) {
   rk::check_linear_logprobs(hidden, weight, bias, tokens);
   rk::check_head_options("linear_logprobs", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner GEMMs are not part of any graph
+  if (batch_invariant) {
+    if (rk::accumulation_type(hidden) == at::kDouble)
+      return fwd_invariant<double>(hidden, weight, bias, tokens, temperature, ignore_index, temps, softcap);
+    return fwd_invariant<float>(hidden, weight, bias, tokens, temperature, ignore_index, temps, softcap);
+  }
   const int64_t budget = budget_of(chunk_bytes);
   if (rk::accumulation_type(hidden) == at::kDouble)
     return fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, budget, temps, softcap);
@@ -227,10 +234,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
-    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap) {
+    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap, bool batch_invariant) {
   rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
   rk::check_head_options("linear_logprobs_bwd", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (batch_invariant) {
+    if (rk::accumulation_type(hidden) == at::kDouble)
+      return bwd_invariant<double>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
+                                   ignore_index, need_h, need_w, need_b, temps, softcap);
+    return bwd_invariant<float>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
+                                ignore_index, need_h, need_w, need_b, temps, softcap);
+  }
   const int64_t budget = budget_of(chunk_bytes);
   if (rk::accumulation_type(hidden) == at::kDouble)
     return bwd_impl<double>(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,

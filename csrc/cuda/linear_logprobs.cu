@@ -15,6 +15,18 @@
 // bf16/fp16: the GEMMs take the inputs as they are and write fp32 (mm with out_dtype); d(logits)
 // is rounded to the input dtype for the two gradient GEMMs (as tensor-core kernels do), and the
 // gradients accumulate in fp32 before the final cast.
+//
+// batch_invariant=True: a row's logp, entropy and d(hidden) row must not depend on the rest of the batch.
+// cuBLAS picks its algorithm (tiles, split-K) from the shapes, so the chunk's GEMMs, whose row count
+// follows N, could change a row's bits. In this mode every product runs in fixed_gemm_kernel instead: one
+// thread per output element, its sum over k in ascending order with one fma per term (the operand tiles
+// go through shared memory, which changes no arithmetic), so an element's result depends only on its own
+// row and column. The vocabulary chunk width is fixed (kInvariantVc, a function of nothing), so a row's
+// fold of chunk states (lse_chunk_kernel: thread-strided, then a fixed tree) depends on V alone. d(hidden)
+// accumulates in the [N, H] fp32/fp64 buffer chunk after chunk, continuing the same sum over the vocabulary
+// in ascending order; d(logits) enters it unrounded. The d(W) and d(b) sums over rows follow the row chunks:
+// deterministic for a given batch. It is much slower than cuBLAS (a plain SIMT GEMM, no tensor cores);
+// the triton backend's batch-invariant mode keeps the tensor-core tiles.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,6 +53,9 @@
 namespace {
 
 constexpr int kRowThreads = 256;  // threads per row block (power of two for the tree merge)
+constexpr int64_t kInvariantVc = 4096;  // batch_invariant: vocabulary entries per chunk, whatever N is
+constexpr int64_t kInvariantNc = 1024;  // batch_invariant: rows per chunk (any value gives the same rows)
+constexpr int kTile = 16;               // fixed_gemm_kernel: output tile edge (threads per block: kTile²)
 
 inline unsigned row_blocks(int64_t nr) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(nr, 1), 65535));
@@ -136,12 +151,52 @@ __global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0,
   }
 }
 
+// C[i, j] = (accumulate ? C[i, j] : 0) + Σ_k A(i, k)·B(k, j), k ascending, one fma per term, for i < M, j < Nn;
+// A(i, k) = A[i·a_i + k·a_k], B(k, j) = B[k·b_k + j·b_j], converted to T as loaded. Each thread owns one
+// element and adds its terms in the same order whatever the grid, the tile or the other rows hold.
+template <typename T, typename TA, typename TB>
+__global__ void fixed_gemm_kernel(const TA* __restrict__ A, int64_t a_i, int64_t a_k, const TB* __restrict__ B,
+                                  int64_t b_k, int64_t b_j, T* C, int64_t ldc, int64_t M, int64_t Nn, int64_t K,
+                                  bool accumulate) {
+  __shared__ T As[kTile][kTile + 1], Bs[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t i = int64_t(blockIdx.y) * kTile + ty, j = int64_t(blockIdx.x) * kTile + tx;
+  T acc = accumulate && i < M && j < Nn ? C[i * ldc + j] : T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    const int64_t ak = k0 + tx, bk = k0 + ty;
+    As[ty][tx] = i < M && ak < K ? static_cast<T>(A[i * a_i + ak * a_k]) : T(0);
+    const int64_t bj = int64_t(blockIdx.x) * kTile + tx;
+    Bs[ty][tx] = bk < K && bj < Nn ? static_cast<T>(B[bk * b_k + bj * b_j]) : T(0);
+    __syncthreads();
+    const int kn = static_cast<int>(K - k0 < kTile ? K - k0 : kTile);
+    for (int kk = 0; kk < kn; ++kk) acc = fma(As[ty][kk], Bs[kk][tx], acc);
+    __syncthreads();
+  }
+  if (i < M && j < Nn) C[i * ldc + j] = acc;
+}
+
+template <typename T, typename TA, typename TB>
+void fixed_gemm(const TA* A, int64_t a_i, int64_t a_k, const TB* B, int64_t b_k, int64_t b_j, T* C, int64_t ldc,
+                int64_t M, int64_t Nn, int64_t K, bool accumulate, cudaStream_t stream) {
+  const dim3 block(kTile, kTile);
+  const dim3 grid(static_cast<unsigned>((Nn + kTile - 1) / kTile), static_cast<unsigned>((M + kTile - 1) / kTile));
+  fixed_gemm_kernel<T, TA, TB><<<grid, block, 0, stream>>>(A, a_i, a_k, B, b_k, b_j, C, ldc, M, Nn, K, accumulate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
 rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int64_t budget, bool backward,
-                         bool need_h, bool need_w, bool need_b) {
+                         bool need_h, bool need_w, bool need_b, bool invariant) {
   const int64_t acc = hidden.scalar_type() == at::kDouble ? 8 : 4;
   const int64_t store = static_cast<int64_t>(hidden.element_size());
+  if (invariant) {  // a chunk width that does not follow N (the budget is not consulted)
+    rk::LinearPlan p;
+    p.nc = std::min<int64_t>(std::max<int64_t>(hidden.size(0), 1), kInvariantNc);
+    p.vc = std::min<int64_t>(weight.size(0), kInvariantVc);
+    p.chunks = (weight.size(0) + p.vc - 1) / p.vc;
+    return p;
+  }
   return rk::linear_plan_cuda({hidden.size(0), weight.size(0), hidden.size(1), acc, store, backward, need_h, need_w,
                                need_b, budget > 0 ? budget : kDefaultBudget, 1});
 }
@@ -161,15 +216,33 @@ void logits_gemm(at::Tensor& z, const at::Tensor& hr, const at::Tensor& w, bool 
   else at::mm_out(z, hr, w.t());
 }
 
+// batch_invariant: z[nr, vc] = h[r0 : r0 + nr] · W[v0 : v0 + vc]ᵀ with fixed_gemm_kernel (any input dtype).
+template <typename T>
+void invariant_logits(at::Tensor& z, const at::Tensor& hidden, int64_t r0, int64_t nr, const at::Tensor& weight,
+                      int64_t v0, int64_t vc, cudaStream_t stream) {
+  const int64_t H = hidden.size(1);
+  auto run = [&](auto tag) {
+    using S = decltype(tag);
+    fixed_gemm<T, S, S>(static_cast<const S*>(hidden.const_data_ptr()) + r0 * H, H, 1,
+                        static_cast<const S*>(weight.const_data_ptr()) + v0 * H, 1, H, z.mutable_data_ptr<T>(), vc, nr,
+                        vc, H, false, stream);
+  };
+  switch (hidden.scalar_type()) {
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: run(T{}); break;
+  }
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
               const at::Tensor& tokens, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& logp,
-              at::Tensor& ent, at::Tensor& lse, const c10::optional<at::Tensor>& temps, double softcap) {
+              at::Tensor& ent, at::Tensor& lse, const c10::optional<at::Tensor>& temps, double softcap, bool invariant) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool low = is_low(hidden);
   auto opts = logp.options();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const rk::LinearPlan c = make_plan(hidden, weight, budget, false, false, false, false);
+  const rk::LinearPlan c = make_plan(hidden, weight, budget, false, false, false, false, invariant);
   at::Tensor state = at::empty({4, N}, opts);  // m, s, w, target logit
   T* m = state[0].mutable_data_ptr<T>();
   T* s = state[1].mutable_data_ptr<T>();
@@ -188,7 +261,10 @@ void fwd_impl(const at::Tensor& hidden, const at::Tensor& weight, const c10::opt
     for (int64_t r0 = 0; r0 < N; r0 += c.nc) {
       const int64_t nr = std::min(c.nc, N - r0);
       at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
-      logits_gemm(z, hidden.narrow(0, r0, nr), wc, low);
+      if (invariant)
+        invariant_logits<T>(z, hidden, r0, nr, weight, v0, vc, stream);
+      else
+        logits_gemm(z, hidden.narrow(0, r0, nr), wc, low);
       lse_chunk_kernel<T><<<row_blocks(nr), kRowThreads, 0, stream>>>(
           z.const_data_ptr<T>(), nr, vc, v0, b ? b + v0 : nullptr, inv_t + r0, static_cast<T>(softcap), tok + r0,
           m + r0, s + r0, w + r0, tgt + r0);
@@ -206,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
                                                                    const at::Tensor& tokens, double temperature,
                                                                    int64_t ignore_index, int64_t chunk_bytes,
                                                                    const c10::optional<at::Tensor>& temps,
-                                                                   double softcap) {
+                                                                   double softcap, bool batch_invariant) {
   rk::check_linear_logprobs(hidden, weight, bias, tokens);
   rk::check_head_options("linear_logprobs", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   c10::cuda::CUDAGuard guard(hidden.device());
@@ -218,10 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(const at::Ten
   if (N == 0) return {logp, ent, lse};
   if (dbl)
     fwd_impl<double>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse, temps,
-                     softcap);
+                     softcap, batch_invariant);
   else
     fwd_impl<float>(hidden, weight, bias, tokens, temperature, ignore_index, chunk_bytes, logp, ent, lse, temps,
-                    softcap);
+                    softcap, batch_invariant);
   return {logp, ent, lse};
 }
 
@@ -229,16 +305,17 @@ template <typename T, typename L>
 void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& hidden, const at::Tensor& weight,
               const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
               const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t budget, at::Tensor& dh,
-              at::Tensor& grad_w, at::Tensor& grad_b, const c10::optional<at::Tensor>& temps, double softcap) {
+              at::Tensor& grad_w, at::Tensor& grad_b, const c10::optional<at::Tensor>& temps, double softcap,
+              bool invariant) {
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   constexpr bool kLow = !std::is_same_v<L, T>;
   auto opts = lse.options();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool need_h = dh.defined(), need_w = grad_w.defined(), need_b = grad_b.defined();
-  const rk::LinearPlan c = make_plan(hidden, weight, budget, true, need_h, need_w, need_b);
+  const rk::LinearPlan c = make_plan(hidden, weight, budget, true, need_h, need_w, need_b, invariant);
   const bool rows_split = N > c.nc;
   at::Tensor zbuf = at::empty({c.nc * c.vc}, opts);
-  at::Tensor lowbuf = kLow ? at::empty({c.nc * c.vc}, hidden.options()) : at::Tensor();
+  at::Tensor lowbuf = kLow && !invariant ? at::empty({c.nc * c.vc}, hidden.options()) : at::Tensor();
   // low precision: the weight-gradient chunk accumulates in fp32 before its cast into grad_w
   at::Tensor dwacc = kLow && need_w ? at::empty({c.vc, H}, opts) : at::Tensor();
   at::Tensor dwtmp = kLow && need_w && rows_split ? at::empty({c.vc, H}, opts) : at::Tensor();
@@ -258,10 +335,13 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
       const int64_t nr = std::min(c.nc, N - r0);
       at::Tensor z = zbuf.narrow(0, 0, nr * vc).view({nr, vc});
       const at::Tensor hr = hidden.narrow(0, r0, nr);
-      logits_gemm(z, hr, wc, kLow);
-      at::Tensor zl = kLow ? lowbuf.narrow(0, 0, nr * vc).view({nr, vc}) : z;
+      if (invariant)
+        invariant_logits<T>(z, hidden, r0, nr, weight, v0, vc, stream);
+      else
+        logits_gemm(z, hr, wc, kLow);
+      at::Tensor zl = kLow && !invariant ? lowbuf.narrow(0, 0, nr * vc).view({nr, vc}) : z;
       dlogits_kernel<T, L><<<rk::blocks_for(nr * vc), rk::kThreads, 0, stream>>>(
-          z.mutable_data_ptr<T>(), kLow ? zl.mutable_data_ptr<L>() : nullptr, nr, vc, v0, b ? b + v0 : nullptr,
+          z.mutable_data_ptr<T>(), kLow && !invariant ? zl.mutable_data_ptr<L>() : nullptr, nr, vc, v0, b ? b + v0 : nullptr,
           inv_t + r0, static_cast<T>(softcap), tok + r0, lse.const_data_ptr<T>() + r0, entropy.const_data_ptr<T>() + r0,
           glp.const_data_ptr<T>() + r0, g2 ? g2 + r0 : nullptr, ignore_index, V);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -275,6 +355,16 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
           at::sum_out(t, z, rows_dim);
           dbc.add_(t);
         }
+      }
+      if (invariant) {  // d(hidden) continues each row's sum over the vocabulary; d(W) sums the row chunks in order
+        const L* hp = static_cast<const L*>(hidden.const_data_ptr());
+        const L* wp = static_cast<const L*>(weight.const_data_ptr());
+        const T* zp = z.const_data_ptr<T>();
+        if (need_h) fixed_gemm<T, T, L>(zp, vc, 1, wp + v0 * H, H, 1, dh.mutable_data_ptr<T>() + r0 * H, H, nr, H, vc,
+                                        true, stream);
+        if (need_w) fixed_gemm<T, T, L>(zp, 1, vc, hp + r0 * H, H, 1, dw.mutable_data_ptr<T>(), H, vc, H, nr, r0 != 0,
+                                        stream);
+        continue;
       }
       if (need_h) {
         at::Tensor dhr = dh.narrow(0, r0, nr);
@@ -306,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& tokens, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_h, bool need_w, bool need_b,
-    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap) {
+    int64_t chunk_bytes, const c10::optional<at::Tensor>& temps, double softcap, bool batch_invariant) {
   rk::check_linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, need_b);
   rk::check_head_options("linear_logprobs_bwd", temps, softcap, rk::accumulation_type(hidden), hidden.size(0), hidden);
   c10::cuda::CUDAGuard guard(hidden.device());
@@ -324,19 +414,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     switch (hidden.scalar_type()) {
       case at::kDouble:
         bwd_impl<double, double>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                                 budget, dh, grad_w, grad_b, temps, softcap);
+                                 budget, dh, grad_w, grad_b, temps, softcap, batch_invariant);
         break;
       case at::kFloat:
         bwd_impl<float, float>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                               budget, dh, grad_w, grad_b, temps, softcap);
+                               budget, dh, grad_w, grad_b, temps, softcap, batch_invariant);
         break;
       case at::kBFloat16:
         bwd_impl<float, c10::BFloat16>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature,
-                                       ignore_index, budget, dh, grad_w, grad_b, temps, softcap);
+                                       ignore_index, budget, dh, grad_w, grad_b, temps, softcap, batch_invariant);
         break;
       case at::kHalf:
         bwd_impl<float, c10::Half>(glp, gent, hidden, weight, bias, tokens, lse, entropy, temperature, ignore_index,
-                                   budget, dh, grad_w, grad_b, temps, softcap);
+                                   budget, dh, grad_w, grad_b, temps, softcap, batch_invariant);
         break;
       default:
         TORCH_CHECK(false, "linear_logprobs: unsupported dtype ", hidden.scalar_type());

@@ -5,6 +5,10 @@
 // Backward: one block per row, one pass writing the gradient with rk::logprob_entropy_grad.
 // Rows are read (and the gradient written) in 16-byte vectors: a row's unaligned head and its tail go
 // one element at a time, the aligned body 16 bytes per thread and access (8 bf16/fp16, 4 fp32, 2 fp64).
+// batch_invariant: where the aligned body starts depends on the row's address, i.e. on its position in
+// the batch when V is not a multiple of the vector width, and it decides which thread folds which
+// element; the forward then reads element by element (thread t takes j ≡ t mod kRowThreads), an order
+// that depends on V alone. The backward is elementwise: batch-invariant either way.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +24,7 @@
 #include "checks.h"
 #include "common.h"
 #include "cuda/launch.cuh"
+#include "replay.h"
 #include "row_index.h"
 
 namespace {
@@ -125,7 +130,8 @@ template <typename in_t, typename T>
 __global__ void __launch_bounds__(kRowThreads)
     logprobs_fwd_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
                         const int64_t* __restrict__ tokens, T* __restrict__ logp, T* __restrict__ ent,
-                        T* __restrict__ lse, T inv_t0, const T* __restrict__ temps, T softcap, int64_t ignore_index) {
+                        T* __restrict__ lse, T inv_t0, const T* __restrict__ temps, T softcap, int64_t ignore_index,
+                        bool invariant, const T* __restrict__ thr) {
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const T inv_t = row_inv_t(temps, r, inv_t0);
     const int64_t tok = tokens[r];
@@ -137,14 +143,25 @@ __global__ void __launch_bounds__(kRowThreads)
       continue;
     }
     const in_t* row = x + rows.offset(r);
+    // the sampler replay: z below the row's threshold is out of the kept set (−inf)
+    const T th = thr ? thr[r] : -rk::r_inf<T>();
     rk::LseState<T> st = rk::lse_init<T>();
-    for_each_in_row(row, V, [&](int64_t, in_t x) { rk::lse_push(st, capped(static_cast<T>(x), softcap) * inv_t); });
+    auto push = [&](int64_t, in_t x) {
+      const T z = capped(static_cast<T>(x), softcap) * inv_t;
+      rk::lse_push(st, z >= th ? z : -rk::r_inf<T>());
+    };
+    if (invariant) {
+      for (int64_t j = threadIdx.x; j < V; j += kRowThreads) push(j, row[j]);
+    } else {
+      for_each_in_row(row, V, push);
+    }
     st = block_merge(st);
     if (threadIdx.x == 0) {
       const T l = rk::lse_value(st);
       lse[r] = l;
       // out-of-range ids (validate=False) read nothing and give NaN
-      logp[r] = (tok >= 0 && tok < V) ? capped(static_cast<T>(row[tok]), softcap) * inv_t - l : rk::r_nan<T>();
+      const T zt = (tok >= 0 && tok < V) ? capped(static_cast<T>(row[tok]), softcap) * inv_t : T(0);
+      logp[r] = (tok >= 0 && tok < V) ? (zt >= th ? zt - l : -rk::r_inf<T>()) : rk::r_nan<T>();
       if (ent) ent[r] = rk::lse_entropy(st);
     }
   }
@@ -156,7 +173,7 @@ __global__ void __launch_bounds__(kRowThreads)
                         const int64_t* __restrict__ tokens, const T* __restrict__ g_logp,
                         const T* __restrict__ g_ent, const T* __restrict__ lse, const T* __restrict__ ent,
                         in_t* __restrict__ grad, T inv_t0, const T* __restrict__ temps, T softcap,
-                        int64_t ignore_index) {
+                        int64_t ignore_index, const T* __restrict__ thr) {
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const T inv_t = row_inv_t(temps, r, inv_t0);
     const int64_t tok = tokens[r];
@@ -168,16 +185,45 @@ __global__ void __launch_bounds__(kRowThreads)
     const in_t* row = x + rows.offset(r);
     const bool in_range = tok >= 0 && tok < V;
     // an out-of-range id has logp = NaN (a constant): no gradient flows through it, as in the reference
-    const T g_lp = (g_logp && in_range) ? g_logp[r] : T(0);
+    // ... and neither does a token outside its kept set (logp = −inf, a constant)
+    const T th = thr ? thr[r] : -rk::r_inf<T>();
+    const bool tok_kept = !in_range || capped(static_cast<T>(row[tok]), softcap) * inv_t >= th;
+    const T g_lp = (g_logp && in_range && tok_kept) ? g_logp[r] : T(0);
     const T g_H = g_ent ? g_ent[r] : T(0);
     const T H = g_ent ? ent[r] : T(0);
     const T l = lse[r];
     map_row(row, g, V, [&](int64_t j, in_t x) {
       const T y = capped(static_cast<T>(x), softcap);
+      if (!(y * inv_t >= th)) return static_cast<in_t>(T(0));
       return static_cast<in_t>(rk::logprob_entropy_grad(y * inv_t, l, H, j == tok, g_lp, g_H) * inv_t *
                                cap_slope(y, softcap));
     });
   }
+}
+
+// The sampler replay's threshold of each row (csrc/replay.h), one thread per row: each bisection step reads the
+// row from memory. Simple rather than fast (a block-per-row version would split every pass across the block).
+template <typename in_t, typename T>
+__global__ void replay_threshold_kernel(const in_t* __restrict__ x, rk::RowIndex rows, int64_t N, int64_t V,
+                                        const int64_t* __restrict__ tokens, T inv_t0, const T* __restrict__ temps,
+                                        T softcap, int64_t ignore_index, const int64_t* __restrict__ top_k,
+                                        const T* __restrict__ top_p, T* __restrict__ thr) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= N) return;
+  const int64_t k = top_k ? top_k[r] : 0;
+  const T p = top_p ? top_p[r] : T(1);
+  if (tokens[r] == ignore_index || ((k <= 0 || k >= V) && !(p < T(1)))) {
+    thr[r] = -rk::r_inf<T>();
+    return;
+  }
+  const T inv_t = row_inv_t(temps, r, inv_t0);
+  const in_t* row = x + rows.offset(r);
+  auto z = [&](int64_t j) { return capped(static_cast<T>(row[j]), softcap) * inv_t; };
+  auto e = [&](int64_t j, T m) {
+    const T v = z(j);
+    return v == -rk::r_inf<T>() ? T(0) : rk::r_exp(v - m);
+  };
+  thr[r] = rk::replay_threshold<T>(z, e, V, k, p);
 }
 
 unsigned grid_for(int64_t N) { return static_cast<unsigned>(N < kMaxGrid ? N : kMaxGrid); }
@@ -197,11 +243,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
                                                                         const at::Tensor& tokens, double temperature,
                                                                         int64_t ignore_index, bool return_entropy,
                                                                         const std::optional<at::Tensor>& temps,
-                                                                        double softcap) {
+                                                                        double softcap, bool batch_invariant,
+                                                                        const std::optional<at::Tensor>& thresholds) {
   rk::check_logprobs_from_logits(logits_in, tokens);
   rk::check_head_options("logprobs_from_logits", temps, softcap, rk::accumulation_type(logits_in), tokens.numel(),
                          logits_in);
   const bool has_t = temps && temps->defined();
+  const bool has_thr = thresholds && thresholds->defined();
+  if (has_thr)
+    rk::check_per_row("logprobs_from_logits_fwd", "thresholds", *thresholds, rk::accumulation_type(logits_in),
+                      tokens.numel(), logits_in);
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
   const at::Tensor logits = rk::readable_rows(logits_in, rows);
@@ -219,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_fwd(const at
         static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
         logp.mutable_data_ptr<T>(), return_entropy ? ent.mutable_data_ptr<T>() : nullptr, lse.mutable_data_ptr<T>(),
         static_cast<T>(1.0 / temperature), has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap),
-        ignore_index);
+        ignore_index, batch_invariant, has_thr ? thresholds->const_data_ptr<T>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, ent, lse};
@@ -229,8 +280,13 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                     const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index, const std::optional<at::Tensor>& temps,
-                                    double softcap) {
+                                    double softcap, bool /*batch_invariant*/,
+                                    const std::optional<at::Tensor>& thresholds) {
   rk::check_logprobs_from_logits_bwd(grad_logp, grad_entropy, logits_in, tokens, lse, entropy);
+  const bool has_thr = thresholds && thresholds->defined();
+  if (has_thr)
+    rk::check_per_row("logprobs_from_logits_bwd", "thresholds", *thresholds, lse.scalar_type(), tokens.numel(),
+                      logits_in);
   rk::check_head_options("logprobs_from_logits_bwd", temps, softcap, rk::accumulation_type(logits_in),
                          tokens.numel(), logits_in);
   const bool has_t = temps && temps->defined();
@@ -251,10 +307,46 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
         has_glp ? grad_logp->const_data_ptr<T>() : nullptr, has_gH ? grad_entropy->const_data_ptr<T>() : nullptr,
         lse.const_data_ptr<T>(), has_gH ? entropy.const_data_ptr<T>() : nullptr,
         static_cast<in_t*>(grad.mutable_data_ptr()), static_cast<T>(1.0 / temperature),
-        has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap), ignore_index);
+        has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap), ignore_index,
+        has_thr ? thresholds->const_data_ptr<T>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
+}
+
+at::Tensor logprobs_from_logits_threshold(const at::Tensor& logits_in, const at::Tensor& tokens, double temperature,
+                                          int64_t ignore_index, const std::optional<at::Tensor>& temps,
+                                          double softcap, const std::optional<at::Tensor>& top_k,
+                                          const std::optional<at::Tensor>& top_p) {
+  rk::check_logprobs_from_logits(logits_in, tokens);
+  const auto acc = rk::accumulation_type(logits_in);
+  rk::check_head_options("logprobs_from_logits_threshold", temps, softcap, acc, tokens.numel(), logits_in);
+  const bool has_t = temps && temps->defined(), has_k = top_k && top_k->defined(), has_p = top_p && top_p->defined();
+  if (has_k) {
+    TORCH_CHECK(top_k->scalar_type() == at::kLong && top_k->is_contiguous() && top_k->numel() == tokens.numel(),
+                "logprobs_from_logits_threshold: top_k must be a contiguous int64 tensor with one value per row");
+    rk::check_device("logprobs_from_logits_threshold", "top_k", *top_k, "logits", logits_in);
+  }
+  if (has_p) rk::check_per_row("logprobs_from_logits_threshold", "top_p", *top_p, acc, tokens.numel(), logits_in);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  rk::RowIndex rows;
+  const at::Tensor logits = rk::readable_rows(logits_in, rows);
+  at::Tensor thr = at::empty(tokens.sizes(), logits.options().dtype(acc));
+  const int64_t N = tokens.numel(), V = logits.size(-1);
+  if (N == 0) return thr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 128;
+  dispatch_logits(logits.scalar_type(), [&](auto in_tag, auto acc_tag) {
+    using in_t = decltype(in_tag);
+    using T = decltype(acc_tag);
+    replay_threshold_kernel<in_t, T><<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(logits.const_data_ptr()), rows, N, V, tokens.const_data_ptr<int64_t>(),
+        static_cast<T>(1.0 / temperature), has_t ? temps->const_data_ptr<T>() : nullptr, static_cast<T>(softcap),
+        ignore_index, has_k ? top_k->const_data_ptr<int64_t>() : nullptr,
+        has_p ? top_p->const_data_ptr<T>() : nullptr, thr.mutable_data_ptr<T>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return thr;
 }
 
 }  // namespace
@@ -262,4 +354,5 @@ at::Tensor logprobs_from_logits_bwd(const std::optional<at::Tensor>& grad_logp,
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("logprobs_from_logits_fwd", &logprobs_from_logits_fwd);
   m.impl("logprobs_from_logits_bwd", &logprobs_from_logits_bwd);
+  m.impl("logprobs_from_logits_threshold", &logprobs_from_logits_threshold);
 }

@@ -143,7 +143,58 @@ def temperature_arg(temperature, tokens, dtype, validate):
     return 1.0, t.contiguous()
 
 
+def bool_arg(name, value):
+    """A flag that must be a real bool (not 0/1, not None): the kernels take it as a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def softcap_arg(softcap):
     """softcap as the kernels take it: c > 0, or 0.0 for none."""
     c = number("softcap", softcap, positive=True, optional=True)
     return 0.0 if c is None else c
+
+
+def top_k_arg(top_k, tokens, validate):
+    """top_k as the kernels take it: None (off), or an int64 tensor of tokens.shape (k <= 0: off for that token).
+    A number or an integer tensor broadcastable to tokens.shape."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, torch.Tensor):
+        if top_k.dtype.is_floating_point or top_k.dtype.is_complex or top_k.dtype == torch.bool:
+            raise TypeError(f"top_k must be an int or an integer tensor, got a tensor of {top_k.dtype}")
+        if top_k.device != tokens.device:
+            raise ValueError(f"top_k is on {top_k.device} but tokens is on {tokens.device}; put all inputs on one device")
+        try:
+            return top_k.detach().to(torch.int64).expand(tokens.shape).contiguous()
+        except RuntimeError:
+            raise ValueError(f"top_k must be an int or a tensor broadcastable to tokens.shape {tuple(tokens.shape)}, "
+                             f"got shape {tuple(top_k.shape)}") from None
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int (<= 0: off) or an integer tensor, got {type(top_k).__name__}")
+    return None if top_k <= 0 else torch.full(tokens.shape, top_k, dtype=torch.int64, device=tokens.device)
+
+
+def top_p_arg(top_p, tokens, dtype, validate):
+    """top_p as the kernels take it: None (off), or a tensor of tokens.shape in `dtype` with values in (0, 1]
+    (1: off for that token). Checking a tensor's values syncs with the device, so only validate=True does it."""
+    if top_p is None:
+        return None
+    if isinstance(top_p, torch.Tensor):
+        if not top_p.dtype.is_floating_point:
+            raise TypeError(f"top_p must be a number or a float tensor, got a tensor of {top_p.dtype}")
+        if top_p.device != tokens.device:
+            raise ValueError(f"top_p is on {top_p.device} but tokens is on {tokens.device}; put all inputs on one device")
+        try:
+            p = top_p.detach().to(dtype).expand(tokens.shape).contiguous()
+        except RuntimeError:
+            raise ValueError(f"top_p must be a number or a tensor broadcastable to tokens.shape "
+                             f"{tuple(tokens.shape)}, got shape {tuple(top_p.shape)}") from None
+        if validate and p.numel() and not torch.compiler.is_compiling() and not bool(((p > 0) & (p <= 1)).all()):
+            raise ValueError("top_p must lie in (0, 1] at every token (1: off)")
+        return p
+    p = number("top_p", top_p)
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] (1: off), got {p}")
+    return None if p == 1 else torch.full(tokens.shape, p, dtype=dtype, device=tokens.device)

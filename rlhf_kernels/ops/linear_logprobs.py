@@ -39,7 +39,20 @@ import torch
 
 from .. import reference
 from . import vocab_parallel
-from ._common import HAVE_C, HAVE_TRITON, backend_for, float_tensor, int_tensor, same_device, softcap_arg, temperature_arg
+from ._common import (
+    HAVE_C,
+    HAVE_TRITON,
+    backend_for,
+    bool_arg,
+    float_tensor,
+    int_tensor,
+    same_device,
+    softcap_arg,
+    temperature_arg,
+    top_k_arg,
+    top_p_arg,
+)
+from ._replay_head import ReplayHead
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
@@ -62,7 +75,8 @@ def chunk_bytes():
 
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_entropy=False, validate=True, backend=None, process_group=None, vocab_offset=None):
+                    return_entropy=False, validate=True, backend=None, top_k=None, top_p=None, batch_invariant=False,
+                    process_group=None, vocab_offset=None):
     """hidden[..., H], weight[V, H], tokens[...], bias[V] -> logp[...] (and entropy[...]).
 
     log_softmax(cap(hidden @ weight.T + bias) / temperature)[tokens], float32 (float64 for float64
@@ -72,6 +86,18 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     of every GEMM (compacted away first; on CUDA tensors only when validate=True, since counting them syncs
     with the device). Differentiable in hidden, weight and bias (and through the entropy); a weight with
     requires_grad=False gets no gradient GEMM. bf16/fp16 inputs accumulate in fp32.
+
+    top_k, top_p: the sampler replay, exactly as in rk.logprobs_from_logits (a token outside its kept set gets
+    −inf and no gradient; mask it before a loss). It runs the head in blocks of rows over the whole vocabulary
+    (one pass forward, one backward; rlhf_kernels/ops/_replay_head.py states the passes and the memory).
+    With batch_invariant=True they are refused for now (the replay's row blocks run torch GEMMs); on
+    materialised logits, rk.logprobs_from_logits takes both.
+
+    batch_invariant=True: each position's log-prob, entropy and row of the hidden gradient are bitwise the
+    same whatever else is in the batch (its position, the batch size, the other rows' contents, ignored
+    rows); the weight and bias gradients stay deterministic run to run. Every backend gets it by
+    construction, not by luck: no reduction whose order depends on the number of rows (docs/batch_invariant.md
+    says how each backend does it, and what it costs).
 
     Vocabulary-parallel head: with process_group, weight (and bias) hold this rank's rows [vocab_offset,
     vocab_offset + V_r) of the vocabulary (vocab_offset defaults to rank·V_r, the even split), tokens are global
@@ -102,29 +128,45 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     dt = reference.compute_dtype(hidden, weight, bias)
     temperature, temps = temperature_arg(temperature, tokens, dt, validate)
     cap = softcap_arg(softcap)
+    ks = top_k_arg(top_k, tokens, validate)
+    ps = top_p_arg(top_p, tokens, dt, validate)
+    invariant = bool_arg("batch_invariant", batch_invariant)
     if process_group is not None or vocab_offset is not None:
+        if ks is not None or ps is not None:
+            vocab_parallel.not_composable("top_k/top_p")
+        if invariant:
+            vocab_parallel.not_composable("batch_invariant")
         name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
         return vocab_parallel.linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index,
                                               bool(return_entropy), validate, name, process_group, vocab_offset)
+    if invariant and (ks is not None or ps is not None):
+        raise ValueError("top_k/top_p do not compose with batch_invariant=True in linear_logprobs yet (the replay "
+                         "runs its row blocks through BLAS GEMMs): compute the logits and use "
+                         "rk.logprobs_from_logits, which takes both")
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
         return reference.linear_logprobs(hidden, weight, tokens, bias, temperature if temps is None else temps,
-                                         ignore_index, bool(return_entropy), softcap)
+                                         ignore_index, bool(return_entropy), softcap, ks, ps, invariant)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     w = weight
     b = None if bias is None else bias.to(dt).contiguous()
     tok = tokens.reshape(-1).to(torch.int64).contiguous()
     temps = None if temps is None else temps.reshape(-1)
+    ks = None if ks is None else ks.reshape(-1)
+    ps = None if ps is None else ps.reshape(-1)
     keep = _valid_rows(tok, ignore_index, validate)
     if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
         h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
-        temps = None if temps is None else temps.index_select(0, keep)
-    if name == "triton":
+        temps, ks, ps = (None if x is None else x.index_select(0, keep) for x in (temps, ks, ps))
+    if ks is not None or ps is not None:
+        logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
+                                     ks, ps, bool(return_entropy), name, chunk_bytes())
+    elif name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
-            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap)
+            h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap, invariant)
     else:
         # one storage dtype for both (bf16/fp16 stay so, and are widened chunk by chunk); with mixed
         # dtypes only the narrower side is widened, which is the small hidden unless weight is bf16/fp16
@@ -133,7 +175,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         h = h.to(store).contiguous()
         w = w.to(store).contiguous()
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
-                                                                  chunk_bytes(), temps, cap)
+                                                                  chunk_bytes(), temps, cap, invariant)
     if keep is not None:
         n = tokens.numel()
         logp = logp.new_zeros(n).index_copy(0, keep, logp)
@@ -187,7 +229,7 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.extra = tuple(inputs[6:])  # the chunk budget, the per-row temperatures, the softcap
+    ctx.extra = tuple(inputs[6:])  # the chunk budget, the per-row temperatures, the softcap, batch_invariant
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
 
 
@@ -221,8 +263,10 @@ if HAVE_TRITON:
     def _linear_logprobs_fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                     tokens: torch.Tensor, temperature: float, ignore_index: int,
                                     budget: int, temperatures: torch.Tensor | None = None,
-                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures, softcap)
+                                    softcap: float = 0.0,
+                                    batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tl.linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures, softcap,
+                                       batch_invariant)
 
     @torch.library.triton_op("rlhf_kernels::linear_logprobs_bwd_triton", mutates_args=())
     def _linear_logprobs_bwd_triton(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
@@ -230,10 +274,11 @@ if HAVE_TRITON:
                                     lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
                                     need_hidden: bool, need_weight: bool, need_bias: bool,
                                     budget: int, temperatures: torch.Tensor | None = None,
-                                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    softcap: float = 0.0,
+                                    batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tl.linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy,
                                        temperature, ignore_index, need_hidden, need_weight, need_bias, budget,
-                                       temperatures, softcap)
+                                       temperatures, softcap, batch_invariant)
 
     _linear_logprobs_fwd_triton.register_fake(_fake_fwd)
     _linear_logprobs_bwd_triton.register_fake(_fake_bwd)

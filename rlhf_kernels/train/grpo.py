@@ -108,10 +108,12 @@ class GRPO:
         self.optimizer = make_optimizer([(self.policy.parameters(), cfg.lr)])
 
     def logprobs(self, model, s, rows):
-        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one)."""
+        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one). The policy's (and the
+        rollout copy's) log-probs replay the sampler's top-k / top-p cut; the reference keeps its full distribution."""
+        replay = self.cfg.replay() if model is not self.ref else {}
         forward = self.forwards.get(id(model), functools.partial(models.token_logprobs, model))
         return forward(s.ids[rows], s.attn[rows], s.start, s.mask[rows], temperature=self.cfg.temperature,
-                       impl=self.cfg.logprob_impl)
+                       impl=self.cfg.logprob_impl, **replay)
 
     def score(self, s):
         if self.rm is None:
@@ -127,11 +129,12 @@ class GRPO:
         prompts = prompts.repeat_interleave(G, 0)
         n = len(prompts)
         sampler = self.sampler.sync() if self.sampler.separate else self.policy_sampler
-        s = rollout.sample(sampler, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                           seed=par.seed(cfg.seed * 1_000_003 + step))
+        s = rollout.sample(sampler, prompts, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           max_new_tokens=cfg.max_new_tokens, seed=par.seed(cfg.seed * 1_000_003 + step))
         order = torch.randperm(n, generator=g).to(cfg.device)  # also the first epoch's order
         mb = cfg.micro_batch_size
         old_logp = rollout.chunked(lambda r: self.logprobs(self.policy, s, r), order, mb)
+        s.mask = rollout.replayable(s.mask, old_logp)
         rollout_logp = (rollout.chunked(lambda r: self.logprobs(self.sampler.copy, s, r), order, mb).float()
                         if self.sampler.separate else old_logp)
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb) if self.ref is not None else None
@@ -160,7 +163,9 @@ class GRPO:
         cfg, s = self.cfg, ex["samples"]
         logp = self.logprobs(self.policy, s, micro)
         pick = (lambda t: None if t is None else t[micro])
-        loss, st = rk.ppo_policy_loss(logp, ex["old_logp"][micro], ex["advantages"][micro], ex["mask"][micro],
+        # a token the updated policy's cut leaves out has logp = −inf: it leaves the loss
+        mask = ex["mask"][micro] & torch.isfinite(logp)
+        loss, st = rk.ppo_policy_loss(logp, ex["old_logp"][micro], ex["advantages"][micro], mask,
                                       clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.aggregation,
                                       ratio_level=cfg.ratio_level, loss_type=cfg.loss_type,
                                       weights=pick(ex["weights"]), ref_logp=pick(ex["ref_logp"]),
@@ -267,6 +272,9 @@ class GRPOConfig(RunConfig):
                                                       "own, then averaged) or max_len (rows × max_new_tokens)")
     kl_coef: float = loss_key(0.0, "β of the KL to the reference added to each token's loss; 0: no reference")
     kl_estimator: KLEstimator = loss_key("k3", "estimator of that KL (rk.token_kl)")
+    top_k: int = rollout_key(0, "sample from the top k tokens only (0: off); the policy's log-probs replay the cut")
+    top_p: float = rollout_key(1.0, "nucleus sampling: keep the most probable tokens up to mass p (1: off); replayed "
+                                    "like top_k")
     rollout_dtype: RolloutDtype = rollout_key("fp32", "sample with the policy (fp32) or a bf16 copy of it")
     rollout_correction: RolloutCorrection = rollout_key("none", "tis (truncate token ratios), mis (mask sequences), "
                                                                 "icepop (mask tokens) or none")

@@ -137,10 +137,13 @@ class PPO:
 
     # rollout -------------------------------------------------------------------------------------
     def logprobs(self, model, s, rows, entropy=False):
-        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one)."""
+        """Token log-probs of `model` (through its DDP/FSDP2 wrapper when it has one). The policy's log-probs
+        replay the sampler's top-k / top-p cut; the reference keeps its full distribution (its own cut could leave
+        out a sampled token, and the KL regularises towards the whole reference)."""
+        replay = self.cfg.replay() if model is not self.ref else {}
         forward = self.forwards.get(id(model), functools.partial(models.token_logprobs, model))
         return forward(s.ids[rows], s.attn[rows], s.start, s.mask[rows], temperature=self.cfg.temperature,
-                       impl=self.cfg.logprob_impl, entropy=entropy)
+                       impl=self.cfg.logprob_impl, entropy=entropy, **replay)
 
     def values(self, s, rows):
         return self.critic_net(s.ids[rows], s.attn[rows])[:, s.start - 1:-1]
@@ -162,6 +165,7 @@ class PPO:
         order = torch.randperm(len(s.prompts), generator=g).to(cfg.device)  # also the first epoch's order
         mb = cfg.micro_batch_size
         old_logp, entropy = rollout.chunked(lambda r: self.logprobs(self.policy, s, r, entropy=True), order, mb)
+        s.mask = rollout.replayable(s.mask, old_logp)
         ref_logp = rollout.chunked(lambda r: self.logprobs(self.ref, s, r), order, mb)
         values = rollout.chunked(lambda r: self.values(s, r), order, mb)
         dense = self.dense_reward(s, order)
@@ -203,8 +207,8 @@ class PPO:
         same on every rank), sampled with its own seed (rank 0: the single-process seed)."""
         cfg = self.cfg
         prompts = sentiment.prompts(cfg.batch_size, g)[self.par.rows(cfg.batch_size)].to(cfg.device)
-        return rollout.sample(self.sampler, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                              seed=self.par.seed(cfg.seed * 1_000_003 + step))
+        return rollout.sample(self.sampler, prompts, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens, seed=self.par.seed(cfg.seed * 1_000_003 + step))
 
     def rewards(self, score, mask, logp, ref_logp, dense):
         cfg = self.cfg
@@ -232,7 +236,8 @@ class PPO:
                     par.sync_grads(self.forward, self.critic_net, last=i == len(micros) - 1)
                     logp = self.logprobs(self.policy, s, micro)
                     v = self.values(s, micro)
-                    mask, vmask = s.mask[micro], ex["vmask"][micro]
+                    # a token the updated policy's cut leaves out has logp = −inf: it leaves the policy loss
+                    mask, vmask = s.mask[micro] & torch.isfinite(logp), ex["vmask"][micro]
                     pg, pst = rk.ppo_policy_loss(logp, ex["old_logp"][micro], advantages[micro], mask,
                                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                                  dual_clip=cfg.dual_clip, aggregation=cfg.aggregation)
@@ -295,6 +300,7 @@ update_key = topic("PPO update")
 max_key = topic("PPO-max, A2C, reference EMA (docs/algorithms.md §2, §5, §1.12)")
 ppoc_key = topic("PPO-C, calibrated reward calculation (docs/algorithms.md §8)")
 ens_key = topic("reward-model ensembles (docs/algorithms.md §7)")
+rollout_key = topic("rollout sampling (replayed by the policy's log-probs)")
 
 
 @dataclass
@@ -335,6 +341,9 @@ class PPOConfig(RunConfig):
     vf_coef: float = update_key(0.1, "weight of the value loss")
     aggregation: Aggregation = update_key("token-mean", "how per-token losses reduce (rk.ppo_policy_loss)")
     eval_every: int = 10
+    top_k: int = rollout_key(0, "sample from the top k tokens only (0: off); the policy's log-probs replay the cut")
+    top_p: float = rollout_key(1.0, "nucleus sampling: keep the most probable tokens up to mass p (1: off); replayed "
+                                    "like top_k")
     preset: str = max_key("", "a name in PRESETS (ppo-max, a2c), applied under the config file and the overrides")
     reward_norm: RewardNorm = max_key("none", "running score moments: scale r/σ, normalize (r−μ)/σ, then score_clip")
     advantage_whiten_level: WhitenLevel = max_key("batch", "batch (N+) or minibatch (PPO-max: whiten each minibatch)")

@@ -17,6 +17,19 @@ Backward, per vocabulary chunk of C columns (sized from the memory budget, below
      hidden's dtype.
 Every reduction runs in a fixed order: deterministic, no atomics.
 
+Batch invariance (batch_invariant=True): a row's log-prob, entropy and d(hidden) row must not depend on the
+rest of the batch. The tile shapes and warps come from a fixed table per dtype and arch (no autotuning, no
+choice by N), and no kernel splits H (no split-K): each logit is one program's tl.dot chain over H in
+ascending BLOCK_H steps, an element's arithmetic the same wherever its row sits in the BLOCK_N tile. The one
+N-dependent choice is the forward's split of the vocabulary (more splits when there are few row tiles),
+which sets the order in which a row's partial states are merged: batch_invariant fixes it from V and the
+arch alone (forward_splits). The backward needs no change: a row's d(logits) is elementwise from its own
+logits and lse, and its d(hidden) is summed over the vocabulary in ascending BLOCK_V steps whatever the
+chunk width C (C, which depends on N, is a multiple of BLOCK_V, and the accumulator carried between chunks
+is the same fp32/fp64 value the on-chip loop would hold). The d(weight) sum over rows depends on N, as it
+must; it is fixed for a given batch (run to run). Under the interpreter tl.dot is numpy's matmul of a
+fixed-shape tile, which the tests check for the same property.
+
 Why not the FlashAttention-2 split (one kernel per output, each recomputing its logit tiles)? In attention
 the accumulated row is a head (64–128 wide) and fits on chip; here it is H = 4096 wide: a [64, 4096] fp32
 d(hidden) accumulator is 1 MiB, four times the register file. Tiling the output over H forces every
@@ -396,27 +409,32 @@ def _launch(cfg, kernel, grid, args, **flags):
     return Launch(kernel, grid, args, {**dict(cfg.tiles), **flags}, cfg.num_warps, cfg.num_stages)
 
 
-def forward_splits(N, V, block_n, block_v, arch):
+def forward_splits(N, V, block_n, block_v, arch, batch_invariant=False):
     """(splits, vocabulary tiles per split) of the forward: about two waves of the arch's SMs (the
-    interpreter pretends to have 2 SMs, so small test shapes take the multi-split path)."""
+    interpreter pretends to have 2 SMs, so small test shapes take the multi-split path). batch_invariant:
+    one wave's worth whatever N is (a row's fold over the splits must not depend on the row count)."""
     sms = 2 if arch is None else _SM_COUNT.get(arch, 132)
     v_tiles = triton.cdiv(V, block_v)
-    splits = min(v_tiles, max(1, triton.cdiv(2 * sms, triton.cdiv(N, block_n))))
+    if batch_invariant:
+        splits = min(v_tiles, sms)
+    else:
+        splits = min(v_tiles, max(1, triton.cdiv(2 * sms, triton.cdiv(N, block_n))))
     per = triton.cdiv(v_tiles, splits)
     return triton.cdiv(v_tiles, per), per
 
 
 def plan_fwd(hidden, weight, bias, tokens, logp, entropy, lse, temperature=1.0, ignore_index=-100, temperatures=None,
-             softcap=0.0, *, arch=None, allow_tf32=None):
+             softcap=0.0, batch_invariant=False, *, arch=None, allow_tf32=None):
     """The launches of the forward for these (possibly meta) tensors: hidden [N, H], weight [V, H], bias [V]
     or None, tokens [N] int64, and the outputs logp, entropy, lse [N] (float32, or float64 for fp64 math).
     Allocates the [4, splits, N] partial-state buffer on hidden's device. `arch`: compute capability
-    (None: from hidden's device); `allow_tf32` (None: torch.backends.cuda.matmul.allow_tf32)."""
+    (None: from hidden's device); `allow_tf32` (None: torch.backends.cuda.matmul.allow_tf32);
+    batch_invariant: a split count that does not depend on N (forward_splits)."""
     N, H, V, arch, _, mixed, common, ((cfg, _), _, _, merge) = _setup(hidden, weight, lse.dtype, arch, allow_tf32)
     if N == 0:
         return []
     tiles = dict(cfg.tiles)
-    splits, per = forward_splits(N, V, tiles["BLOCK_N"], tiles["BLOCK_V"], arch)
+    splits, per = forward_splits(N, V, tiles["BLOCK_N"], tiles["BLOCK_V"], arch, batch_invariant)
     part = torch.empty((4, splits, N), dtype=lse.dtype, device=hidden.device)
     return [
         _launch(cfg, _fwd_kernel, (triton.cdiv(N, tiles["BLOCK_N"]), splits),
@@ -498,17 +516,20 @@ def acc_dtype(hidden, weight, bias):
         else torch.float32
 
 
-def linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures=None, softcap=0.0):
+def linear_logprobs_fwd(hidden, weight, bias, tokens, temperature, ignore_index, temperatures=None, softcap=0.0,
+                        batch_invariant=False):
     N = hidden.shape[0]
     acc = acc_dtype(hidden, weight, bias)
     logp, ent, lse = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(3))
-    run(plan_fwd(hidden, weight, bias, tokens, logp, ent, lse, temperature, ignore_index, temperatures, softcap),
-        hidden.device)
+    run(plan_fwd(hidden, weight, bias, tokens, logp, ent, lse, temperature, ignore_index, temperatures, softcap,
+                 batch_invariant), hidden.device)
     return logp, ent, lse
 
 
 def linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature,
-                        ignore_index, need_hidden, need_weight, need_bias, budget, temperatures=None, softcap=0.0):
+                        ignore_index, need_hidden, need_weight, need_bias, budget, temperatures=None, softcap=0.0,
+                        batch_invariant=False):
+    # batch_invariant needs nothing here: the backward is batch-invariant in every mode (module docstring)
     N, H = hidden.shape
     V = weight.shape[0]
     acc = lse.dtype

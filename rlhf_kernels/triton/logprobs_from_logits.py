@@ -4,6 +4,8 @@ Forward keeps an online log-sum-exp state (max m, Σe^{z−m}, Σe^{z−m}(z−m
 time (the same state and merge rule as csrc/common.h LseState / lse_merge), and stores logp, entropy and lse.
 Backward recomputes p = exp(z − lse) tile by tile and writes the gradient in the logits dtype.
 Rows are addressed through two leading strides, so logits[:, :-1] of a [B, T, V] tensor needs no copy.
+Batch-invariant in every mode (batch_invariant changes nothing here): one program per row, its tile width
+set by V alone, so a row's order of operations never depends on the rest of the batch.
 """
 import torch
 import triton
@@ -51,12 +53,15 @@ def _narrow(g, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, V, inner, s_outer, s_inner, inv_t,
-                         softcap, ignore_index, ENT: tl.constexpr, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, thr_ptr, V, inner, s_outer, s_inner,
+                         inv_t, softcap, ignore_index, ENT: tl.constexpr, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr,
+                         THR: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = lse_ptr.dtype.element_ty
     inv_t = row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS)
+    thr = float("-inf")
+    if THR:  # the sampler replay: z below the row's threshold is out of the kept set
+        thr = tl.load(thr_ptr + row)
     base = _row_base(x_ptr, row, inner, s_outer, s_inner)
     tok = tl.load(tok_ptr + row)
     ignored = tok == ignore_index
@@ -72,6 +77,8 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, 
         if CAP:  # the lanes past V stay −inf (the cap would make them −c)
             z = tl.where(idx < V, softcap * tanh(z / softcap), neg_inf)
         z = z * inv_t
+        if THR:
+            z = tl.where(z >= thr, z, neg_inf)
         m_new = tl.maximum(m, tl.max(z, 0))
         live = m_new != neg_inf  # all −inf so far: nothing to add
         m_ref = tl.where(live, m_new, 0.0)
@@ -90,7 +97,10 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, 
     if CAP:
         x_tok = softcap * tanh(x_tok / softcap)
     x_tok = x_tok * inv_t
-    logp = tl.where(in_range, x_tok - lse, float("nan"))
+    logp = x_tok - lse
+    if THR:
+        logp = tl.where(x_tok >= thr, logp, neg_inf)
+    logp = tl.where(in_range, logp, float("nan"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
     if ENT:
@@ -98,9 +108,10 @@ def _logprobs_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, temps_ptr, 
 
 
 @triton.jit
-def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, grad_ptr, temps_ptr, V, inner, s_outer,
-                         s_inner, inv_t, softcap, ignore_index, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-                         HAS_TEMPS: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, grad_ptr, temps_ptr, thr_ptr, V, inner,
+                         s_outer, s_inner, inv_t, softcap, ignore_index, HAS_GLP: tl.constexpr,
+                         HAS_GENT: tl.constexpr, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr, THR: tl.constexpr,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = lse_ptr.dtype.element_ty
     inv_t = row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS)
@@ -114,6 +125,13 @@ def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, gr
     g_lp = tl.zeros((), acc)
     if HAS_GLP:
         g_lp = tl.where(in_range & ~ignored, tl.load(glp_ptr + row), 0.0)
+    thr = float("-inf")
+    if THR:  # a token outside its kept set has logp = −inf, a constant: no gradient through it either
+        thr = tl.load(thr_ptr + row)
+        x_tok = tl.load(base + tl.where(in_range, tok, 0), mask=in_range & ~ignored, other=0.0).to(acc)
+        if CAP:
+            x_tok = softcap * tanh(x_tok / softcap)
+        g_lp = tl.where(x_tok * inv_t >= thr, g_lp, 0.0)
     g_h = tl.zeros((), acc)
     H = tl.zeros((), acc)
     if HAS_GENT:
@@ -127,6 +145,8 @@ def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, gr
         if CAP:
             z = softcap * tanh(z / softcap)
         lp = z * inv_t - lse
+        if THR:
+            lp = tl.where(z * inv_t >= thr, lp, float("-inf"))
         p = tl.exp(lp)
         ent = p * (tl.where(p > 0, lp, 0.0) + H)  # p·log p → 0 for −inf logits
         g = (g_lp * (tl.where(idx == tok, 1.0, 0.0) - p) - g_h * ent) * inv_t
@@ -135,6 +155,99 @@ def _logprobs_bwd_kernel(glp_ptr, gent_ptr, x_ptr, tok_ptr, lse_ptr, ent_ptr, gr
             g = g * (1.0 - u * u)
         g = tl.where(ignored, 0.0, g)
         tl.store(gbase + idx, _narrow(g, grad_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _order_key(z):
+    """An integer key with the order of the float z (its bits, negatives reflected; −0 counts as +0)."""
+    z = z + 0.0
+    if z.dtype == tl.float64:
+        b = z.to(tl.int64, bitcast=True)
+        return tl.where(b >= 0, b, b ^ 0x7FFFFFFFFFFFFFFF)
+    else:
+        b = z.to(tl.int32, bitcast=True)
+        return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _key_value(k, acc: tl.constexpr):
+    if acc == tl.float64:
+        return tl.where(k >= 0, k, k ^ 0x7FFFFFFFFFFFFFFF).to(tl.float64, bitcast=True)
+    else:
+        return tl.where(k >= 0, k, k ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled(base, idx, V, inv_t, softcap, CAP: tl.constexpr, acc: tl.constexpr):
+    """z = cap(x)·(1/t) of one tile, −inf past V: the expression the forward and backward kernels use."""
+    z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(acc)
+    if CAP:
+        z = tl.where(idx < V, softcap * tanh(z / softcap), float("-inf"))
+    return z * inv_t
+
+
+@triton.jit
+def _replay_threshold_kernel(x_ptr, tok_ptr, thr_ptr, temps_ptr, k_ptr, p_ptr, V, inner, s_outer, s_inner, inv_t,
+                             softcap, ignore_index, HAS_TEMPS: tl.constexpr, CAP: tl.constexpr, HAS_K: tl.constexpr,
+                             HAS_P: tl.constexpr, BLOCK: tl.constexpr):
+    """One row's threshold by bisection over the order keys of z (the algorithm of csrc/replay.h): the k-th
+    largest z, then the lowest z whose ascending cumulative mass over the top-k survivors exceeds (1 − p)·Z.
+    Each bisection step reads the row once (<= 33 steps for fp32, 65 for fp64, per cut)."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = thr_ptr.dtype.element_ty
+    inv_t = row_inv_t(temps_ptr, row, inv_t, HAS_TEMPS)
+    base = _row_base(x_ptr, row, inner, s_outer, s_inner)
+    tok = tl.load(tok_ptr + row)
+    k = tl.zeros((), tl.int64)
+    if HAS_K:
+        k = tl.load(k_ptr + row)
+    p = tl.full((), 1.0, acc)
+    if HAS_P:
+        p = tl.load(p_ptr + row).to(acc)
+    use_k = (k > 0) & (k < V)
+    use_p = p < 1.0
+    n = tl.where((tok == ignore_index) | ~(use_k | use_p), 0, V)  # nothing to cut: read nothing
+    offs = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), acc)
+    for start in range(0, n, BLOCK):
+        m = tl.maximum(m, tl.max(_scaled(base, start + offs, V, inv_t, softcap, CAP, acc), 0))
+    all_key = _order_key(tl.full((), float("-inf"), acc))
+    lo = all_key
+    hi = _order_key(m) + 1
+    live = m > float("-inf")
+    # top-k: the largest key t with #{key >= t} >= k
+    while use_k & live & (lo + 1 < hi):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+        c = tl.zeros((), tl.int64)
+        for start in range(0, n, BLOCK):
+            kz = _order_key(_scaled(base, start + offs, V, inv_t, softcap, CAP, acc))
+            c += tl.sum(tl.where(kz >= mid, 1, 0).to(tl.int64), 0)
+        if c >= k:
+            lo = mid
+        else:
+            hi = mid
+    if use_p & live:
+        zsum = tl.zeros((), acc)
+        for start in range(0, n, BLOCK):
+            z = _scaled(base, start + offs, V, inv_t, softcap, CAP, acc)
+            zsum += tl.sum(tl.where(_order_key(z) >= lo, tl.exp(z - m), 0.0), 0)
+        target = (1.0 - p) * zsum
+        a = lo - 1
+        b = _order_key(m)
+        while a + 1 < b:
+            mid = (a >> 1) + (b >> 1) + (a & b & 1)
+            s = tl.zeros((), acc)
+            for start in range(0, n, BLOCK):
+                z = _scaled(base, start + offs, V, inv_t, softcap, CAP, acc)
+                kz = _order_key(z)
+                s += tl.sum(tl.where((kz >= lo) & (kz <= mid), tl.exp(z - m), 0.0), 0)
+            if s > target:
+                b = mid
+            else:
+                a = mid
+        lo = b
+    thr = tl.where(lo == all_key, float("-inf"), _key_value(lo, acc))
+    tl.store(thr_ptr + row, thr)
 
 
 def _row_layout(x):
@@ -167,7 +280,8 @@ def _block(V):
 def configs(dtype=None, arch=None):
     """The launch configurations the plans can select: the vocabulary tile is V rounded up to a power of two,
     capped at MAX_BLOCK."""
-    return [dict(kernel=k, BLOCK=b, num_warps=4) for k in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel")
+    return [dict(kernel=k, BLOCK=b, num_warps=4)
+            for k in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_replay_threshold_kernel")
             for b in powers_of_two(MAX_BLOCK)]
 
 
@@ -180,7 +294,8 @@ def _fp64_temperatures(temperatures, temperature, N, acc, device):
     return temperatures, temperature
 
 
-def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0, arch=None):
+def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0,
+             thresholds=None, arch=None):
     """([Launch], (logp, entropy or an empty tensor, lse)) for logits [..., V] (rows strided as _row_layout
     allows) and contiguous tokens [...]."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -192,15 +307,17 @@ def plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperat
         return [], (logp, ent, lse)
     inner, s_outer, s_inner, x = _row_layout(logits)
     temperatures, temperature = _fp64_temperatures(temperatures, temperature, N, acc, logits.device)
-    args = (x, tokens, logp, ent if return_entropy else lse, lse, lse if temperatures is None else temperatures, V,
-            inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
+    args = (x, tokens, logp, ent if return_entropy else lse, lse, lse if temperatures is None else temperatures,
+            lse if thresholds is None else thresholds, V, inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0,
+            ignore_index)
     plan = [Launch(_logprobs_fwd_kernel, (N,), args, dict(ENT=bool(return_entropy), HAS_TEMPS=temperatures is not None,
-                                                          CAP=bool(softcap), BLOCK=_block(V)))]
+                                                          CAP=bool(softcap), THR=thresholds is not None,
+                                                          BLOCK=_block(V)))]
     return plan, (logp, ent, lse)
 
 
 def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, temperatures=None,
-             softcap=0.0, arch=None):
+             softcap=0.0, thresholds=None, arch=None):
     """([Launch], d logits) in the logits dtype; either upstream gradient may be None."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     N, V = tokens.numel(), logits.shape[-1]
@@ -209,20 +326,47 @@ def plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature,
     inner, s_outer, s_inner, x = _row_layout(logits)
     temperatures, temperature = _fp64_temperatures(temperatures, temperature, N, lse.dtype, logits.device)
     args = (grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, x, tokens,
-            lse, entropy if grad_entropy is not None else lse, grad, lse if temperatures is None else temperatures, V,
-            inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0, ignore_index)
+            lse, entropy if grad_entropy is not None else lse, grad, lse if temperatures is None else temperatures,
+            lse if thresholds is None else thresholds, V, inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0,
+            ignore_index)
     plan = [Launch(_logprobs_bwd_kernel, (N,), args,
                    dict(HAS_GLP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-                        HAS_TEMPS=temperatures is not None, CAP=bool(softcap), BLOCK=_block(V)))]
+                        HAS_TEMPS=temperatures is not None, CAP=bool(softcap), THR=thresholds is not None,
+                        BLOCK=_block(V)))]
     return plan, grad
 
 
-def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0):
-    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures, softcap),
-                   logits.device)
+def logprobs_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures=None, softcap=0.0,
+                 thresholds=None):
+    return execute(plan_fwd(logits, tokens, temperature, ignore_index, return_entropy, temperatures, softcap,
+                            thresholds), logits.device)
 
 
 def logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index, temperatures=None,
-                 softcap=0.0):
+                 softcap=0.0, thresholds=None):
     return execute(plan_bwd(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature, ignore_index,
-                            temperatures, softcap), logits.device)
+                            temperatures, softcap, thresholds), logits.device)
+
+
+def plan_threshold(logits, tokens, temperature, ignore_index, temperatures, softcap, top_k, top_p, arch=None):
+    """([Launch], thresholds [...]) of the sampler replay, one per row (−inf: nothing cut); top_k int64 and top_p
+    (accumulation dtype) of tokens.shape, either None."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    thr = torch.empty(tokens.shape, dtype=acc, device=logits.device)
+    N, V = tokens.numel(), logits.shape[-1]
+    if N == 0:
+        return [], thr
+    inner, s_outer, s_inner, x = _row_layout(logits)
+    temperatures, temperature = _fp64_temperatures(temperatures, temperature, N, acc, logits.device)
+    args = (x, tokens, thr, thr if temperatures is None else temperatures, tokens if top_k is None else top_k,
+            thr if top_p is None else top_p, V, inner, s_outer, s_inner, 1.0 / temperature, softcap or 1.0,
+            ignore_index)
+    plan = [Launch(_replay_threshold_kernel, (N,), args,
+                   dict(HAS_TEMPS=temperatures is not None, CAP=bool(softcap), HAS_K=top_k is not None,
+                        HAS_P=top_p is not None, BLOCK=_block(V)))]
+    return plan, thr
+
+
+def replay_threshold(logits, tokens, temperature, ignore_index, temperatures, softcap, top_k, top_p):
+    return execute(plan_threshold(logits, tokens, temperature, ignore_index, temperatures, softcap, top_k, top_p),
+                   logits.device)

@@ -85,23 +85,29 @@ def hidden_states(model, ids, attn):
         return body(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
 
 
-def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused", entropy=False):
+def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused", entropy=False, top_k=None,
+                   top_p=None):
     """Log-probs [B, T - start] of the tokens ids[:, start:] at positions where `mask`, 0 elsewhere
     (and their entropies). "fused" feeds hidden states and lm_head.weight to rk.linear_logprobs;
-    "naive" materialises the logits and calls log_softmax. This is the trainer's one call of the LM
-    head (under torchrun too, through parallel.LMForward); a head sharded by `--tp_head`
-    (tp_head.ShardedHead) runs the vocabulary-parallel op on the job's gathered rows there."""
+    "naive" materialises the logits and calls log_softmax (rk.logprobs_from_logits when top_k / top_p replay
+    a sampler's cut: a token outside it gets −inf). This is the trainer's one call of the LM head (under
+    torchrun too, through parallel.LMForward); a head sharded by `--tp_head` (tp_head.ShardedHead) runs the
+    vocabulary-parallel op on the job's gathered rows there."""
     h = hidden_states(model, ids, attn)[:, start - 1:-1]
     tokens = torch.where(mask, ids[:, start:], torch.full_like(ids[:, start:], -100))
     head = model.get_output_embeddings()
     if isinstance(head, tp_head.ShardedHead):
-        if impl != "fused":
-            raise ValueError(f"a head sharded with tp_head computes fused log-probs only, got impl={impl!r}")
+        if impl != "fused" or top_k is not None or top_p is not None:
+            raise ValueError("a head sharded with tp_head computes fused log-probs without a sampler replay, got "
+                             f"impl={impl!r}, top_k={top_k!r}, top_p={top_p!r}")
         return head.logprobs(h, tokens, temperature=temperature, entropy=entropy)
     bias = getattr(head, "bias", None)
     if impl == "fused":
         return rk.linear_logprobs(h, head.weight, tokens, bias=bias, temperature=temperature,
-                                  return_entropy=entropy, validate=False)
+                                  return_entropy=entropy, validate=False, top_k=top_k, top_p=top_p)
+    if top_k is not None or top_p is not None:
+        return rk.logprobs_from_logits(head(h).float(), tokens, temperature=temperature, return_entropy=entropy,
+                                       validate=False, top_k=top_k, top_p=top_p)
     logits = head(h).float() / temperature
     logp_all = torch.log_softmax(logits, -1)
     lp = logp_all.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask

@@ -52,8 +52,22 @@ class RunConfig:
         self.check_batches()
         self.check_lora()
         self.check_tp_head()
+        if hasattr(self, "top_k"):
+            self.check_sampler()
         if hasattr(self, "label_noise") and not 0 <= self.label_noise < 0.5:
             raise ConfigError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
+
+    def check_sampler(self):
+        """top_k / top_p of the trainers that sample rollouts (PPO, GRPO and their variants)."""
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    def replay(self):
+        """The sampler settings the policy's rollout log-probs replay (rk.linear_logprobs' top_k / top_p)."""
+        return dict(top_k=getattr(self, "top_k", 0) or None,
+                    top_p=None if getattr(self, "top_p", 1.0) == 1.0 else self.top_p)
 
     def check_batches(self):
         if self.batch_size % self.micro_batch_size:
@@ -65,7 +79,9 @@ class RunConfig:
             return
         bad = {"fsdp=true (FSDP2 shards the head already)": self.fsdp,
                "lora_r > 0 (the head is frozen)": self.lora_r > 0,
-               "logprob_impl=naive (the sharded head computes fused log-probs)": self.logprob_impl != "fused"}
+               "logprob_impl=naive (the sharded head computes fused log-probs)": self.logprob_impl != "fused",
+               "top_k/top_p (the sampler replay does not compose with the vocabulary-parallel head yet)":
+                   any(v is not None for v in self.replay().values())}
         bad = [k for k, v in bad.items() if v]
         if bad:
             raise ConfigError(f"tp_head=true with {', '.join(bad)}: does not compose; the vocabulary-parallel head "

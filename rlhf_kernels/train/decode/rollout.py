@@ -38,18 +38,27 @@ def truncate_after_eos(responses, eos=sentiment.EOS, pad=sentiment.PAD):
 
 
 @torch.no_grad()
-def sample(policy, prompts, *, temperature, max_new_tokens, seed):
+def sample(policy, prompts, *, temperature, max_new_tokens, seed, top_k=0, top_p=1.0):
     """Fixed-length sampling (no early stop at <eos>, so every row costs the same and the EOS trick
-    applies), from the full temperature-scaled distribution (no top-k/top-p), seeded."""
+    applies), from the temperature-scaled distribution cut by top_k / top_p (0 / 1: off), seeded. The policy's
+    log-probs of such rollouts must replay the same cut (models.token_logprobs' top_k / top_p)."""
     torch.manual_seed(seed)
     out = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                          temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
                           min_new_tokens=0, eos_token_id=None, pad_token_id=sentiment.PAD)
     responses = out[:, prompts.shape[1]:]
     if responses.shape[1] < max_new_tokens:  # a model that stopped early anyway: pad to the fixed length
         responses = torch.nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=sentiment.PAD)
     responses, mask, has_eos = truncate_after_eos(responses)
     return Samples(prompts, responses, mask, has_eos)
+
+
+def replayable(mask, logp):
+    """The mask without the positions whose replayed log-prob is −inf. A sampled token is inside the cut it was
+    drawn from, so this drops nothing unless the replay's logits round a token at the cut's edge to the other
+    side of it (the sampler's logits and the fused head's are different GEMMs); such a position is left out
+    rather than given an infinite ratio."""
+    return mask & torch.isfinite(logp)
 
 
 def penalize_no_eos(score, has_eos, mode, value):
