@@ -89,6 +89,9 @@ class GRPO:
         if par.mode == "fsdp" and cfg.rollout_dtype != "fp32":
             raise ConfigError("rollout_dtype=bf16 with fsdp: the sampler copy is refreshed from whole weights; "
                               "use DDP (fsdp=false) or fp32 rollouts")
+        if cfg.tp_head and cfg.rollout_dtype != "fp32":
+            raise ConfigError("rollout_dtype=bf16 with tp_head: the sampler copy is refreshed from the whole head; "
+                              "use fp32 rollouts or tp_head=false")
         dev = cfg.device
         self.task = tasks.get(cfg.task)
         self.policy = lora.wrap(models.load_lm(cfg.policy, dev, len(self.task.WORDS)), cfg)

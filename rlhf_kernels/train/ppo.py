@@ -77,7 +77,8 @@ def check_parallel(cfg, par):
     unsupported = {"reward_norm": cfg.reward_norm != "none", "ptx_coef": cfg.ptx_coef > 0,
                    "critic_pretrain_steps": cfg.critic_pretrain_steps > 0, "ppo_c": cfg.ppo_c,
                    "advantage_whiten_level=minibatch": cfg.advantage_whiten_level == "minibatch",
-                   "ref_ema with fsdp": cfg.ref_ema is not None and cfg.fsdp}
+                   "ref_ema with fsdp": cfg.ref_ema is not None and cfg.fsdp,
+                   "ref_ema with tp_head": cfg.ref_ema is not None and cfg.tp_head}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: not supported under torchrun yet (world size {par.world}); "

@@ -116,6 +116,9 @@ class RMConfig(RunConfig):
     def check(self):
         super().check()
         positive(self, "pairs", "ensemble")
+        if self.tp_head:
+            raise ConfigError("tp_head=true with train rm: a reward model has no LM head in its loss; tp_head shards "
+                              "the policy's head in sft, dpo, ppo, rto and grpo")
         check_task(self, "calibrated")
         if not 0 <= self.crm_low_max < self.crm_high_min <= 10:
             raise ConfigError(f"need 0 <= crm_low_max < crm_high_min <= 10, got crm_low_max={self.crm_low_max}, "

@@ -9,7 +9,7 @@ import torch
 import rlhf_kernels as rk
 
 from ..tasks import sentiment
-from . import lora
+from . import lora, tp_head
 
 TINY = ("tiny-llama", "tiny-gpt2")
 HEAD_FILE = "scalar_head.safetensors"
@@ -91,11 +91,16 @@ def token_logprobs(model, ids, attn, start, mask, temperature=1.0, impl="fused",
     (and their entropies). "fused" feeds hidden states and lm_head.weight to rk.linear_logprobs;
     "naive" materialises the logits and calls log_softmax (rk.logprobs_from_logits when top_k / top_p replay
     a sampler's cut: a token outside it gets −inf). This is the trainer's one call of the LM head (under
-    torchrun too, through parallel.LMForward): a vocabulary-parallel head would pass its process group and
-    vocabulary offset here."""
+    torchrun too, through parallel.LMForward); a head sharded by `--tp_head` (tp_head.ShardedHead) runs the
+    vocabulary-parallel op on the job's gathered rows there."""
     h = hidden_states(model, ids, attn)[:, start - 1:-1]
     tokens = torch.where(mask, ids[:, start:], torch.full_like(ids[:, start:], -100))
     head = model.get_output_embeddings()
+    if isinstance(head, tp_head.ShardedHead):
+        if impl != "fused" or top_k is not None or top_p is not None:
+            raise ValueError("a head sharded with tp_head computes fused log-probs without a sampler replay, got "
+                             f"impl={impl!r}, top_k={top_k!r}, top_p={top_p!r}")
+        return head.logprobs(h, tokens, temperature=temperature, entropy=entropy)
     bias = getattr(head, "bias", None)
     if impl == "fused":
         return rk.linear_logprobs(h, head.weight, tokens, bias=bias, temperature=temperature,

@@ -15,7 +15,10 @@ The contract every trainer follows under world size W:
   * rank 0 alone writes files (`is_main`).
 The models whose forward builds a graph are wrapped (`wrap_lm`, `wrap`) with DDP, or with FSDP2
 `fully_shard` when `cfg.fsdp`; every use of a causal LM (log-probs and sampling) goes through the
-wrapper's forward (LMForward), so the DDP/FSDP hooks see it.
+wrapper's forward (LMForward), so the DDP/FSDP hooks see it. With `cfg.tp_head` (DDP only) the LM
+head of every wrapped LM (policy, reference) is sharded by vocabulary rows instead of replicated
+(tp_head.py): DDP ignores the shard, the gradient norm adds the shards' squares over the ranks
+(`clip_grad_norm`), and checkpoints and the saved model hold the whole head, gathered.
 """
 import copy
 import datetime
@@ -25,7 +28,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import models
+from . import models, tp_head
 
 
 class LMForward(torch.nn.Module):
@@ -39,7 +42,8 @@ class LMForward(torch.nn.Module):
 
     def forward(self, *args, generate=False, **kwargs):
         if generate:
-            return self.lm.generate(*args, **kwargs)
+            with tp_head.whole(self.lm):  # a sharded head is gathered for the whole generate call
+                return self.lm.generate(*args, **kwargs)
         return models.token_logprobs(self.lm, *args, **kwargs)
 
 
@@ -123,6 +127,10 @@ class Single:
     def barrier(self):
         pass
 
+    def clip_grad_norm(self, params, max_norm):
+        """Clip the gradients of `params` to the global norm `max_norm` (None: no clipping); return that norm."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+
     def sync_grads(self, *modules, last):
         pass
 
@@ -142,6 +150,8 @@ class Distributed(Single):
         self.world, self.rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         local = int(os.environ.get("LOCAL_RANK", 0))
         self.mode = "fsdp" if cfg.fsdp else "ddp"
+        self.tp_head = bool(getattr(cfg, "tp_head", False))  # RunConfig.check refuses it with fsdp
+        self._shards = set()  # ids of the ShardedHead parameters (tp_head)
         if torch.device(cfg.device).type == "cuda":
             cfg.device = f"cuda:{local}"  # one GPU per process: torchrun's local rank picks it
             torch.cuda.set_device(cfg.device)
@@ -230,8 +240,30 @@ class Distributed(Single):
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def clip_grad_norm(self, params, max_norm):
+        """With sharded heads the global norm adds every rank's shard: one all-reduce of a float, so every rank
+        clips by the same factor and the replicas stay equal."""
+        params = [p for p in params if p.grad is not None]
+        shards = [p for p in params if id(p) in self._shards]
+        if not shards:
+            return Single.clip_grad_norm(self, params, max_norm)
+        rest = [p.grad for p in params if id(p) not in self._shards]
+        sq = torch.nn.utils.get_total_norm([p.grad for p in shards]).double() ** 2
+        sq = self.sum(sq.to(self._comm_device())).to(sq.device)
+        if rest:
+            sq = sq + torch.nn.utils.get_total_norm(rest).double() ** 2
+        total = sq.sqrt().to(shards[0].grad.dtype)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm is not None else float("inf"), total)
+        return total
+
     # models ------------------------------------------------------------------------------------
     def wrap_lm(self, lm, trainable=True):
+        """The LM's forward wrapped; with tp_head its head is first sharded (tp_head.shard): the policy's, and
+        that of a frozen reference too, so that both take their log-probs through the same op (the first
+        KL of a run is then exactly 0, as on one process)."""
+        if self.tp_head:
+            head = tp_head.shard(lm)
+            self._shards.update(id(p) for p in head.parameters() if p.requires_grad)  # a reference's: frozen
         return self.wrap(LMForward(lm), trainable)
 
     def wrap(self, module, trainable=True):
@@ -249,6 +281,9 @@ class Distributed(Single):
             return module
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.device.index] if self.device.type == "cuda" else None
+        shards = [n for n, p in module.named_parameters() if id(p) in self._shards]
+        if shards:  # no average of a sharded head's gradient: each rank's is already the job's for its rows
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, shards)
         return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)  # no buffer to sync
 
     def sampler(self, forward, lm):
@@ -261,7 +296,8 @@ class Distributed(Single):
         """`write(m)` on rank 0 with `m` the whole model: DDP's replica, or with FSDP2 the gathered full
         state dict loaded into the unsharded copy kept at wrap time (on the meta device until now)."""
         if self.mode != "fsdp":
-            Single.save(self, module, write)
+            with tp_head.whole(module):  # every rank gathers a sharded head; rank 0 writes it
+                Single.save(self, module, write)
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -275,7 +311,7 @@ class Distributed(Single):
         """({name: full state dict}, full optimizer state dict), on every rank. DDP keeps full replicas;
         FSDP2's DTensor shards are gathered (torch.distributed.checkpoint.state_dict)."""
         if self.mode != "fsdp":
-            return Single.full_state(self, modules, optimizer)
+            return _whole_heads(*Single.full_state(self, modules, optimizer), modules, optimizer)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         nn_mods, other = _split(modules)
         model_sd, optim_sd = get_state_dict(torch.nn.ModuleDict(nn_mods), optimizer,
@@ -286,6 +322,7 @@ class Distributed(Single):
 
     def load_state(self, modules, optimizer, model_states, optim_state):
         if self.mode != "fsdp":
+            model_states, optim_state = _head_shards(model_states, optim_state, modules, optimizer)
             return Single.load_state(self, modules, optimizer, model_states, optim_state)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         nn_mods, other = _split(modules)
@@ -294,6 +331,48 @@ class Distributed(Single):
                        optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
         for name, m in other.items():
             m.load_state_dict(model_states[name])
+
+
+def _heads(modules, optimizer):
+    """[(module name, state-dict key, optimizer state index, parameter, ShardedHead)] of every sharded head
+    parameter in `modules`: the keys of the checkpoint that hold the whole head."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return [(name, f"{prefix}.{pname}", index.get(id(p)), p, head)
+            for name, m in modules.items() if isinstance(m, torch.nn.Module)
+            for prefix, head in tp_head.sharded(m) for pname, p in head.named_parameters(recurse=False)]
+
+
+def _whole_heads(states, optim_sd, modules, optimizer):
+    """The single-process checkpoint: every sharded head parameter, and its optimizer state, gathered whole
+    (collectives, in the same order on every rank)."""
+    for name, key, i, p, head in _heads(modules, optimizer):
+        states[name][key] = head.gather(states[name][key])
+        st = optim_sd["state"].get(i)
+        if st is not None:  # a new dict: optimizer.state_dict() shares the live one
+            optim_sd["state"][i] = {k: head.gather(v) if _per_row(v, p) else v for k, v in st.items()}
+    return states, optim_sd
+
+
+def _head_shards(model_states, optim_state, modules, optimizer):
+    """The inverse of _whole_heads on this rank: its rows of every whole head tensor of a checkpoint."""
+    heads = _heads(modules, optimizer)
+    if not heads:
+        return model_states, optim_state
+    model_states = {n: dict(sd) for n, sd in model_states.items()}
+    optim_state = {**optim_state, "state": dict(optim_state["state"])}
+    for name, key, i, p, head in heads:
+        model_states[name][key] = head.local(model_states[name][key])
+        st = optim_state["state"].get(i)
+        if st is not None:
+            optim_state["state"][i] = {k: head.local(v) if _per_row(v, p, whole=head.vocab) else v
+                                       for k, v in st.items()}
+    return model_states, optim_state
+
+
+def _per_row(v, p, whole=None):
+    """Whether optimizer state `v` has one entry per element of `p` (AdamW's moments; not its step count)."""
+    shape = p.shape if whole is None else (whole, *p.shape[1:])
+    return isinstance(v, torch.Tensor) and v.shape == shape
 
 
 def _decoder_layers(module):

@@ -32,6 +32,8 @@ class RunConfig:
     progress: bool = run_key(True, "show a progress bar")
     fsdp: bool = run_key(False, "under torchrun: shard the policy (critic, reference) with FSDP2 fully_shard "
                                 "instead of DDP replicas (docs/distributed.md)")
+    tp_head: bool = run_key(False, "under torchrun with DDP: shard the policy's LM head by vocabulary rows across "
+                                   "the ranks (the vocabulary-parallel head; docs/distributed.md)")
     dist_timeout_s: float = run_key(600.0, "under torchrun: timeout of every collective, so a failed rank "
                                            "stops the job")
     lora_r: int = lora_key(0, "adapter rank; 0 = off (full fine-tuning); sft/ppo/dpo/rto then train adapters only")
@@ -49,6 +51,7 @@ class RunConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.check_batches()
         self.check_lora()
+        self.check_tp_head()
         if hasattr(self, "top_k"):
             self.check_sampler()
         if hasattr(self, "label_noise") and not 0 <= self.label_noise < 0.5:
@@ -70,6 +73,19 @@ class RunConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batch_size "
                               f"({self.micro_batch_size})")
+
+    def check_tp_head(self):
+        if not self.tp_head:
+            return
+        bad = {"fsdp=true (FSDP2 shards the head already)": self.fsdp,
+               "lora_r > 0 (the head is frozen)": self.lora_r > 0,
+               "logprob_impl=naive (the sharded head computes fused log-probs)": self.logprob_impl != "fused",
+               "top_k/top_p (the sampler replay does not compose with the vocabulary-parallel head yet)":
+                   any(v is not None for v in self.replay().values())}
+        bad = [k for k, v in bad.items() if v]
+        if bad:
+            raise ConfigError(f"tp_head=true with {', '.join(bad)}: does not compose; the vocabulary-parallel head "
+                              "runs with DDP, full fine-tuning and fused log-probs")
 
     def check_lora(self):
         if self.lora_r < 0:

@@ -183,8 +183,9 @@ def set_lr(optimizer, cfg, step):
 
 
 def clip_and_step(run, step, optimizer, params, max_norm):
-    """Grad-norm clipping and an optimizer step, refusing non-finite gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    """Grad-norm clipping and an optimizer step, refusing non-finite gradients. The norm is the job's
+    (parallel.Distributed.clip_grad_norm: a head sharded with tp_head counts every rank's shard)."""
+    norm = run.par.clip_grad_norm(params, max_norm)
     run.check_finite(step, grad_norm=norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
