@@ -123,6 +123,7 @@ def _meta_args(launcher):
         "ppo_value_loss_fwd": (x, x, x, msk, 0.2, 0), "ppo_value_loss_bwd": (s, x, x, x, msk, m(2), 0.2, True),
         "token_rewards": (m(2), msk, x, x, 0.1, 0, None, 1.0, 0.0, False),
         "logprobs_fwd": (z, tok, 1.0, -100, True), "logprobs_bwd": (r, r, z, tok, r, r, 1.0, -100),
+        "replay_threshold": (z, tok, 1.0, -100, None, 0.0, tok, r),
         "group_advantages": (m(8), m(8, dtype=torch.int64), m(9, dtype=torch.int64), 0, 0, 0, 1e-6),
         "rollout_correction": (x, x, msk, 1, 0, 0.0, 2.0),
     }

@@ -22,16 +22,16 @@ def run_case(c, rank):
         hidden = c["hidden"].clone().requires_grad_()
         w = c["weight"][start:start + rows].clone().requires_grad_(not c.get("frozen"))
         b = None if c["bias"] is None else c["bias"][start:start + rows].clone().requires_grad_()
-        lin = importlib.import_module("rlhf_kernels.ops.linear_logprobs")  # the module, not the function of that name
-        keep_rows = lin._valid_rows
+        lin = importlib.import_module("rlhf_kernels.ops._head")
+        keep_rows = lin.valid_rows
         vp = importlib.import_module("rlhf_kernels.ops.vocab_parallel")
         vp.ROWS_PER_STEP = c.get("rows_per_step", 4096)  # small: the bf16 corrections widen hidden in several steps
         if c.get("uncompacted"):  # as on a GPU with validate=False: ignored rows stay in, flagged to the kernels
-            lin._valid_rows = lambda *a: None
+            lin.valid_rows = lambda *a: None
         try:
             out = rk.linear_logprobs(hidden, w, c["tokens"], bias=b, **kw)
         finally:
-            lin._valid_rows = keep_rows
+            lin.valid_rows = keep_rows
         leaves = dict(dh=hidden, dw=w, db=b)
     else:
         logits = c["logits"].clone().requires_grad_()

@@ -33,12 +33,11 @@ N rows (autograd's index_select backward, N·H); the kernels' inverse temperatur
 The triton backend's extra memory (its d(logits) chunk and d(hidden) accumulator, with the floor
 that keeps GPU chunks from becoming memory-bound) is stated in rlhf_kernels/triton/linear_logprobs.py.
 """
-import os
 
 import torch
 
 from .. import reference
-from . import vocab_parallel
+from . import _head, vocab_parallel
 from ._common import (
     HAVE_C,
     HAVE_TRITON,
@@ -52,27 +51,11 @@ from ._common import (
     top_k_arg,
     top_p_arg,
 )
+from ._head import DEFAULT_CHUNK_BYTES, chunk_bytes  # noqa: F401  (the budget's home before _head.py)
 from ._replay_head import ReplayHead
 from .logprobs_from_logits import check_tokens
 
 IMPLEMENTED = ("reference",) + (("cpu", "cuda") if HAVE_C else ()) + (("triton",) if HAVE_TRITON else ())
-
-DEFAULT_CHUNK_BYTES = 256 << 20
-
-
-def chunk_bytes():
-    """The temporaries budget of the fast backends, from $RLHF_KERNELS_CHUNK_BYTES (bytes)."""
-    v = os.environ.get("RLHF_KERNELS_CHUNK_BYTES")
-    if not v:
-        return DEFAULT_CHUNK_BYTES
-    try:
-        n = int(v)
-    except ValueError:
-        raise ValueError(f"RLHF_KERNELS_CHUNK_BYTES must be a positive integer (bytes), got {v!r}") from None
-    if n <= 0:
-        raise ValueError(f"RLHF_KERNELS_CHUNK_BYTES must be a positive integer (bytes), got {v!r}")
-    return n
-
 
 def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
                     return_entropy=False, validate=True, backend=None, top_k=None, top_p=None, batch_invariant=False,
@@ -156,9 +139,9 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     temps = None if temps is None else temps.reshape(-1)
     ks = None if ks is None else ks.reshape(-1)
     ps = None if ps is None else ps.reshape(-1)
-    keep = _valid_rows(tok, ignore_index, validate)
+    keep = _head.valid_rows(tok, ignore_index, validate)
     if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
-        h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
+        h, tok = _head.TakeRows.apply(h, keep), tok.index_select(0, keep)
         temps, ks, ps = (None if x is None else x.index_select(0, keep) for x in (temps, ks, ps))
     if ks is not None or ps is not None:
         logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
@@ -182,33 +165,6 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         ent = ent.new_zeros(n).index_copy(0, keep, ent)
     logp = logp.view(tokens.shape)
     return (logp, ent.view(tokens.shape)) if return_entropy else logp
-
-
-class _TakeRows(torch.autograd.Function):
-    """x[keep] for unique indices; backward writes the gradient rows into zeros with index_copy (autograd's
-    index_select backward, index_add, runs a scatter_add that costs more than the whole head on CPU here)."""
-
-    @staticmethod
-    def forward(ctx, x, keep):
-        ctx.save_for_backward(keep)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, keep)
-
-    @staticmethod
-    def backward(ctx, g):
-        (keep,) = ctx.saved_tensors
-        return g.new_zeros((ctx.rows,) + tuple(g.shape[1:])).index_copy_(0, keep, g), None
-
-
-def _valid_rows(tok, ignore_index, validate):
-    """The indices of the rows to compute, or None for all of them. Counting the valid rows needs the
-    count on the host: free for CPU tensors; on a GPU it is a sync, paid only with validate=True (which syncs
-    for the token check anyway) and skipped in compiled code (the shape would depend on data)."""
-    if torch.compiler.is_compiling() or (tok.device.type != "cpu" and not validate):
-        return None
-    valid = tok != ignore_index
-    keep = valid.nonzero().view(-1)
-    return None if keep.numel() == tok.numel() else keep
 
 
 def _fake_fwd(hidden, weight, bias, tokens, temperature, ignore_index, *rest):

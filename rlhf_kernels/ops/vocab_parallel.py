@@ -45,6 +45,8 @@ import math
 
 import torch
 
+from . import _head
+
 LOCAL_IGNORE = -1  # the ignore_index of the local calls: never a local column, and not the foreign rows' column 0
 
 
@@ -229,7 +231,6 @@ def _weighted_row_sum(c, h, acc):
 class _LinearVP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, col, owned, active, cfg):
-        from .linear_logprobs import chunk_bytes
         temps = cfg.temps
         if cfg.name == "reference":
             x = h.to(cfg.acc) @ w.to(cfg.acc).T
@@ -240,7 +241,7 @@ class _LinearVP(torch.autograd.Function):
         else:
             op = (torch.ops.rlhf_kernels.linear_logprobs_fwd_triton if cfg.name == "triton"
                   else torch.ops.rlhf_kernels.linear_logprobs_fwd)
-            logp_r, ent_r, lse_r = op(h, w, b, col, cfg.temperature, LOCAL_IGNORE, chunk_bytes(), temps, cfg.cap)
+            logp_r, ent_r, lse_r = op(h, w, b, col, cfg.temperature, LOCAL_IGNORE, _head.chunk_bytes(), temps, cfg.cap)
             tgt_r = torch.where(owned, logp_r + lse_r, torch.full_like(logp_r, math.nan))
             ent_r = ent_r if cfg.want_ent else None
         lse, tgt, ent = combine(cfg.group, lse_r, tgt_r, ent_r)
@@ -256,7 +257,6 @@ class _LinearVP(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent):
-        from .linear_logprobs import chunk_bytes
         h, w, b, col, owned, active, unowned, lse, ent = ctx.saved_tensors
         cfg = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -279,7 +279,7 @@ class _LinearVP(torch.autograd.Function):
             op = (torch.ops.rlhf_kernels.linear_logprobs_bwd_triton if cfg.name == "triton"
                   else torch.ops.rlhf_kernels.linear_logprobs_bwd)
             dh, dw, db = op(g1, g2, h, w, b, col, lse, ent, cfg.temperature, LOCAL_IGNORE, need_h, need_w, need_b,
-                            chunk_bytes(), cfg.temps, cfg.cap)
+                            _head.chunk_bytes(), cfg.temps, cfg.cap)
             # rows owned elsewhere were sent with column 0 as their target: take its indicator out again
             w0 = w[0].to(acc)
             y0 = _rows_dot(h, w0, acc) + (b[0] if b is not None else 0)
@@ -369,7 +369,6 @@ def _check_tokens(tokens, V, ignore_index):
 def linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index, return_entropy, validate,
                     name, group, vocab_offset):
     """The vocab-parallel linear_logprobs, on arguments the public op has validated (all but the tokens' range)."""
-    from .linear_logprobs import _TakeRows, _valid_rows
     if group is None:
         raise ValueError("vocab_offset needs process_group (the group whose ranks hold the vocabulary shards)")
     offset, V = shard_layout(group, weight.shape[0], vocab_offset, hidden.device, validate)
@@ -379,9 +378,9 @@ def linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignor
     h = hidden.reshape(-1, H)
     tok = tokens.reshape(-1).to(torch.int64)
     temps = None if temps is None else temps.reshape(-1)
-    keep = _valid_rows(tok, ignore_index, validate)
+    keep = _head.valid_rows(tok, ignore_index, validate)
     if keep is not None:  # the same rows on every rank: tokens are the same everywhere
-        h, tok = _TakeRows.apply(h, keep), tok.index_select(0, keep)
+        h, tok = _head.TakeRows.apply(h, keep), tok.index_select(0, keep)
         temps = None if temps is None else temps.index_select(0, keep)
     b = None if bias is None else bias.to(acc).contiguous()
     if name == "triton":

@@ -311,7 +311,7 @@ class Distributed(Single):
         """({name: full state dict}, full optimizer state dict), on every rank. DDP keeps full replicas;
         FSDP2's DTensor shards are gathered (torch.distributed.checkpoint.state_dict)."""
         if self.mode != "fsdp":
-            return _whole_heads(*Single.full_state(self, modules, optimizer), modules, optimizer)
+            return tp_head.whole_heads(*Single.full_state(self, modules, optimizer), modules, optimizer)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         nn_mods, other = _split(modules)
         model_sd, optim_sd = get_state_dict(torch.nn.ModuleDict(nn_mods), optimizer,
@@ -322,7 +322,7 @@ class Distributed(Single):
 
     def load_state(self, modules, optimizer, model_states, optim_state):
         if self.mode != "fsdp":
-            model_states, optim_state = _head_shards(model_states, optim_state, modules, optimizer)
+            model_states, optim_state = tp_head.head_shards(model_states, optim_state, modules, optimizer)
             return Single.load_state(self, modules, optimizer, model_states, optim_state)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         nn_mods, other = _split(modules)
@@ -331,48 +331,6 @@ class Distributed(Single):
                        optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
         for name, m in other.items():
             m.load_state_dict(model_states[name])
-
-
-def _heads(modules, optimizer):
-    """[(module name, state-dict key, optimizer state index, parameter, ShardedHead)] of every sharded head
-    parameter in `modules`: the keys of the checkpoint that hold the whole head."""
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    return [(name, f"{prefix}.{pname}", index.get(id(p)), p, head)
-            for name, m in modules.items() if isinstance(m, torch.nn.Module)
-            for prefix, head in tp_head.sharded(m) for pname, p in head.named_parameters(recurse=False)]
-
-
-def _whole_heads(states, optim_sd, modules, optimizer):
-    """The single-process checkpoint: every sharded head parameter, and its optimizer state, gathered whole
-    (collectives, in the same order on every rank)."""
-    for name, key, i, p, head in _heads(modules, optimizer):
-        states[name][key] = head.gather(states[name][key])
-        st = optim_sd["state"].get(i)
-        if st is not None:  # a new dict: optimizer.state_dict() shares the live one
-            optim_sd["state"][i] = {k: head.gather(v) if _per_row(v, p) else v for k, v in st.items()}
-    return states, optim_sd
-
-
-def _head_shards(model_states, optim_state, modules, optimizer):
-    """The inverse of _whole_heads on this rank: its rows of every whole head tensor of a checkpoint."""
-    heads = _heads(modules, optimizer)
-    if not heads:
-        return model_states, optim_state
-    model_states = {n: dict(sd) for n, sd in model_states.items()}
-    optim_state = {**optim_state, "state": dict(optim_state["state"])}
-    for name, key, i, p, head in heads:
-        model_states[name][key] = head.local(model_states[name][key])
-        st = optim_state["state"].get(i)
-        if st is not None:
-            optim_state["state"][i] = {k: head.local(v) if _per_row(v, p, whole=head.vocab) else v
-                                       for k, v in st.items()}
-    return model_states, optim_state
-
-
-def _per_row(v, p, whole=None):
-    """Whether optimizer state `v` has one entry per element of `p` (AdamW's moments; not its step count)."""
-    shape = p.shape if whole is None else (whole, *p.shape[1:])
-    return isinstance(v, torch.Tensor) and v.shape == shape
 
 
 def _decoder_layers(module):

@@ -199,3 +199,47 @@ def whole(module):
     finally:
         for parent, attr, head in swapped:
             setattr(parent, attr, head)
+
+
+# checkpoints hold the whole head (the single-process format) -----------------------------------------
+
+def _heads(modules, optimizer):
+    """[(module name, state-dict key, optimizer state index, parameter, ShardedHead)] of every sharded head
+    parameter in `modules`: the keys of the checkpoint that hold the whole head."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return [(name, f"{prefix}.{pname}", index.get(id(p)), p, head)
+            for name, m in modules.items() if isinstance(m, torch.nn.Module)
+            for prefix, head in sharded(m) for pname, p in head.named_parameters(recurse=False)]
+
+
+def whole_heads(states, optim_sd, modules, optimizer):
+    """The single-process checkpoint: every sharded head parameter, and its optimizer state, gathered whole
+    (collectives, in the same order on every rank)."""
+    for name, key, i, p, head in _heads(modules, optimizer):
+        states[name][key] = head.gather(states[name][key])
+        st = optim_sd["state"].get(i)
+        if st is not None:  # a new dict: optimizer.state_dict() shares the live one
+            optim_sd["state"][i] = {k: head.gather(v) if _per_row(v, p) else v for k, v in st.items()}
+    return states, optim_sd
+
+
+def head_shards(model_states, optim_state, modules, optimizer):
+    """The inverse of whole_heads on this rank: its rows of every whole head tensor of a checkpoint."""
+    heads = _heads(modules, optimizer)
+    if not heads:
+        return model_states, optim_state
+    model_states = {n: dict(sd) for n, sd in model_states.items()}
+    optim_state = {**optim_state, "state": dict(optim_state["state"])}
+    for name, key, i, p, head in heads:
+        model_states[name][key] = head.local(model_states[name][key])
+        st = optim_state["state"].get(i)
+        if st is not None:
+            optim_state["state"][i] = {k: head.local(v) if _per_row(v, p, whole=head.vocab) else v
+                                       for k, v in st.items()}
+    return model_states, optim_state
+
+
+def _per_row(v, p, whole=None):
+    """Whether optimizer state `v` has one entry per element of `p` (AdamW's moments; not its step count)."""
+    shape = p.shape if whole is None else (whole, *p.shape[1:])
+    return isinstance(v, torch.Tensor) and v.shape == shape
