@@ -11,9 +11,13 @@ from rlhf_kernels.train.experiments import reproduce as rp
 RESULTS = json.loads(rp.RESULTS.read_text())
 
 
-def test_every_experiment_is_recorded_with_its_seeds_and_versions():
-    assert set(RESULTS) == {e.id for e in rp.EXPERIMENTS}
+def test_every_recorded_experiment_has_its_seeds_and_versions():
+    assert set(RESULTS) <= {e.id for e in rp.EXPERIMENTS}
+    quick = {e.id for e in rp.EXPERIMENTS if e.quick}
+    assert quick <= set(RESULTS), "CI's `make reproduce-quick` compares with these: they must be recorded"
     for exp in rp.EXPERIMENTS:
+        if exp.id not in RESULTS:
+            continue  # its page says it is not measured over seeds yet (the generated block)
         e = RESULTS[exp.id]
         assert len(e["seeds"]) >= 3, f"{exp.id}: at least 3 seeds"
         assert {m.key for m in exp.metrics} == set(e["metrics"]), exp.id
