@@ -17,7 +17,8 @@ endif
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cpu/kernels/*.cpp \
            csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check mutants mutants-quick
+.PHONY: demo test bench build clean gpu-report gpu-check lint sanitize sdist-check mutants mutants-quick reproduce \
+        reproduce-quick
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +69,15 @@ demo: build
 
 bench: build
 	$(PY) -m bench
+
+# re-run the documented experiments over seeds 0,1,2 and compare with docs/results.json (a mismatch fails);
+# ARGS=--update records a deliberate change (results file and docs tables, one command). reproduce-quick: the
+# subset CI runs (minutes). Runs go to runs/reproduce.
+reproduce: build
+	$(PY) -m rlhf_kernels reproduce $(ARGS)
+
+reproduce-quick: build
+	$(PY) -m rlhf_kernels reproduce --quick $(ARGS)
 
 # compile every Triton kernel the launchers select for sm_80..sm_120 and read the CUDA kernels' resource usage
 # (no GPU needed); fails on a kernel that does not compile or does not fit a target. Writes gpu_report.{json,md}.

@@ -14,6 +14,9 @@ from rlhf_kernels.train.core.commands import build
 from rlhf_kernels.train.decode import generate, mcts
 from rlhf_kernels.train.tasks import sentiment
 
+# the KV-cache path must stay on the cache API transformers supports (a deprecation is a FutureWarning)
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 PAD, EOS = sentiment.PAD, sentiment.EOS
 
 

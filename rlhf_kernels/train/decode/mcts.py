@@ -38,6 +38,8 @@ tokens) on top of that cache and then crops the cache back to the root: no simul
 the prompt or the decided tokens. Nodes keep no K/V of their own: re-running ≤ d path tokens
 costs less than storing per-node caches and concatenating them along the path.
 """
+import inspect
+
 import torch
 
 from ..core.models import ScalarModel
@@ -57,12 +59,16 @@ class Prefix:
             lm_head = lm.get_output_embeddings()
             self.head = lambda h: lm_head(h).float()
         self.cache, self.length = None, 0
+        # transformers 5 renamed the forward's cache argument to `cache` (`past_key_values` is deprecated and
+        # goes in 5.40); older releases only know `past_key_values`
+        params = inspect.signature(self.body.forward).parameters
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids):
         # no attention mask: prompts are unpadded, and the right-padding of shorter paths in
         # `expand` comes after each row's last real token, which causal attention never lets it see
         pos = torch.arange(self.length, self.length + ids.shape[1], device=ids.device).expand_as(ids)
-        out = self.body(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        out = self.body(input_ids=ids, position_ids=pos, use_cache=True, **{self.cache_key: self.cache})
         return out.last_hidden_state
 
     def start(self, ids):
