@@ -19,21 +19,29 @@ OUTPUT_KEYS = {"out", "csv", "plot"}
 
 
 def fenced_commands(page):
-    """(line number, argv) of each rlhf-kernels / python -m rlhf_kernels line inside a ``` block."""
-    inside, found = False, []
-    for number, line in enumerate(page.read_text().splitlines(), 1):
+    """(line number, argv) of each rlhf-kernels / python -m rlhf_kernels / torchrun ... -m rlhf_kernels line inside a
+    ``` block."""
+    inside, found, lines = False, [], []
+    for number, line in enumerate(page.read_text().splitlines(), 1):  # a trailing backslash continues a line
+        if lines and lines[-1][1].endswith("\\"):
+            lines[-1] = (lines[-1][0], lines[-1][1][:-1] + " " + line.strip())
+        else:
+            lines.append((number, line))
+    for number, line in lines:
         if line.startswith("```"):
             inside = not inside
             continue
         if not inside:
             continue
-        if not line.startswith(("rlhf-kernels ", "python -m rlhf_kernels ")):
+        if not line.startswith(("rlhf-kernels ", "python -m rlhf_kernels ", "torchrun ")):
             continue
         words = shlex.split(line, comments=True)
         if words[:1] == ["rlhf-kernels"]:
             found.append((number, words[1:]))
         elif words[:3] == ["python", "-m", "rlhf_kernels"]:
             found.append((number, words[3:]))
+        elif "rlhf_kernels" in words and words[words.index("rlhf_kernels") - 1] == "-m":  # torchrun ... -m rlhf_kernels
+            found.append((number, words[words.index("rlhf_kernels") + 1:]))
     return found
 
 
