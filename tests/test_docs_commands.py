@@ -2,7 +2,6 @@
 `make demo`: its command exists, every key is known and its value parses (the config is built as the CLI
 would), and every input path it reads is written by `make demo` or by a command before it in the docs.
 Nothing trains here."""
-import re
 import shlex
 from pathlib import Path
 

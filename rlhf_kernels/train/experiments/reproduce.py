@@ -157,7 +157,8 @@ def _beats(a, b, margin=0.0):
 
 
 EXPERIMENTS = (
-    Experiment("sft_rm", "demo.md", "rlhf-kernels train sft --seed={seed} --out runs/sft && rlhf-kernels train rm --model=runs/sft/model --seed={seed}",
+    Experiment("sft_rm", "demo.md", "rlhf-kernels train sft --seed={seed} --out runs/sft && "
+               "rlhf-kernels train rm --model=runs/sft/model --seed={seed}",
                run_sft_rm, (Metric("SFT gold reward", "sft_gold", 0.03), Metric("RM held-out accuracy", "rm_accuracy",
                                                                                 0.03)),
                quick=True, needs_demo=False),
