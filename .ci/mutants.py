@@ -60,14 +60,14 @@ MUTANTS = [
            (f"{EXPERIENCE}",),
            "γ and λ passed to GAE in each other's place"),
     Mutant("ppo-returns-after-whitening", "rlhf_kernels/train/ppo.py",
-           (("advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)",
-             "advantages = rk.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)"
+           (("advantages = par.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)",
+             "advantages = par.masked_whiten(advantages, s.mask, shift_mean=True, unbiased=cfg.advantage_unbiased)"
              "\n            returns = advantages + values * s.mask"),),
            (f"{EXPERIENCE}",),
            "returns taken from the whitened advantages instead of the raw ones"),
     Mutant("ppo-micro-weight-divisor", "rlhf_kernels/train/ppo.py",
-           (("return float(mask_micro.sum()) / max(float(mask_mb.sum()), 1.0)",
-             "return float(mask_micro.sum()) / max(float(mask_mb.numel()), 1.0)"),),
+           (("return float(mask_micro.sum()) / max(par.sum(float(mask_mb.sum())), 1.0)",
+             "return float(mask_micro.sum()) / max(par.sum(float(mask_mb.numel())), 1.0)"),),
            ("tests/test_train_rewards.py",),
            "token-mean micro-batch weight divides by all positions, padding included (aggregation divisor)"),
     Mutant("rto-reward-sign", "rlhf_kernels/train/rto.py",
