@@ -230,6 +230,23 @@ inline void check_head_options(const char* op, const std::optional<at::Tensor>& 
   TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0 (0 = none), got ", softcap);
 }
 
+// The sampler replay's threshold op: the logits op's inputs and options, top_k int64 [N] and top_p [N] in the
+// accumulation dtype (either may be absent), every tensor on the logits' device.
+inline void check_replay_threshold(const at::Tensor& logits, const at::Tensor& tokens,
+                                   const std::optional<at::Tensor>& temperatures, double softcap,
+                                   const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
+  const char* op = "logprobs_from_logits_threshold";
+  check_logprobs_from_logits(logits, tokens);
+  const auto acc = accumulation_type(logits);
+  check_head_options(op, temperatures, softcap, acc, tokens.numel(), logits);
+  if (top_k && top_k->defined()) {
+    TORCH_CHECK(top_k->scalar_type() == at::kLong && top_k->is_contiguous() && top_k->numel() == tokens.numel(), op,
+                ": top_k must be a contiguous int64 tensor with one value per row");
+    check_device(op, "top_k", *top_k, "logits", logits);
+  }
+  if (top_p && top_p->defined()) check_per_row(op, "top_p", *top_p, acc, tokens.numel(), logits);
+}
+
 // hidden[N, H] and weight[V, H] of one dtype, contiguous; bias[V] in the accumulation dtype; tokens[N] int64.
 inline void check_linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& tokens) {

@@ -318,16 +318,9 @@ at::Tensor logprobs_from_logits_threshold(const at::Tensor& logits_in, const at:
                                           int64_t ignore_index, const std::optional<at::Tensor>& temps,
                                           double softcap, const std::optional<at::Tensor>& top_k,
                                           const std::optional<at::Tensor>& top_p) {
-  rk::check_logprobs_from_logits(logits_in, tokens);
+  rk::check_replay_threshold(logits_in, tokens, temps, softcap, top_k, top_p);
   const auto acc = rk::accumulation_type(logits_in);
-  rk::check_head_options("logprobs_from_logits_threshold", temps, softcap, acc, tokens.numel(), logits_in);
   const bool has_t = temps && temps->defined(), has_k = top_k && top_k->defined(), has_p = top_p && top_p->defined();
-  if (has_k) {
-    TORCH_CHECK(top_k->scalar_type() == at::kLong && top_k->is_contiguous() && top_k->numel() == tokens.numel(),
-                "logprobs_from_logits_threshold: top_k must be a contiguous int64 tensor with one value per row");
-    rk::check_device("logprobs_from_logits_threshold", "top_k", *top_k, "logits", logits_in);
-  }
-  if (has_p) rk::check_per_row("logprobs_from_logits_threshold", "top_p", *top_p, acc, tokens.numel(), logits_in);
   c10::cuda::CUDAGuard guard(logits_in.device());
   rk::RowIndex rows;
   const at::Tensor logits = rk::readable_rows(logits_in, rows);

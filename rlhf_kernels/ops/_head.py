@@ -48,3 +48,29 @@ def valid_rows(tok, ignore_index, validate):
     valid = tok != ignore_index
     keep = valid.nonzero().view(-1)
     return None if keep.numel() == tok.numel() else keep
+
+
+def compact(tok, ignore_index, validate, hidden, *per_row):
+    """(keep, tok, hidden, *per_row) with only the valid rows (keep = their indices, or None when every row is
+    valid or compaction is skipped: see valid_rows). hidden keeps its gradient path (TakeRows); per_row entries
+    may be None."""
+    keep = valid_rows(tok, ignore_index, validate)
+    if keep is None:
+        return (None, tok, hidden) + per_row
+    return ((keep, tok.index_select(0, keep), TakeRows.apply(hidden, keep))
+            + tuple(None if x is None else x.index_select(0, keep) for x in per_row))
+
+
+def expand(keep, n, *outs):
+    """The inverse of compact for outputs: each [n_valid] output written into zeros of [n] (ignored rows give 0)."""
+    if keep is None:
+        return outs
+    return tuple(o.new_zeros(n).index_copy(0, keep, o) for o in outs)
+
+
+def storage_dtype(acc, hidden, weight):
+    """The one dtype hidden and weight reach the cpu/cuda kernels in: fp64 for fp64 math; bf16/fp16 stay so (widened
+    chunk by chunk in the kernels) when both share it; with mixed dtypes only the narrower side is widened."""
+    if acc == torch.float64:
+        return torch.float64
+    return hidden.dtype if hidden.dtype == weight.dtype else torch.float32

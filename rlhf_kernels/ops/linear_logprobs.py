@@ -139,10 +139,8 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     temps = None if temps is None else temps.reshape(-1)
     ks = None if ks is None else ks.reshape(-1)
     ps = None if ps is None else ps.reshape(-1)
-    keep = _head.valid_rows(tok, ignore_index, validate)
-    if keep is not None:  # only the valid rows enter the GEMMs; the others are scattered back as zeros
-        h, tok = _head.TakeRows.apply(h, keep), tok.index_select(0, keep)
-        temps, ks, ps = (None if x is None else x.index_select(0, keep) for x in (temps, ks, ps))
+    # only the valid rows enter the GEMMs; the others are scattered back as zeros
+    keep, tok, h, temps, ks, ps = _head.compact(tok, ignore_index, validate, h, temps, ks, ps)
     if ks is not None or ps is not None:
         logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
                                      ks, ps, bool(return_entropy), name, chunk_bytes())
@@ -151,18 +149,12 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
             h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, chunk_bytes(), temps, cap, invariant)
     else:
-        # one storage dtype for both (bf16/fp16 stay so, and are widened chunk by chunk); with mixed
-        # dtypes only the narrower side is widened, which is the small hidden unless weight is bf16/fp16
-        store = torch.float64 if dt == torch.float64 else (
-            hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
+        store = _head.storage_dtype(dt, hidden, weight)
         h = h.to(store).contiguous()
         w = w.to(store).contiguous()
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd(h, w, b, tok, temperature, ignore_index,
                                                                   chunk_bytes(), temps, cap, invariant)
-    if keep is not None:
-        n = tokens.numel()
-        logp = logp.new_zeros(n).index_copy(0, keep, logp)
-        ent = ent.new_zeros(n).index_copy(0, keep, ent)
+    logp, ent = _head.expand(keep, tokens.numel(), logp, ent)
     logp = logp.view(tokens.shape)
     return (logp, ent.view(tokens.shape)) if return_entropy else logp
 

@@ -378,10 +378,8 @@ def linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignor
     h = hidden.reshape(-1, H)
     tok = tokens.reshape(-1).to(torch.int64)
     temps = None if temps is None else temps.reshape(-1)
-    keep = _head.valid_rows(tok, ignore_index, validate)
-    if keep is not None:  # the same rows on every rank: tokens are the same everywhere
-        h, tok = _head.TakeRows.apply(h, keep), tok.index_select(0, keep)
-        temps = None if temps is None else temps.index_select(0, keep)
+    # the same rows on every rank: tokens are the same everywhere
+    keep, tok, h, temps = _head.compact(tok, ignore_index, validate, h, temps)
     b = None if bias is None else bias.to(acc).contiguous()
     if name == "triton":
         w = weight.contiguous()
@@ -389,16 +387,12 @@ def linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignor
     elif name == "reference":
         w = weight
     else:  # one storage dtype for the cpu/cuda kernels, as the single-process op
-        store = torch.float64 if acc == torch.float64 else (
-            hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
+        store = _head.storage_dtype(acc, hidden, weight)
         h, w = h.to(store).contiguous(), weight.to(store).contiguous()
     col, owned, active = local_tokens(tok, offset, weight.shape[0], ignore_index)
     cfg = _Cfg(name, temperature, None if temps is None else temps.contiguous(), cap, group, return_entropy, acc)
     logp, ent = _LinearVP.apply(h, w, b, col, owned, active, cfg)
-    if keep is not None:
-        n = tokens.numel()
-        logp = logp.new_zeros(n).index_copy(0, keep, logp)
-        ent = ent.new_zeros(n).index_copy(0, keep, ent)
+    logp, ent = _head.expand(keep, tokens.numel(), logp, ent)
     logp = logp.view(tokens.shape)
     return (logp, ent.view(tokens.shape)) if return_entropy else logp
 
