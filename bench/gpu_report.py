@@ -196,10 +196,25 @@ def _linear_logprobs(mod):
     return out
 
 
+def _fixed_gemm(mod):
+    """The batch-invariant replay's three products per row block (rlhf_kernels/ops/_replay_head.py): the logits
+    a·bᵀ over H, d(hidden) over V, d(W) over the block's rows; fp32 with and without TF32."""
+    out = []
+    for dt in ROW_DTYPES:
+        for tf32 in ((False, True) if dt == torch.float32 else (None,)):
+            for H, V, N in zip(HS, VS, (1024, 512, 1)):
+                label = f"N={N} H={H} V={V}" + (" tf32" if tf32 else "")
+                h, w, dz = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(N, V, dtype=dt)
+                out += [(dt, label + " logits", mod.plan_gemm(h, w, True, allow_tf32=tf32)[0]),
+                        (dt, label + " d(hidden)", mod.plan_gemm(dz, w, False, allow_tf32=tf32)[0]),
+                        (dt, label + " d(W)", mod.plan_gemm(_meta(V, N, dtype=dt), h, False, allow_tf32=tf32)[0])]
+    return out
+
+
 OPS = {"token_kl": _token_kl, "dpo_loss": _dpo_loss, "gae": _gae, "masked_whiten": _masked_whiten,
        "ppo_policy_loss": _ppo_policy_loss, "ppo_value_loss": _ppo_value_loss, "token_rewards": _token_rewards,
        "logprobs_from_logits": _logprobs_from_logits, "linear_logprobs": _linear_logprobs,
-       "group_advantages": _group_advantages, "rollout_correction": _rollout_correction}
+       "group_advantages": _group_advantages, "rollout_correction": _rollout_correction, "fixed_gemm": _fixed_gemm}
 
 
 class _ForArch:

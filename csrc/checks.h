@@ -247,6 +247,19 @@ inline void check_replay_threshold(const at::Tensor& logits, const at::Tensor& t
   if (top_p && top_p->defined()) check_per_row(op, "top_p", *top_p, acc, tokens.numel(), logits);
 }
 
+// fixed_gemm: a [M, K] and b ([N, K] when trans_b, else [K, N]), one float dtype, contiguous, one device.
+inline void check_fixed_gemm(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
+  const char* op = "fixed_gemm";
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(is_float_or_double(a), op, ": expected float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have a's dtype (", a.scalar_type(), "), got ",
+              b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(trans_b ? 1 : 0), op, ": a [M, K] and b ", trans_b ? "[N, K]" : "[K, N]",
+              " must share K, got ", a.sizes(), " and ", b.sizes());
+  check_contiguous(op, {a, b});
+  check_device(op, "b", b, "a", a);
+}
+
 // hidden[N, H] and weight[V, H] of one dtype, contiguous; bias[V] in the accumulation dtype; tokens[N] int64.
 inline void check_linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& tokens) {

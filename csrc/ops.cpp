@@ -40,6 +40,10 @@ TORCH_LIBRARY(rlhf_kernels, m) {
         "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int ignore_index, bool need_hidden, "
         "bool need_weight, bool need_bias, int chunk_bytes, Tensor? temperatures=None, float softcap=0., "
         "bool batch_invariant=False) -> (Tensor, Tensor, Tensor)");
+  // c[M, N] = a[M, K] · (trans_b ? b[N, K]ᵀ : b[K, N]), fp32 or fp64, in an order of operations that depends on K
+  // and trans_b alone (not on M, N, the split into tasks or blocks, or any address): every element of a row of c
+  // is the same bits whatever the other rows of a are. The batch-invariant sampler replay's products.
+  m.def("fixed_gemm(Tensor a, Tensor b, bool trans_b) -> Tensor");
   m.def("token_kl_fwd(Tensor logp, Tensor ref_logp, int estimator, float clamp) -> Tensor");
   m.def("token_kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, float clamp) -> (Tensor, Tensor)");
   // score[R], mask[R, T] (uint8); logp/ref_logp/dense[R, T] or empty

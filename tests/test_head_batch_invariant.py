@@ -23,15 +23,16 @@ def _backends(op, reference_too=True):
 
 
 class Probe:
-    """K probe rows (hidden or logits rows, tokens, temperatures and the upstream gradients of logp and entropy)
-    that are placed into batches of other random rows."""
+    """K probe rows (hidden or logits rows, tokens, temperatures, the upstream gradients of logp and entropy and,
+    with replay, per-row top_k / top_p) that are placed into batches of other random rows."""
 
-    def __init__(self, op, V, H, dtype, device, K=3, seed=0):
+    def __init__(self, op, V, H, dtype, device, K=3, seed=0, replay=False):
         g = torch.Generator().manual_seed(seed)
         self.op, self.V, self.H, self.dtype, self.device, self.g = op, V, H, dtype, device, g
+        self.replay = replay
         self.weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(device, dtype)
         self.bias = torch.randn(V, generator=g).to(device)
-        self.rows, self.tok, self.temp, self.g1, self.g2 = self._rows(K)
+        self.data = self._rows(K)
 
     def _rows(self, n):
         g = self.g
@@ -41,40 +42,53 @@ class Probe:
         tok = torch.randint(0, self.V, (n,), generator=g).to(self.device)
         temp = (0.5 + torch.rand(n, generator=g)).to(self.device)
         g1, g2 = (torch.randn(n, generator=g).to(self.device) for _ in range(2))
-        return rows, tok, temp, g1, g2
+        k = p = None
+        if self.replay:  # top_k 0 (off) … 8, top_p in [0.5, 1]; the token one of the row's two largest logits,
+            # so that most are kept and some (the second largest under top_k = 1 or a small top_p) are cut
+            k = torch.randint(0, 9, (n,), generator=g).to(self.device)
+            p = (0.5 + 0.5 * torch.rand(n, generator=g)).to(self.device)
+            z = rows.double()
+            if self.op == "linear_logprobs":
+                z = z @ self.weight.double().T + self.bias.double()
+            top2 = z.topk(2, dim=-1).indices
+            tok = top2.gather(1, torch.randint(0, 2, (n, 1), generator=g).to(self.device))[:, 0]
+        return [rows, tok, temp, g1, g2, k, p]
 
     def batch(self, n, at, ignored=0):
         """A batch of n random rows with the probes at positions `at`, and `ignored` random rows whose token is
         ignore_index (padding) in front."""
-        rows, tok, temp, g1, g2 = self._rows(n + ignored)
-        tok[:ignored] = IGN
+        data = self._rows(n + ignored)
+        data[1][:ignored] = IGN
         at = [a + ignored for a in at]
         for k, a in enumerate(at):
-            rows[a], tok[a], temp[a], g1[a], g2[a] = self.rows[k], self.tok[k], self.temp[k], self.g1[k], self.g2[k]
-        return (rows, tok, temp, g1, g2), at
+            for t, probe in zip(data, self.data):
+                if t is not None:
+                    t[a] = probe[k]
+        return data, at
 
     def run(self, backend, data, invariant=True):
-        """(logp, entropy, d rows) of a batch, d rows the gradient of Σ g1·logp + g2·entropy."""
-        rows, tok, temp, g1, g2 = data
+        """(logp, entropy, d rows) of a batch, d rows the gradient of Σ g1·logp + g2·entropy over the kept tokens."""
+        rows, tok, temp, g1, g2, k, p = data
         x = rows.clone().requires_grad_()
-        kw = dict(temperature=temp, softcap=CAP, return_entropy=True, backend=backend, batch_invariant=invariant)
+        kw = dict(temperature=temp, softcap=CAP, return_entropy=True, backend=backend, batch_invariant=invariant,
+                  top_k=k, top_p=p)
         if self.op == "linear_logprobs":
             lp, ent = rk.linear_logprobs(x, self.weight, tok, bias=self.bias, **kw)
         else:
             lp, ent = rk.logprobs_from_logits(x, tok, **kw)
-        (lp * g1.to(lp.dtype) + ent * g2.to(ent.dtype)).sum().backward()
+        (lp.masked_fill(lp == float("-inf"), 0) * g1.to(lp.dtype) + ent * g2.to(ent.dtype)).sum().backward()
         return lp.detach(), ent.detach(), x.grad
 
     def expected(self, data):
         """float64 reference of a batch."""
-        rows, tok, temp, g1, g2 = data
+        rows, tok, temp, g1, g2, k, p = data
         x = rows.double().requires_grad_()
         if self.op == "linear_logprobs":
             lp, ent = reference.linear_logprobs(x, self.weight.double(), tok, self.bias.double(), temp.double(), IGN,
-                                                True, CAP)
+                                                True, CAP, k, p)
         else:
-            lp, ent = reference.logprobs_from_logits(x, tok, temp.double(), IGN, True, CAP)
-        (lp * g1.double() + ent * g2.double()).sum().backward()
+            lp, ent = reference.logprobs_from_logits(x, tok, temp.double(), IGN, True, CAP, k, p)
+        (lp.masked_fill(lp == float("-inf"), 0) * g1.double() + ent * g2.double()).sum().backward()
         return lp.detach(), ent.detach(), x.grad
 
 
@@ -89,12 +103,12 @@ def _placements(sizes, K):
     return out
 
 
-def _check(op, backend, dtype, sizes=None, device="cpu", paddings=(0, 3), shape=None):
+def _check(op, backend, dtype, sizes=None, device="cpu", paddings=(0, 3), shape=None, replay=False):
     V, H, default_sizes = SHAPES[backend]
     V, H = shape or (V, H)
     sizes = sizes or default_sizes
-    p = Probe(op, V, H, dtype, device)
-    K = p.rows.shape[0]
+    p = Probe(op, V, H, dtype, device, replay=replay)
+    K = p.data[0].shape[0]
     alone = [p.run(backend, _single(p, k)) for k in range(K)]
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for i, (n, at) in enumerate(_placements(sizes, K)):
@@ -111,7 +125,7 @@ def _check(op, backend, dtype, sizes=None, device="cpu", paddings=(0, 3), shape=
 
 
 def _single(p, k):
-    return (p.rows[k:k + 1], p.tok[k:k + 1], p.temp[k:k + 1], p.g1[k:k + 1], p.g2[k:k + 1])
+    return [None if t is None else t[k:k + 1] for t in p.data]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -119,6 +133,17 @@ def _single(p, k):
 def test_linear_logprobs_rows_do_not_depend_on_the_batch(backend, dtype):
     device = "cuda" if backend == "cuda" else "cpu"
     _check("linear_logprobs", backend, dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", _backends("linear_logprobs"))
+def test_linear_logprobs_replay_rows_do_not_depend_on_the_batch(backend, dtype):
+    """The sampler replay (per-row top_k and top_p) with batch_invariant: its row blocks' products run in the
+    fixed-order GEMMs, so a row's bits, kept set included, do not follow the block it lands in."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("interpreter time: fp64 runs the same triton kernels as fp32 with another IS_FP64")
+    device = "cuda" if backend == "cuda" else "cpu"
+    _check("linear_logprobs", backend, dtype, device=device, replay=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,38 +162,46 @@ def test_linear_logprobs_large_batch(backend):
            paddings=(3,), shape=(1100, 16))
 
 
+@pytest.mark.parametrize("replay", [False, True])
 @pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
-def test_default_mode_is_not_batch_invariant(backend):
+def test_default_mode_is_not_batch_invariant(backend, replay):
     """Why the flag exists: the default cpu plan sizes its tiles by the row count (and picks BLAS GEMMs by
-    shape), the default triton forward splits the vocabulary more when there are few row tiles, so a row's
-    bits change with the batch. Were it not so, the tests above would prove nothing about the flag."""
+    shape), the default triton forward splits the vocabulary more when there are few row tiles, and the replay's
+    row blocks are BLAS GEMMs on any backend here, so a row's bits change with the batch. Were it not so, the
+    tests above would prove nothing about the flag."""
+    if replay and backend == "triton":
+        pytest.skip("the default replay's row blocks are the same torch GEMMs as on cpu (shown there)")
     V, H, n = {"cpu": (5000, 64, 600), "triton": (300, 24, 70)}[backend]
-    p = Probe("linear_logprobs", V, H, torch.float32, "cpu", K=4)
+    p = Probe("linear_logprobs", V, H, torch.float32, "cpu", K=4, replay=replay)
     data, pos = p.batch(n, [n // 4 * k + 3 for k in range(4)])
-    alone, got = p.run(backend, _single_all(p), invariant=False), p.run(backend, data, invariant=False)
-    assert not all(torch.equal(x, y[pos]) for x, y in zip(alone, got))
-    alone, got = p.run(backend, _single_all(p)), p.run(backend, data)
-    assert all(torch.equal(x, y[pos]) for x, y in zip(alone, got))
+
+    def same(invariant):  # each probe alone (a GEMM of one row) and in the batch
+        got = p.run(backend, data, invariant=invariant)
+        return all(torch.equal(x[0], y[a]) for k, a in enumerate(pos)
+                   for x, y in zip(p.run(backend, _single(p, k), invariant=invariant), got))
+    assert not same(False)
+    assert same(True)
 
 
-def _single_all(p):
-    return (p.rows, p.tok, p.temp, p.g1, p.g2)
+def _kept(lp):
+    return lp.masked_fill(lp == float("-inf"), 0)
 
 
+@pytest.mark.parametrize("replay", [False, True])
 @pytest.mark.parametrize("backend", _backends("linear_logprobs"))
-def test_linear_logprobs_weight_gradient_is_deterministic(backend):
+def test_linear_logprobs_weight_gradient_is_deterministic(backend, replay):
     device = "cuda" if backend == "cuda" else "cpu"
     V, H, sizes = SHAPES[backend]
-    p = Probe("linear_logprobs", V, H, torch.float32, device)
+    p = Probe("linear_logprobs", V, H, torch.float32, device, replay=replay)
     data, _ = p.batch(sizes[-1], [0], ignored=2)
-    rows, tok, temp, g1, g2 = data
+    rows, tok, temp, g1, g2, k, top_p = data
 
     def grads():
         w = p.weight.clone().requires_grad_()
         b = p.bias.clone().requires_grad_()
         lp, ent = rk.linear_logprobs(rows, w, tok, bias=b, temperature=temp, softcap=CAP, return_entropy=True,
-                                     backend=backend, batch_invariant=True)
-        (lp * g1 + ent * g2).sum().backward()
+                                     backend=backend, batch_invariant=True, top_k=k, top_p=top_p)
+        (_kept(lp) * g1 + ent * g2).sum().backward()
         return w.grad, b.grad
 
     (w1, b1), (w2, b2) = grads(), grads()
@@ -176,29 +209,33 @@ def test_linear_logprobs_weight_gradient_is_deterministic(backend):
     exp_w = reference.linear_logprobs  # the values: float64 reference
     w = p.weight.double().requires_grad_()
     b = p.bias.double().requires_grad_()
-    lp, ent = exp_w(rows.double(), w, tok, b, temp.double(), IGN, True, CAP)
-    (lp * g1.double() + ent * g2.double()).sum().backward()
+    lp, ent = exp_w(rows.double(), w, tok, b, temp.double(), IGN, True, CAP, k, top_p)
+    (_kept(lp) * g1.double() + ent * g2.double()).sum().backward()
     torch.testing.assert_close(w1.double(), w.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(b1.double(), b.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("replay", [False, True])
 @pytest.mark.parametrize("backend", _backends("linear_logprobs"))
-def test_linear_logprobs_gradcheck_batch_invariant(backend):
+def test_linear_logprobs_gradcheck_batch_invariant(backend, replay):
     device = "cuda" if backend == "cuda" else "cpu"
     g = torch.Generator().manual_seed(3)
     N, V, H = 3, 11, 4  # the vocabulary chunks are crossed in the tests above (against the float64 reference)
     h = torch.randn(N, H, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
     b = torch.randn(V, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    tok = torch.randint(0, V, (N,), generator=g).to(device)
+    # with replay, each token is its row's largest logit (kept whatever top_k / top_p cut)
+    tok = (h @ w.T + b).argmax(-1).detach() if replay else torch.randint(0, V, (N,), generator=g).to(device)
     tok[1] = IGN
     temp = (0.5 + torch.rand(N, generator=g, dtype=torch.float64)).to(device)
+    top = dict(top_k=torch.tensor([3, 5, 0], device=device), top_p=0.8) if replay else {}
 
     def f(h, w, b):
         return rk.linear_logprobs(h, w, tok, bias=b, temperature=temp, softcap=3.0, return_entropy=True,
-                                  backend=backend, batch_invariant=True)
+                                  backend=backend, batch_invariant=True, **top)
     if backend == "triton":  # the interpreter is slow: the weight's gradient is checked against the reference above
-        assert torch.autograd.gradcheck(lambda h, b: f(h, w.detach(), b), (h, b), eps=1e-6, atol=1e-6)
+        args = (h,) if replay else (h, b)  # (and the replay's bias gradient is the weight's, summed)
+        assert torch.autograd.gradcheck(lambda h, b=b: f(h, w.detach(), b), args, eps=1e-6, atol=1e-6)
     else:
         assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-6)
 
@@ -269,10 +306,8 @@ def test_logprobs_from_logits_replay_is_batch_invariant(backend):
     assert torch.isfinite(got[0][list(at)]).all()  # each probe's token is its row's argmax: always kept
 
 
-def test_replay_with_batch_invariant_on_the_linear_head_and_with_a_shard_is_refused():
+def test_replay_with_a_shard_is_refused():
     h, w, tok = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2])
-    with pytest.raises(ValueError, match="top_k/top_p do not compose with batch_invariant"):
-        rk.linear_logprobs(h, w, tok, top_k=2, batch_invariant=True)
     with pytest.raises(ValueError, match="top_k/top_p does not compose with process_group"):
         rk.linear_logprobs(h, w, tok, top_p=0.9, vocab_offset=0)
     with pytest.raises(ValueError, match="top_k/top_p does not compose with process_group"):

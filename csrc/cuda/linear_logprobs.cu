@@ -48,6 +48,7 @@
 #include "checks.h"
 #include "common.h"
 #include "linear_logprobs_plan.h"
+#include "cuda/fixed_gemm.cuh"
 #include "cuda/launch.cuh"
 
 namespace {
@@ -55,7 +56,6 @@ namespace {
 constexpr int kRowThreads = 256;  // threads per row block (power of two for the tree merge)
 constexpr int64_t kInvariantVc = 4096;  // batch_invariant: vocabulary entries per chunk, whatever N is
 constexpr int64_t kInvariantNc = 1024;  // batch_invariant: rows per chunk (any value gives the same rows)
-constexpr int kTile = 16;               // fixed_gemm_kernel: output tile edge (threads per block: kTile²)
 
 inline unsigned row_blocks(int64_t nr) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(nr, 1), 65535));
@@ -151,39 +151,6 @@ __global__ void dlogits_kernel(T* z, L* low, int64_t nr, int64_t vc, int64_t v0,
   }
 }
 
-// C[i, j] = (accumulate ? C[i, j] : 0) + Σ_k A(i, k)·B(k, j), k ascending, one fma per term, for i < M, j < Nn;
-// A(i, k) = A[i·a_i + k·a_k], B(k, j) = B[k·b_k + j·b_j], converted to T as loaded. Each thread owns one
-// element and adds its terms in the same order whatever the grid, the tile or the other rows hold.
-template <typename T, typename TA, typename TB>
-__global__ void fixed_gemm_kernel(const TA* __restrict__ A, int64_t a_i, int64_t a_k, const TB* __restrict__ B,
-                                  int64_t b_k, int64_t b_j, T* C, int64_t ldc, int64_t M, int64_t Nn, int64_t K,
-                                  bool accumulate) {
-  __shared__ T As[kTile][kTile + 1], Bs[kTile][kTile + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t i = int64_t(blockIdx.y) * kTile + ty, j = int64_t(blockIdx.x) * kTile + tx;
-  T acc = accumulate && i < M && j < Nn ? C[i * ldc + j] : T(0);
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int64_t ak = k0 + tx, bk = k0 + ty;
-    As[ty][tx] = i < M && ak < K ? static_cast<T>(A[i * a_i + ak * a_k]) : T(0);
-    const int64_t bj = int64_t(blockIdx.x) * kTile + tx;
-    Bs[ty][tx] = bk < K && bj < Nn ? static_cast<T>(B[bk * b_k + bj * b_j]) : T(0);
-    __syncthreads();
-    const int kn = static_cast<int>(K - k0 < kTile ? K - k0 : kTile);
-    for (int kk = 0; kk < kn; ++kk) acc = fma(As[ty][kk], Bs[kk][tx], acc);
-    __syncthreads();
-  }
-  if (i < M && j < Nn) C[i * ldc + j] = acc;
-}
-
-template <typename T, typename TA, typename TB>
-void fixed_gemm(const TA* A, int64_t a_i, int64_t a_k, const TB* B, int64_t b_k, int64_t b_j, T* C, int64_t ldc,
-                int64_t M, int64_t Nn, int64_t K, bool accumulate, cudaStream_t stream) {
-  const dim3 block(kTile, kTile);
-  const dim3 grid(static_cast<unsigned>((Nn + kTile - 1) / kTile), static_cast<unsigned>((M + kTile - 1) / kTile));
-  fixed_gemm_kernel<T, TA, TB><<<grid, block, 0, stream>>>(A, a_i, a_k, B, b_k, b_j, C, ldc, M, Nn, K, accumulate);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
 rk::LinearPlan make_plan(const at::Tensor& hidden, const at::Tensor& weight, int64_t budget, bool backward,
@@ -223,9 +190,9 @@ void invariant_logits(at::Tensor& z, const at::Tensor& hidden, int64_t r0, int64
   const int64_t H = hidden.size(1);
   auto run = [&](auto tag) {
     using S = decltype(tag);
-    fixed_gemm<T, S, S>(static_cast<const S*>(hidden.const_data_ptr()) + r0 * H, H, 1,
-                        static_cast<const S*>(weight.const_data_ptr()) + v0 * H, 1, H, z.mutable_data_ptr<T>(), vc, nr,
-                        vc, H, false, stream);
+    rk::fixed_gemm<T, S, S>(static_cast<const S*>(hidden.const_data_ptr()) + r0 * H, H, 1,
+                            static_cast<const S*>(weight.const_data_ptr()) + v0 * H, 1, H, z.mutable_data_ptr<T>(), vc,
+                            nr, vc, H, false, stream);
   };
   switch (hidden.scalar_type()) {
     case at::kBFloat16: run(c10::BFloat16{}); break;
@@ -360,10 +327,11 @@ void bwd_impl(const at::Tensor& glp, const at::Tensor& gent, const at::Tensor& h
         const L* hp = static_cast<const L*>(hidden.const_data_ptr());
         const L* wp = static_cast<const L*>(weight.const_data_ptr());
         const T* zp = z.const_data_ptr<T>();
-        if (need_h) fixed_gemm<T, T, L>(zp, vc, 1, wp + v0 * H, H, 1, dh.mutable_data_ptr<T>() + r0 * H, H, nr, H, vc,
-                                        true, stream);
-        if (need_w) fixed_gemm<T, T, L>(zp, 1, vc, hp + r0 * H, H, 1, dw.mutable_data_ptr<T>(), H, vc, H, nr, r0 != 0,
-                                        stream);
+        if (need_h)
+          rk::fixed_gemm<T, T, L>(zp, vc, 1, wp + v0 * H, H, 1, dh.mutable_data_ptr<T>() + r0 * H, H, nr, H, vc, true,
+                                  stream);
+        if (need_w)
+          rk::fixed_gemm<T, T, L>(zp, 1, vc, hp + r0 * H, H, 1, dw.mutable_data_ptr<T>(), H, vc, H, nr, r0 != 0, stream);
         continue;
       }
       if (need_h) {

@@ -73,8 +73,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     top_k, top_p: the sampler replay, exactly as in rk.logprobs_from_logits (a token outside its kept set gets
     −inf and no gradient; mask it before a loss). It runs the head in blocks of rows over the whole vocabulary
     (one pass forward, one backward; rlhf_kernels/ops/_replay_head.py states the passes and the memory).
-    With batch_invariant=True they are refused for now (the replay's row blocks run torch GEMMs); on
-    materialised logits, rk.logprobs_from_logits takes both.
+    They compose with batch_invariant=True (the replay's products then run in fixed-order GEMMs).
 
     batch_invariant=True: each position's log-prob, entropy and row of the hidden gradient are bitwise the
     same whatever else is in the batch (its position, the batch size, the other rows' contents, ignored
@@ -122,10 +121,6 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
         name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
         return vocab_parallel.linear_logprobs(hidden, weight, tokens, bias, temperature, temps, cap, ignore_index,
                                               bool(return_entropy), validate, name, process_group, vocab_offset)
-    if invariant and (ks is not None or ps is not None):
-        raise ValueError("top_k/top_p do not compose with batch_invariant=True in linear_logprobs yet (the replay "
-                         "runs its row blocks through BLAS GEMMs): compute the logits and use "
-                         "rk.logprobs_from_logits, which takes both")
     check_tokens(tokens, weight.shape[0], ignore_index, validate)
     name = backend_for(backend, device, "linear_logprobs", IMPLEMENTED)
     if name == "reference":
@@ -143,7 +138,7 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, softc
     keep, tok, h, temps, ks, ps = _head.compact(tok, ignore_index, validate, h, temps, ks, ps)
     if ks is not None or ps is not None:
         logp, ent = ReplayHead.apply(h.contiguous(), w.contiguous(), b, tok, temperature, ignore_index, temps, cap,
-                                     ks, ps, bool(return_entropy), name, chunk_bytes())
+                                     ks, ps, bool(return_entropy), name, chunk_bytes(), invariant)
     elif name == "triton":
         # hidden and weight go in as they are: the kernels convert tiles on chip when their dtypes differ
         logp, ent, _ = torch.ops.rlhf_kernels.linear_logprobs_fwd_triton(
