@@ -106,12 +106,13 @@ def _run(op, backend, leaves, tokens, bias_leaf, kw):
 @pytest.mark.parametrize("op", ["linear_logprobs", "logprobs_from_logits"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-V{c[1]}-k{c[2]}-p{c[3]}-{c[4]}-cap{c[5]}" for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch_invariant"])
 @pytest.mark.parametrize("backend", _backends("linear_logprobs"))
-def test_matches_reference(op, case, dtype, backend):
+def test_matches_reference(op, case, dtype, backend, invariant):
     device = "cuda" if backend == "cuda" else "cpu"
     shape, V = case[:2]
     hidden, weight, bias, tokens, temps, top_k, top_p = _case(shape, V, 8, CASES.index(case), device)
-    kw = _args(case, hidden, temps, top_k, top_p)
+    kw = dict(_args(case, hidden, temps, top_k, top_p), batch_invariant=invariant)
     if op == "linear_logprobs":
         base = [hidden, weight, bias]
     else:
@@ -176,8 +177,9 @@ def test_all_ignored_and_single_rows(backend):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(N=st.integers(1, 4), V=st.integers(2, 19), seed=st.integers(0, 2 ** 16), cap=st.sampled_from([None, 2.5]))
-def test_random_per_token_settings(N, V, seed, cap):
+@given(N=st.integers(1, 4), V=st.integers(2, 19), seed=st.integers(0, 2 ** 16), cap=st.sampled_from([None, 2.5]),
+       invariant=st.booleans())
+def test_random_per_token_settings(N, V, seed, cap, invariant):
     g = torch.Generator().manual_seed(seed)
     x = _tied_logits(N, V, g)
     tokens = torch.randint(0, V, (N,), generator=g)
@@ -185,7 +187,8 @@ def test_random_per_token_settings(N, V, seed, cap):
     kw = dict(temperature=0.3 + 2 * torch.rand(N, generator=g, dtype=torch.float64), softcap=cap,
               top_k=torch.randint(-2, V + 2, (N,), generator=g),
               top_p=torch.where(torch.rand(N, generator=g) < 0.3, 1.0,
-                                0.05 + 0.95 * torch.rand(N, generator=g, dtype=torch.float64)))
+                                0.05 + 0.95 * torch.rand(N, generator=g, dtype=torch.float64)),
+              batch_invariant=invariant)
     exp = rk.logprobs_from_logits(x, tokens, return_entropy=True, backend="reference", **kw)
     for backend in [b for b in cpu_backends("logprobs_from_logits") if b != "reference"]:
         got = rk.logprobs_from_logits(x, tokens, return_entropy=True, backend=backend, **kw)
