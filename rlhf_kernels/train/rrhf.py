@@ -207,9 +207,9 @@ class RRHFConfig(RunConfig):
     policy: str = model_key("tiny-llama", "initial policy (a saved SFT model dir)")
     reward_model: str = model_key("gold", "a saved RM dir, or \"gold\" for the programmatic reward")
     no_eos_penalty: NoEOSPenalty = model_key("replace", "candidates without <eos>: their score replaced by "
-                                                        "(replace) or lowered by (subtract) penalty_value, or none; "
-                                                        "as in PPO")
-    penalty_value: float = model_key(-1.0, "the no-<eos> penalty")
+                                                        "(replace) or lowered by (subtract) penalty_value, or none")
+    penalty_value: float = model_key(-10.0, "the no-<eos> penalty; a ranking needs it below the reward's range "
+                                            "(EasyLM's value: -10), so that cut-off candidates rank last")
     batch_size: int = optim_key(16, "prompts per step (each with samples + demonstrations candidates)")
     micro_batch_size: int = optim_key(4, "prompts per micro-batch; a prompt's candidates stay together")
     samples: int = rank_key(4, "k responses per prompt sampled from the current policy (paper: 4)")
