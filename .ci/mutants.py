@@ -82,6 +82,11 @@ MUTANTS = [
            (("rewards = self.score(s).view(B, n)", "rewards = -self.score(s).view(B, n)"),),
            (f"{LEARN}::test_rrhf_raises_the_gold_reward",),
            "RRHF ranks its candidates by the negated reward"),
+    Mutant("rrhf-no-eos-unpenalised", "rlhf_kernels/train/rrhf.py",
+           (("        return rollout.penalize_no_eos(raw, s.has_eos.to(raw.device), cfg.no_eos_penalty, cfg.penalty_value)",
+             "        return raw"),),
+           ("tests/test_train_rrhf.py", "-k", "penalised"),
+           "RRHF ranks candidates cut at max_new_tokens by their raw score (no no-<eos> penalty)"),
     # ---- kernels (Triton, interpreted in the tests) and the reference -----------------------------------
     # survived on 2026-12-07: no test feeds large logits yet (issue 17 item 7 adds |z| ≈ 1e4 rows)
     Mutant("logsoftmax-no-max-shift", "rlhf_kernels/triton/logprobs_from_logits.py",

@@ -101,3 +101,22 @@ def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
 def test_bad_config(keys, match):
     with pytest.raises(config.ConfigError, match=match):
         build("rrhf", None, keys)
+
+
+@pytest.mark.parametrize("mode", ["replace", "subtract", "none"])
+def test_candidates_without_eos_are_penalised_as_in_ppo(tmp_path, mode):
+    """A reward model scores a response cut at max_new_tokens as if it were whole: without PPO's no-<eos> penalty
+    the ranking learns to never end (docs/rrhf.md)."""
+    rm_dir = tmp_path / "rm"
+    models.ScalarModel(models.load_lm("tiny-llama")).save(rm_dir)
+    cfg = build("rrhf", None, {**RRHF_FAST, "samples": 3, "reward_model": str(rm_dir), "max_new_tokens": 3,
+                               "no_eos_penalty": mode, "penalty_value": -2.5, "out": str(tmp_path / "out")})
+    trainer = rrhf.RRHF(cfg)
+    s = trainer.candidates(1, torch.Generator().manual_seed(0))
+    assert s.has_eos.any() and not s.has_eos.all()  # 3 new tokens: some samples end, the demonstrations do
+    got = trainer.score(s)
+    cfg.no_eos_penalty = "none"
+    raw = trainer.score(s)
+    expected = {"replace": torch.where(s.has_eos, raw, torch.full_like(raw, -2.5)),
+                "subtract": torch.where(s.has_eos, raw, raw - 2.5), "none": raw}[mode]
+    assert torch.equal(got, expected)

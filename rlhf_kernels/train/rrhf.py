@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._choices import SFTAggregation, values
+from .._choices import NoEOSPenalty, SFTAggregation, values
 from .core import models
 from .core.commands import Command
 from .core.config import ConfigError, topic
@@ -133,10 +133,15 @@ class RRHF:
 
     @torch.no_grad()
     def score(self, s, batch=256):
+        """The ranking reward: gold or the reward model's score, then PPO's no-<eos> penalty (a reward model
+        scores a response cut at max_new_tokens as if it were whole, and the ranking learns to never end)."""
+        cfg = self.cfg
         if self.rm is None:
-            return sentiment.gold_reward(s.responses.cpu()).to(s.prompts.device)
-        ids, attn = s.ids, s.attn
-        return torch.cat([self.rm.score(ids[r], attn[r]) for r in torch.arange(len(ids)).split(batch)]).float()
+            raw = sentiment.gold_reward(s.responses.cpu()).to(s.prompts.device)
+        else:
+            ids, attn = s.ids, s.attn
+            raw = torch.cat([self.rm.score(ids[r], attn[r]) for r in torch.arange(len(ids)).split(batch)]).float()
+        return rollout.penalize_no_eos(raw, s.has_eos.to(raw.device), cfg.no_eos_penalty, cfg.penalty_value)
 
     def accumulate(self, s, rewards, step):
         """Backpropagate the batch's RRHF loss (mean over prompts) in micro-batches of prompts;
@@ -201,6 +206,10 @@ rank_key = topic("RRHF ranking")
 class RRHFConfig(RunConfig):
     policy: str = model_key("tiny-llama", "initial policy (a saved SFT model dir)")
     reward_model: str = model_key("gold", "a saved RM dir, or \"gold\" for the programmatic reward")
+    no_eos_penalty: NoEOSPenalty = model_key("replace", "candidates without <eos>: their score replaced by "
+                                                        "(replace) or lowered by (subtract) penalty_value, or none")
+    penalty_value: float = model_key(-10.0, "the no-<eos> penalty; a ranking needs it below the reward's range "
+                                            "(EasyLM's value: -10), so that cut-off candidates rank last")
     batch_size: int = optim_key(16, "prompts per step (each with samples + demonstrations candidates)")
     micro_batch_size: int = optim_key(4, "prompts per micro-batch; a prompt's candidates stay together")
     samples: int = rank_key(4, "k responses per prompt sampled from the current policy (paper: 4)")

@@ -109,14 +109,18 @@ def run_lora(out, seed, demo, progress):
 def run_rrhf(out, seed, demo, progress):
     rm = _cmd("train rrhf", progress, policy=demo / "sft/model", reward_model=demo / "rm/model", out=out / "rm",
               seed=seed)
+    raw = _cmd("train rrhf", progress, policy=demo / "sft/model", reward_model=demo / "rm/model",
+               no_eos_penalty="none", out=out / "rm_no_penalty", seed=seed)
     gold = _cmd("train rrhf", progress, policy=demo / "sft/model", reward_model="gold", out=out / "gold", seed=seed)
     sft = json.loads((demo / "sft/result.json").read_text())["gold_reward"]
-    return {"sft": sft, "learned_rm": rm["gold_reward"], "gold_ranking": gold["gold_reward"]}
+    return {"sft": sft, "learned_rm": rm["gold_reward"], "learned_rm_no_eos": rm["no_eos"],
+            "no_penalty": raw["gold_reward"], "no_penalty_no_eos": raw["no_eos"], "gold_ranking": gold["gold_reward"]}
 
 
 def run_overoptimization(out, seed, demo, progress):
     s = _cmd("experiment overoptimization", progress, out=out, seed=seed)
-    m = {}
+    acc = json.loads((Path(out) / "rms" / "result.json").read_text())["eval_accuracy"]  # one per proxy
+    m = {"proxy_accuracy_mean": sum(acc) / len(acc), "proxy_accuracy_min": min(acc)}
     for name, r in s.items():
         m[f"{name}_final"], m[f"{name}_peak"] = r["final_gold"], r["peak_gold"]
         m[f"{name}_drop"] = r["peak_gold"] - r["final_gold"]
@@ -140,12 +144,20 @@ def run_mcts(out, seed, demo, progress):
 
 
 def run_grpo_variants(out, seed, demo, progress):
-    s = _cmd("experiment grpo_variants", progress, out=out, seed=seed, policy=demo / "sft/model")
-    return {f"{r['variant']}_{r['correction']}": r["gold_reward"] for r in s["runs"]}
+    _cmd("experiment grpo_variants", progress, out=out, seed=seed, policy=demo / "sft/model")
+    runs = _summary(out)["runs"]
+    m = {f"{r['variant']}_{r['correction']}": r["gold_reward"] for r in runs}
+    # how far the bf16 sampler is from the fp32 trainer (what TIS corrects): mean k3 over the runs, in 1e-6
+    m["mismatch_k3_e6"] = 1e6 * sum(r["mismatch_k3"] for r in runs) / len(runs)
+    return m
 
 
 GRPO_VARIANTS = (("grpo", "GRPO"), ("dr_grpo", "Dr. GRPO"), ("dapo", "DAPO's loss"), ("gspo", "GSPO"),
                  ("cispo", "CISPO"))
+
+
+# (row label, summary key, tolerance) of the calibration experiment's per-policy statistics
+CALIBRATION_STATS = (("ECE", "ece", 0.05), ("corr(ĉ, gold)", "conf_corr", 0.1), ("no conf", "conf_missing", 0.15))
 
 
 def _gold(*names, tol=0.05):
@@ -181,36 +193,52 @@ EXPERIMENTS = (
                "--reward_model=runs/demo/rm/model --seed={seed} [override]", run_ppo_max,
                _gold(("all", "PPO-max (the preset)"), ("no_reward_norm", "… no reward normalize-and-clip"),
                      ("no_ptx", "… no PPO-ptx"), ("no_critic_pretrain", "… no critic pretraining"),
-                     ("epochs4", "… 4 epochs per buffer"), ("default_ppo", "default PPO (the demo's, 512 prompts)")),
+                     ("epochs4", "… 4 epochs per buffer"), ("default_ppo", "default PPO (the demo's)")),
                claims=(Claim("PPO-max trails the default PPO", lambda m: m["all"] < m["default_ppo"]),
                        Claim("4 epochs per buffer beat one pass", _beats("epochs4", "all"))),
-               note="mean gold reward on 128 held-out prompts (the default PPO row: 512)"),
+               note="mean gold reward on 128 held-out prompts, the trainers' own evaluation (the default PPO row is "
+                    "the demo's PPO model's result.json; the demo table scores it on 512 prompts)"),
     Experiment("lora", "lora.md", "rlhf-kernels train ppo --policy=runs/demo/sft/model --reward_model=runs/demo/rm/model "
                "--lora-r=8 --lora-alpha=16 --lr=0.005 --seed={seed}", run_lora,
                _gold(("gold_reward", "LoRA PPO (r = 8)"))),
     Experiment("rrhf", "rrhf.md", "rlhf-kernels train rrhf --policy=runs/demo/sft/model "
                "--reward_model=runs/demo/rm/model --seed={seed}", run_rrhf,
                _gold(("sft", "SFT (the demo's)"), ("learned_rm", "RRHF ranked by the learned reward model"),
+                     ("learned_rm_no_eos", "… its share of responses without <eos>"),
+                     ("no_penalty", "RRHF ranked by the learned reward model, --no_eos_penalty=none"),
+                     ("no_penalty_no_eos", "… its share of responses without <eos>"),
                      ("gold_ranking", "RRHF ranked by the gold reward (--reward_model=gold)")),
-               claims=(Claim("RRHF (learned RM) beats SFT", _beats("learned_rm", "sft")),),
+               claims=(Claim("RRHF (learned RM) beats SFT", _beats("learned_rm", "sft")),
+                       Claim("RRHF (learned RM) without the no-<eos> penalty beats SFT", _beats("no_penalty", "sft")),
+                       Claim("the no-<eos> penalty helps RRHF with the learned RM", _beats("learned_rm", "no_penalty"))),
                note="mean gold reward on 128 held-out prompts"),
     Experiment("overoptimization", "overoptimization.md", "rlhf-kernels experiment overoptimization --seed={seed}",
                run_overoptimization,
                _gold(("single_final", "single RM: final gold"), ("single_peak", "single RM: peak gold"),
                      ("wco_final", "WCO: final gold"), ("wco_peak", "WCO: peak gold"),
-                     ("uwo_final", "UWO: final gold"), ("uwo_peak", "UWO: peak gold"), tol=0.08),
+                     ("uwo_final", "UWO: final gold"), ("uwo_peak", "UWO: peak gold"), tol=0.08) +
+               (Metric("proxy RMs' held-out accuracy: mean", "proxy_accuracy_mean", 0.05),
+                Metric("proxy RMs' held-out accuracy: weakest", "proxy_accuracy_min", 0.05)),
                claims=(Claim("the single proxy RM overoptimises (peak − final ≥ 0.05)",
                              lambda m: m["single_drop"] >= 0.05),
                        Claim("UWO ends above the single RM", _beats("uwo_final", "single_final")),
                        Claim("WCO ends above the single RM", _beats("wco_final", "single_final"))),
-               needs_demo=False),
+               needs_demo=False, note="gold reward on 128 held-out prompts, evaluated every 5 PPO iterations (peak: the "
+                                      "best evaluation); the three proxies' accuracy against the gold labels"),
     Experiment("calibration", "calibration.md", "rlhf-kernels experiment calibration --seed={seed}",
                run_calibration, (Metric("RM held-out accuracy", "rm_accuracy", 0.05),
                                  Metric("calibrated RM held-out accuracy", "crm_accuracy", 0.05),
                                  Metric("PPO gold reward", "ppo_gold_reward", 0.08),
                                  Metric("PPO-C gold reward", "ppo_c_gold_reward", 0.08),
-                                 Metric("PPO-M gold reward", "ppo_m_gold_reward", 0.08)),
-               needs_demo=False),
+                                 Metric("PPO-M gold reward", "ppo_m_gold_reward", 0.08)) +
+               tuple(Metric(f"{label} {what}", f"{key}_{k}", tol) for what, k, tol in CALIBRATION_STATS
+                     for key, label in (("ppo", "PPO"), ("ppo_c", "PPO-C"), ("ppo_m", "PPO-M"))),
+               claims=(Claim("PPO-C has a lower ECE than PPO", lambda m: m["ppo_c_ece"] < m["ppo_ece"]),
+                       Claim("PPO-M has a lower ECE than PPO", lambda m: m["ppo_m_ece"] < m["ppo_ece"]),
+                       Claim("PPO-M's confidence tracks the gold reward more than PPO's (corr)",
+                             lambda m: m["ppo_m_conf_corr"] > m["ppo_conf_corr"])),
+               needs_demo=False, note="512 held-out prompts; ECE and corr(ĉ, gold) of the stated confidence ĉ, "
+                                      "no conf = share of responses without one (docs/calibration.md)"),
     Experiment("mcts", "mcts.md", "rlhf-kernels experiment mcts --prompts=512 --policy=runs/demo/ppo/model "
                "--critic=runs/demo/ppo/critic --reward_model=runs/demo/rm/model --seed={seed}", run_mcts,
                _gold(("greedy", "greedy"), ("sampled", "sampled, temperature 1"),
@@ -223,7 +251,8 @@ EXPERIMENTS = (
     Experiment("grpo_variants", "grpo.md", "rlhf-kernels experiment grpo_variants --policy=runs/demo/sft/model "
                "--seed={seed}", run_grpo_variants,
                _gold(*((f"{v}_{c}", f"{label}{', TIS' if c == 'tis' else ''}") for v, label in GRPO_VARIANTS
-                       for c in ("none", "tis")), tol=0.08),
+                       for c in ("none", "tis")), tol=0.08) +
+               (Metric("bf16 sampler vs fp32 trainer: mean k3 mismatch, ×10⁻⁶", "mismatch_k3_e6", 0.5, 2),),
                claims=tuple(Claim(f"TIS helps {label} under bf16 rollouts", _beats(f"{v}_tis", f"{v}_none"))
                             for v, label in GRPO_VARIANTS),
                note="gold reward after the runs, bf16 rollouts, without and with truncated importance sampling"),
