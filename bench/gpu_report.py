@@ -205,9 +205,9 @@ def _fixed_gemm(mod):
             for H, V, N in zip(HS, VS, (1024, 512, 1)):
                 label = f"N={N} H={H} V={V}" + (" tf32" if tf32 else "")
                 h, w, dz = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(N, V, dtype=dt)
-                out += [(dt, label + " logits", mod.plan_gemm(h, w, True, allow_tf32=tf32)[0]),
-                        (dt, label + " d(hidden)", mod.plan_gemm(dz, w, False, allow_tf32=tf32)[0]),
-                        (dt, label + " d(W)", mod.plan_gemm(_meta(V, N, dtype=dt), h, False, allow_tf32=tf32)[0])]
+                out += [(dt, label + " logits", mod.plan_fwd(h, w, True, allow_tf32=tf32)[0]),
+                        (dt, label + " d(hidden)", mod.plan_fwd(dz, w, False, allow_tf32=tf32)[0]),
+                        (dt, label + " d(W)", mod.plan_fwd(_meta(V, N, dtype=dt), h, False, allow_tf32=tf32)[0])]
     return out
 
 

@@ -46,7 +46,7 @@ def configs(dtype, arch):
             for prec in _precisions(dtype.itemsize, None)]
 
 
-def plan_gemm(a, b, trans_b, *, arch=None, allow_tf32=None):
+def plan_fwd(a, b, trans_b, *, arch=None, allow_tf32=None):
     """([Launch], c) for a [M, K] and b ([N, K] when trans_b, else [K, N]), contiguous, fp32 or fp64.
     fp32 dots use TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is set (as the linear head does)."""
     M, K = a.shape
@@ -68,4 +68,4 @@ def plan_gemm(a, b, trans_b, *, arch=None, allow_tf32=None):
 
 
 def fixed_gemm(a, b, trans_b):
-    return execute(plan_gemm(a, b, trans_b), a.device)
+    return execute(plan_fwd(a, b, trans_b), a.device)
