@@ -158,6 +158,16 @@ template <typename T> RK_HD T r_expm1(T x) {
   const T series = x * exp_series_tail<T, 1>(small ? x : T(0));
   return small ? series : r_exp(x) - T(1);
 }
+// tanh(x) = −e/(2 + e) with e = e^{−2|x|} − 1 (r_expm1: exact near 0), the sign restored. Branch-free,
+// so the CPU softcap loops vectorise (std::tanh is a libm call per element); within a few ulps of 1 in
+// absolute terms, the triton kernels' tanh. Every CPU softcap site uses it, so the replay's threshold and the
+// logits it cuts are the same bits.
+template <typename T> RK_HD T r_tanh(T x) {
+  const bool neg = x < T(0);
+  const T e = r_expm1(T(-2) * (neg ? -x : x));
+  const T t = -e / (T(2) + e);
+  return neg ? -t : t;
+}
 // e^x − 1 − x (k3's shape), the same way: x²·Σ x^(n−2)/n! on |x| ≤ 1.
 template <typename T> RK_HD T r_expm1_minus(T x) {
   const bool small = x >= T(-1) && x <= T(1);

@@ -15,7 +15,7 @@ namespace rk {
 namespace cpu {
 namespace replay {
 
-template <typename T> inline T capped(T x, T c, T ic) { return c > T(0) ? c * std::tanh(x * ic) : x; }
+template <typename T> inline T capped(T x, T c, T ic) { return c > T(0) ? c * rk::r_tanh(x * ic) : x; }
 
 template <typename T, typename Args> T inv_t_of(const Args& a, int64_t r) {
   return a.temps ? T(1) / static_cast<const T*>(a.temps)[r] : static_cast<T>(a.inv_t);

@@ -21,7 +21,8 @@ namespace {
 template <typename T, bool kBias>
 void cap_row(T* z, const T* b, int64_t vc, T c) {
   const T ic = T(1) / c;
-  for (int64_t j = 0; j < vc; ++j) z[j] = c * std::tanh((z[j] + (kBias ? b[j] : T(0))) * ic);
+#pragma omp simd
+  for (int64_t j = 0; j < vc; ++j) z[j] = c * rk::r_tanh((z[j] + (kBias ? b[j] : T(0))) * ic);
 }
 
 // One row of a logits tile: scale it in place, return its (max, Σe, Σe·(z − max)) state.
@@ -102,13 +103,14 @@ void bwd_tile(T* Z, const T* b, const T* inv_t, const TileArgs& a, const T* lse,
       if (b) cap_row<T, true>(z, b, a.vc, cap);
       else cap_row<T, false>(z, b, a.vc, cap);
       // z holds cap(y) now; keep d cap/dy = 1 − (cap/c)² aside in the same pass order as below
-      const T ic = T(1) / cap;
+      const T ic = T(1) / cap, l = lse[i], h = ent[i];
       const int64_t t = tok - a.v0;
+#pragma omp simd
       for (int64_t j = 0; j < a.vc; ++j) {
         const T y = z[j];
-        const T lp = y * it - lse[i];
+        const T lp = y * it - l;
         const T p = rk::r_exp(lp);
-        const T pe = p > T(0) ? p * (lp + ent[i]) : T(0);
+        const T pe = p > T(0) ? p * (lp + h) : T(0);
         const T u = y * ic;
         z[j] = ((-g1 * it) * p + (-g2 * it) * pe + (j == t ? g1 * it : T(0))) * (T(1) - u * u);
       }

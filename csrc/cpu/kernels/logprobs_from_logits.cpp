@@ -189,11 +189,12 @@ using Vec = Simd<kLanes>;
 template <typename T, typename Args> RK_ALWAYS_INLINE T inv_t_of(const Args& a, int64_t r) {
   return a.temps ? T(1) / static_cast<const T*>(a.temps)[r] : static_cast<T>(a.inv_t);
 }
-template <typename T> RK_ALWAYS_INLINE T capped(T x, T c, T ic) { return c > T(0) ? c * std::tanh(x * ic) : x; }
+template <typename T> RK_ALWAYS_INLINE T capped(T x, T c, T ic) { return c > T(0) ? c * rk::r_tanh(x * ic) : x; }
 // buf[0..n) = c·tanh(buf/c) in place
 RK_ALWAYS_INLINE void cap_chunk(float* buf, int64_t n, float c) {
   const float ic = 1.0f / c;
-  for (int64_t i = 0; i < n; ++i) buf[i] = c * std::tanh(buf[i] * ic);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = c * rk::r_tanh(buf[i] * ic);
 }
 // the softcap's chain factor on a gradient chunk: g·(1 − (cap/c)²), with cap the capped logits
 RK_ALWAYS_INLINE void cap_grad(const float* capv, float* g, int64_t n, float c) {
