@@ -23,7 +23,8 @@
 // fma per term (the operand tiles go through shared memory, which changes no arithmetic), so an element's
 // result depends only on its own row and column. The vocabulary chunk width is fixed (kInvariantVc, a
 // function of nothing), so a row's fold of chunk states (lse_chunk_kernel: thread-strided, then a fixed
-// tree) depends on V alone. d(hidden) accumulates in the [N, H] fp32/fp64 buffer chunk after chunk, continuing the same sum over the vocabulary
+// tree) depends on V alone.
+// d(hidden) accumulates in the [N, H] fp32/fp64 buffer chunk after chunk, continuing the same sum over the vocabulary
 // in ascending order; d(logits) enters it unrounded. The d(W) and d(b) sums over rows follow the row chunks:
 // deterministic for a given batch. It is much slower than cuBLAS (a plain SIMT GEMM, no tensor cores);
 // the triton backend's batch-invariant mode keeps the tensor-core tiles.
